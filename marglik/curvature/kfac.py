@@ -1,0 +1,508 @@
+"""K-FAC-expand and K-FAC-reduce (Eschenhagen et al., NeurIPS 2023) for weight-sharing layers.
+
+Scaling convention. :meth:`KFAC.fit` approximates the GGN (``fisher_type="type-2"``) or Fisher
+(``"mc"``, ``"empirical"``) of the **summed** negative log-likelihood over the whole data set:
+cross-entropy with ``reduction="sum"`` (summed over every output position when the model outputs
+``(N, R, C)``), ``0.5 * ||y - f||^2`` for regression, BCE-with-logits for binary -- the same
+quantity laplace-torch's backends return from ``kron(X, y, N)``.
+
+For a layer with inputs ``a[n, r]`` (a 1 appended when it has a bias) and output gradients
+``g[k, n, r]`` of the curvature columns ``k`` (see :mod:`marglik.curvature.likelihoods`), over all
+``N`` examples and their ``R_n`` shared positions (tokens, pixels, nodes, augmented copies):
+
+* expand: ``A = 1/(sum_n R_n) sum_{n,r} a a^T``, ``B = sum_{k,n,r} g g^T``;
+* reduce: ``a_n = mean_r a[n, r]``, ``g_n = sum_r g[k, n, r]``,
+  ``A = 1/N sum_n a_n a_n^T``, ``B = sum_{k,n} g_n g_n^T``.
+
+Then ``B ⊗ A`` approximates the layer's GGN block. Derivation: the block is
+``sum_{n,k} (sum_r g ⊗ a)(sum_r g ⊗ a)^T``. Expand drops the cross terms ``r != r'`` and factorises
+the remaining sum over ``sum_n R_n`` terms as ``(sum g g^T) ⊗ (mean a a^T)``; exact for deep linear
+networks with one loss term per position, where ``g`` at ``r`` only carries the loss at ``r``.
+Reduce uses ``sum_r g[r] ⊗ a[r] = g_n ⊗ a_n`` when ``g`` does not vary over ``r`` -- exact for deep
+linear networks that average over the shared axis before the loss -- and factorises over ``N``
+terms. ``tests/test_kfac_exact.py`` proves both against the exact GGN in float64.
+
+Computation per batch: one forward pass with hooks recording each covered module's input and
+output; the loss-Hessian square-root columns are back-propagated to all module outputs in one
+vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``), which never computes
+parameter gradients. Columns are processed in chunks bounded by ``max_grad_memory``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .kron import DiagonalBlock, Kron, KronBlock
+from .layers import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum, find_rule
+from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
+from .options import FisherType, KFACApprox, Likelihood
+from .sharing import current_example_index
+
+IgnoreSpec = Union[str, type, nn.Module]
+
+
+@dataclass
+class _Call:
+    """One call of a covered module during the recorded forward pass."""
+
+    x: Tensor
+    y: Tensor
+    index: Optional[Tensor]
+    version: int
+    xhat: Optional[Tensor] = None  # elementwise rules: the tensor multiplied by the weight
+
+
+@dataclass
+class _ModuleState:
+    """Accumulated sums for one covered module over all batches seen."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+    calls: List[_Call] = field(default_factory=list)
+    A_sum: Optional[Tensor] = None  # kron: (G, da, da)
+    A_count: float = 0.0  # expand: positions; reduce: examples
+    B_sum: Optional[Tensor] = None  # kron: (G, db, db)
+    D_sum: Optional[Tensor] = None  # diag: (C, k, k)
+
+    def add(self, attr: str, value: Tensor) -> None:
+        cur = getattr(self, attr)
+        setattr(self, attr, value if cur is None else cur + value)
+
+
+def _batches(data: Any) -> Iterable[Tuple[Any, Tensor]]:
+    """A DataLoader / iterable of ``(X, y)``, or one ``(X, y)`` tuple."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1]) and not (
+        isinstance(data[0], (tuple, list)) and len(data[0]) == 2 and torch.is_tensor(data[0][1])
+    ):
+        return [tuple(data)]
+    return data
+
+
+class KFAC:
+    """Kronecker-factored GGN / Fisher of a model, with K-FAC-expand or K-FAC-reduce.
+
+    Args:
+        model: the network. Every module holding trainable parameters must be covered by a rule
+            (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``,
+            ``nn.GroupNorm``, ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`) or
+            listed in ``ignore_modules``; otherwise :class:`UnsupportedModuleError`.
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
+        fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
+            ``"empirical"`` (true labels).
+        mc_samples: number of sampled labels per output position for ``"mc"`` (>= 1).
+        differentiable: keep the autograd graph from the factors to the inputs and parameters
+            (e.g. to learn augmentation parameters by marginal likelihood). Default ``False`` runs
+            the factor arithmetic under ``no_grad``.
+        ignore_modules: module names, types or instances whose parameters are left out of the
+            curvature (and of :meth:`Kron.to_dense`).
+        generator: random generator for ``"mc"`` label sampling.
+        max_grad_memory: bytes of output gradients held at once; the curvature columns are
+            back-propagated in chunks that fit.
+        distributed: all-reduce the factor sums over ``torch.distributed`` ranks in :meth:`fit`
+            (``None``: whenever a process group with more than one rank is initialised). Each rank
+            must then see a disjoint shard of the data.
+
+    A module called several times in one forward pass (weight tying) shares its weight across the
+    calls: the calls' positions are concatenated along the shared axis.
+    A module whose output is modified in place (``ReLU(inplace=True)``) cannot be recorded and
+    raises an error; use out-of-place activations.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Union[str, Likelihood] = "classification",
+        approx: Union[str, KFACApprox] = "expand",
+        fisher_type: Union[str, FisherType] = "type-2",
+        mc_samples: int = 1,
+        differentiable: bool = False,
+        ignore_modules: Optional[Sequence[IgnoreSpec]] = None,
+        generator: Optional[torch.Generator] = None,
+        max_grad_memory: int = 2 * 1024**3,
+        distributed: Optional[bool] = None,
+    ) -> None:
+        self.model = model
+        self.likelihood = Likelihood.parse(likelihood, "likelihood")
+        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+        self.differentiable = differentiable
+        self.generator = generator
+        self.max_grad_memory = int(max_grad_memory)
+        self.distributed = distributed
+        self.ignore_modules = list(ignore_modules or [])
+        self._states = self._discover()
+        if not self._states:
+            raise ValueError("the model has no trainable parameters in supported modules")
+
+    # ------------------------------------------------------------------ discovery
+    def _ignored(self, name: str, module: nn.Module) -> bool:
+        for spec in self.ignore_modules:
+            if isinstance(spec, str) and spec == name:
+                return True
+            if isinstance(spec, type) and isinstance(module, spec):
+                return True
+            if isinstance(spec, nn.Module) and spec is module:
+                return True
+        return False
+
+    def _discover(self) -> List[_ModuleState]:
+        states: List[_ModuleState] = []
+        owner: Dict[int, str] = {}
+        for name, module in self.model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own or self._ignored(name, module):
+                continue
+            rule = find_rule(module)
+            if rule is None:
+                raise UnsupportedModuleError(
+                    f"module {name or '<root>'!r} of type {type(module).__name__} has trainable parameters "
+                    f"{sorted(own)} but no K-FAC rule; pass ignore_modules=[{name!r}] (or its type) to leave "
+                    "them out of the curvature"
+                )
+            extra = set(own) - set(rule.param_names)
+            if extra:
+                raise UnsupportedModuleError(
+                    f"module {name!r} ({type(module).__name__}) has unexpected trainable parameters {sorted(extra)}"
+                )
+            for p in own.values():
+                if id(p) in owner:
+                    raise UnsupportedModuleError(
+                        f"parameter shared between modules {owner[id(p)]!r} and {name!r}: weight tying across "
+                        "different modules is not supported (tie by calling one module twice instead)"
+                    )
+                owner[id(p)] = name
+            states.append(
+                _ModuleState(name, module, rule, own.get("weight"), own.get("bias"))
+            )
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
+        states.sort(key=lambda s: min(order[id(p)] for p in (s.weight, s.bias) if p is not None))
+        return states
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        """Covered trainable parameters in ``model.parameters()`` order (``Kron.to_dense`` order)."""
+        covered = {id(p) for s in self._states for p in (s.weight, s.bias) if p is not None}
+        return [p for p in self.model.parameters() if id(p) in covered]
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, data: Any, num_data: Optional[int] = None, progress: bool = False) -> Kron:
+        """Accumulate the factors over ``data`` and return the :class:`Kron` curvature.
+
+        Args:
+            data: a DataLoader or iterable of ``(X, y)`` batches, or a single ``(X, y)`` tuple.
+                ``X`` may be a tuple (passed as ``model(*X)``) or dict (``model(**X)``).
+            num_data: data-set size the curvature should represent. ``None``: the number of
+                examples seen. If given and different, the sums are rescaled by
+                ``num_data / seen`` (a stochastic estimate from a subset of the data).
+            progress: show a tqdm progress bar.
+        """
+        self.reset()
+        it = _batches(data)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"K-FAC ({self.approx.value})", leave=False)
+        for X, y in it:
+            self.accumulate_batch(X, y)
+        return self.result(num_data)
+
+    def reset(self) -> None:
+        """Forget all accumulated sums."""
+        for s in self._states:
+            s.A_sum = s.B_sum = s.D_sum = None
+            s.A_count = 0.0
+            s.calls = []
+        self._num_seen = 0
+        self._loss = None
+
+    def accumulate_batch(self, X: Any, y: Tensor) -> Tensor:
+        """Forward one batch and add its contribution to the sums; returns the summed loss."""
+        device = self._device()
+        X = _to(X, device)
+        y = y.to(device)
+        with self.capture() as record:
+            out = _call(self.model, X)
+        return record.accumulate(out, y)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["_Recorder"]:
+        """Record covered modules during a forward pass run inside the context.
+
+        Use this to reuse a training forward pass (the K-FAC optimizer does)::
+
+            with kfac.capture() as rec:
+                out = model(X)
+            rec.accumulate(out, y, retain_graph=True)   # adds to kfac's sums
+            loss_fn(out, y).backward()
+        """
+        rec = _Recorder(self)
+        handles = [s.module.register_forward_hook(rec.hook(s)) for s in self._states]
+        try:
+            yield rec
+        finally:
+            for h in handles:
+                h.remove()
+
+    def result(self, num_data: Optional[int] = None) -> Kron:
+        """The curvature from the sums accumulated since :meth:`reset`."""
+        if getattr(self, "_num_seen", 0) == 0:
+            raise ValueError("no data was seen: the data is empty")
+        self._all_reduce()
+        seen = self._num_seen
+        scale = 1.0 if num_data is None else num_data / seen
+        if num_data is not None and num_data <= 0:
+            raise ValueError(f"num_data must be positive, got {num_data}")
+        blocks = []
+        for s in self._states:
+            if isinstance(s.rule, KroneckerRule):
+                if s.A_sum is None:
+                    raise RuntimeError(f"module {s.name!r} was never called in the forward pass")
+                A = s.A_sum / max(s.A_count, 1.0)
+                blocks.append(KronBlock(s.name, A, s.B_sum * scale, s.weight, s.bias))
+            else:
+                if s.D_sum is None:
+                    raise RuntimeError(f"module {s.name!r} was never called in the forward pass")
+                blocks.append(DiagonalBlock(s.name, s.D_sum * scale, s.weight, s.bias))
+        loss = self._loss * scale if self._loss is not None else None
+        return Kron(
+            blocks,
+            self.params,
+            num_data=int(num_data if num_data is not None else seen),
+            approx=self.approx.value,
+            meta={"loss": loss, "fisher_type": self.fisher_type.value, "likelihood": self.likelihood.value},
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _all_reduce(self) -> None:
+        use = self.distributed
+        if use is None:
+            use = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not use:
+            return
+        for s in self._states:
+            for attr in ("A_sum", "B_sum", "D_sum"):
+                t = getattr(s, attr)
+                if t is not None:
+                    dist.all_reduce(t)
+            if isinstance(s.rule, KroneckerRule):
+                c = torch.tensor([s.A_count], dtype=torch.float64, device=self._device())
+                dist.all_reduce(c)
+                s.A_count = float(c)
+        n = torch.tensor([float(self._num_seen)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(n)
+        self._num_seen = int(n.item())
+        if self._loss is not None:
+            dist.all_reduce(self._loss)
+        self.distributed = False  # reduce once per fit
+
+
+def _to(X: Any, device: torch.device) -> Any:
+    if torch.is_tensor(X):
+        return X.to(device)
+    if isinstance(X, (tuple, list)):
+        return type(X)(_to(x, device) for x in X)
+    if isinstance(X, dict):
+        return {k: _to(v, device) for k, v in X.items()}
+    return X
+
+
+def _call(model: nn.Module, X: Any) -> Tensor:
+    if isinstance(X, (tuple, list)):
+        return model(*X)
+    if isinstance(X, dict):
+        return model(**X)
+    return model(X)
+
+
+class _Recorder:
+    """Collects module calls during one forward pass and turns them into factor sums."""
+
+    def __init__(self, kfac: KFAC) -> None:
+        self.kfac = kfac
+        for s in kfac._states:
+            s.calls = []
+
+    def hook(self, state: _ModuleState):
+        def fn(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                raise ValueError(f"module {state.name!r} was called without a positional tensor input")
+            state.calls.append(_Call(args[0], output, current_example_index(), output._version))
+
+        return fn
+
+    def accumulate(self, out: Tensor, y: Tensor, retain_graph: bool = False) -> Tensor:
+        """Add this batch's factor sums given the model output ``out`` and targets ``y``."""
+        kfac = self.kfac
+        states = [s for s in kfac._states if s.calls]
+        try:
+            y = check_output_and_targets(kfac.likelihood, out, y)
+            for s in states:
+                for c in s.calls:
+                    if c.y._version != c.version:
+                        raise RuntimeError(
+                            f"the output of module {s.name!r} was modified in place after the module ran "
+                            "(e.g. ReLU(inplace=True)); K-FAC needs its gradient: use out-of-place operations"
+                        )
+            N = out.shape[0]
+            grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
+            with grad_ctx:
+                loss = summed_nll(kfac.likelihood, out, y)
+                for s in states:
+                    _add_input_stats(kfac, s, N)
+            S = curvature_columns(kfac.likelihood, kfac.fisher_type, out, y, kfac.mc_samples, kfac.generator)
+            if not kfac.differentiable:
+                S = S.detach()
+            self._backward(out, S, states, N, retain_graph)
+        finally:
+            for s in kfac._states:
+                s.calls = []
+        kfac._num_seen = getattr(kfac, "_num_seen", 0) + N
+        loss = loss if kfac.differentiable else loss.detach()
+        kfac._loss = loss if getattr(kfac, "_loss", None) is None else kfac._loss + loss
+        return loss
+
+    def _backward(self, out: Tensor, S: Tensor, states: List[_ModuleState], N: int, retain_graph: bool) -> None:
+        kfac = self.kfac
+        calls = [(s, c) for s in states for c in s.calls]
+        outputs = [c.y for _, c in calls]
+        if not any(o.requires_grad for o in outputs):
+            raise RuntimeError("no recorded module output requires grad; are all parameters frozen?")
+        K = S.shape[0]
+        per_column = sum(o.numel() for o in outputs) * out.element_size()
+        chunk = max(1, min(K, kfac.max_grad_memory // max(per_column, 1)))
+        for start in range(0, K, chunk):
+            cols = S[start : start + chunk].contiguous()
+            last = start + chunk >= K
+            grads = _batched_grad(
+                out, outputs, cols, retain_graph=retain_graph or kfac.differentiable or not last,
+                create_graph=kfac.differentiable,
+            )
+            grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
+            with grad_ctx:
+                pending: Dict[int, Tensor] = {}
+                for (s, c), g in zip(calls, grads):
+                    if g is None:
+                        g = torch.zeros((cols.shape[0],) + tuple(c.y.shape), dtype=c.y.dtype, device=c.y.device)
+                    _add_grad_stats(kfac, s, c, g, N, pending)
+                for s in states:
+                    if id(s) in pending:
+                        _close_reduce_grads(s, pending[id(s)])
+
+
+def _batched_grad(out: Tensor, outputs: List[Tensor], cols: Tensor, retain_graph: bool, create_graph: bool):
+    """Gradients of ``<out, cols[k]>`` w.r.t. every tensor in ``outputs``, each ``(K, *shape)``."""
+    try:
+        return torch.autograd.grad(
+            out, outputs, cols, retain_graph=retain_graph, create_graph=create_graph,
+            allow_unused=True, is_grads_batched=True,
+        )
+    except RuntimeError as err:  # an op without a vmap batching rule: fall back to a loop
+        if "vmap" not in str(err) and "batch" not in str(err).lower():
+            raise
+        warnings.warn(f"batched backward unavailable ({err}); falling back to one backward per column")
+        per = [
+            torch.autograd.grad(out, outputs, c, retain_graph=True, create_graph=create_graph, allow_unused=True)
+            for c in cols
+        ]
+        return [
+            None if all(p[i] is None for p in per) else torch.stack(
+                [p[i] if p[i] is not None else torch.zeros_like(outputs[i]) for p in per]
+            )
+            for i in range(len(outputs))
+        ]
+
+
+def _augment_with_bias(XtX: Optional[Tensor], xsum: Tensor, count: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+    """Assemble ``A`` sums over ``[a, 1]`` from ``sum a a^T`` (``XtX``), ``sum a`` and ``sum 1``."""
+    G = xsum.shape[0]
+    if not has_weight:
+        return count.reshape(1, 1, 1).expand(G, 1, 1).clone()
+    if not has_bias:
+        return XtX
+    top = torch.cat([XtX, xsum.unsqueeze(-1)], dim=-1)
+    bottom = torch.cat([xsum.unsqueeze(-2), count.reshape(1, 1, 1).expand(G, 1, 1)], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
+    """Input-side statistics of all calls of one module in this batch."""
+    rule = s.rule
+    m = s.module
+    has_w, has_b = s.weight is not None, s.bias is not None
+    if isinstance(rule, ElementwiseRule):
+        for c in s.calls:
+            c.xhat = rule.normalized(m, c.x) if has_w else None
+        return
+    assert isinstance(rule, KroneckerRule)
+    if kfac.approx is KFACApprox.EXPAND:
+        for c in s.calls:
+            X = rule.expand_inputs(m, c.x)  # (G, M, din)
+            M = X.shape[1]
+            XtX = X.transpose(1, 2) @ X if has_w else None
+            A = _augment_with_bias(XtX, X.sum(1), X.new_tensor(float(M)), has_w, has_b)
+            s.add("A_sum", A)
+            s.A_count += M
+        return
+    # reduce: per-example means over all positions of all calls
+    sums, counts = None, None
+    for c in s.calls:
+        rows, P = rule.reduce_inputs(m, c.x)  # (T, G, din)
+        ex = example_sum(rows, 0, N, c.index, s.name)
+        cnt = example_sum(rows.new_full((rows.shape[0],), float(P)), 0, N, c.index, s.name)
+        sums = ex if sums is None else sums + ex
+        counts = cnt if counts is None else counts + cnt
+    mean = sums / counts.clamp_min(1.0).view(N, 1, 1)  # (N, G, din)
+    A_w = torch.einsum("ngi,ngj->gij", mean, mean) if has_w else None
+    present = (counts > 0).to(mean.dtype)
+    A = _augment_with_bias(A_w, torch.einsum("ngi,n->gi", mean, present), present.sum(), has_w, has_b)
+    s.add("A_sum", A)
+    s.A_count += N
+
+
+def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pending: Dict[int, Tensor]) -> None:
+    """Output-gradient statistics of one call; reduce-type sums wait in ``pending`` for all calls."""
+    rule, m = s.rule, s.module
+    if isinstance(rule, KroneckerRule):
+        if kfac.approx is KFACApprox.EXPAND:
+            Gm = rule.expand_grads(m, g)  # (G, K*M, dout)
+            s.add("B_sum", Gm.transpose(1, 2) @ Gm)
+            return
+        rows = rule.reduce_grads(m, g)  # (K, T, G, dout)
+        ex = example_sum(rows, 1, N, c.index, s.name)
+    else:
+        parts = []
+        if s.weight is not None:
+            parts.append(rule.channel_sums(m, g * c.xhat.unsqueeze(0)))
+        if s.bias is not None:
+            parts.append(rule.channel_sums(m, g))
+        rows = torch.stack(parts, dim=-1)  # (K, T, C, k)
+        ex = example_sum(rows, 1, N, c.index, s.name)
+    pending[id(s)] = ex if id(s) not in pending else pending[id(s)] + ex
+
+
+def _close_reduce_grads(s: _ModuleState, ex: Tensor) -> None:
+    """Outer products of per-example gradient sums: ``(K, N, G|C, d)`` -> ``(G|C, d, d)``."""
+    K, N = ex.shape[:2]
+    flat = ex.reshape(K * N, ex.shape[2], ex.shape[3]).transpose(0, 1)  # (G, K*N, d)
+    prod = flat.transpose(1, 2) @ flat
+    s.add("B_sum" if isinstance(s.rule, KroneckerRule) else "D_sum", prod)

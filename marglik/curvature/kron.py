@@ -1,0 +1,194 @@
+"""Block-diagonal curvature containers returned by :class:`marglik.KFAC`.
+
+A :class:`Kron` holds one block per covered module, in the order of the first appearance of
+the module's parameters in ``model.parameters()``. Two block types exist:
+
+* :class:`KronBlock` -- a weight-sharing linear map (``nn.Linear``, ``nn.ConvNd``) with ``G``
+  groups (``G = 1`` except for grouped convolutions). Factors ``A`` of shape ``(G, da, da)`` and
+  ``B`` of shape ``(G, db, db)``. For group ``g`` the curvature of the group's joint parameter
+  vector ``[W_g.flatten(), b_g]`` is ``B[g] ⊗ A[g]`` *in the ordering of the augmented matrix*
+  ``[W_g, b_g]`` of shape ``(db, da)`` flattened row-major (output index outer, input index inner),
+  where the bias is the last input coordinate (the "ones" appended to the layer input).
+  Between groups the block is zero (an extra block-diagonal approximation for grouped convs).
+* :class:`DiagonalBlock` -- per-channel ``k x k`` blocks (``k`` = 1 or 2) for elementwise affine
+  parameters (norm layers, scalar scale/bias modules): ``blocks`` of shape ``(C, k, k)`` over
+  ``(weight[c], bias[c])``. These are exact blocks of the GGN, not Kronecker approximations.
+
+Parameter ordering used by every ``to_dense``: the block's parameters concatenated in module
+order (``weight.flatten()`` then ``bias``), and :meth:`Kron.to_dense` places blocks at the
+offsets of their parameters in ``Kron.params`` (the covered trainable parameters in
+``model.parameters()`` order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class KronBlock:
+    """Kronecker-factored curvature of one weight-sharing linear layer.
+
+    Attributes:
+        name: qualified module name in the model.
+        A: input factor, shape ``(G, da, da)``; ``da = din (+1 if a trainable bias)``, where
+            ``din = weight[0].numel()`` per group. If the weight is frozen and only the bias is
+            trainable, ``da = 1`` and ``A = 1``.
+        B: output-gradient factor, shape ``(G, db, db)`` with ``db = out_features // G``.
+        weight: the trainable weight parameter, or ``None`` if frozen.
+        bias: the trainable bias parameter, or ``None`` if absent / frozen.
+    """
+
+    name: str
+    A: Tensor
+    B: Tensor
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def groups(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def dense_index(self) -> Tensor:
+        """Map from the Kronecker ordering to the parameter ordering.
+
+        Returns a ``(G, db * da)`` long tensor whose entry ``[g, o * da + i]`` is the position of
+        that coordinate of the augmented group matrix ``[W_g, b_g]`` in ``[weight.flatten(), bias]``.
+        """
+        G, da, db = self.groups, self.A.shape[-1], self.B.shape[-1]
+        dev = self.A.device
+        out = torch.arange(G * db, device=dev).view(G, db, 1)  # global output channel
+        cols = []
+        n_weight = 0
+        if self.weight is not None:
+            din = self.weight[0].numel()
+            n_weight = self.weight.numel()
+            cols.append(out * din + torch.arange(din, device=dev).view(1, 1, din))
+        if self.bias is not None:
+            cols.append(n_weight + out)
+        idx = torch.cat(cols, dim=-1)
+        assert idx.shape[-1] == da, "factor size does not match parameter layout"
+        return idx.reshape(G, db * da)
+
+    def to_dense(self) -> Tensor:
+        """Dense ``(p, p)`` curvature over ``[weight.flatten(), bias]``."""
+        p = self.num_params
+        dense = self.A.new_zeros(p, p)
+        idx = self.dense_index()
+        for g in range(self.groups):
+            kron = torch.kron(self.B[g], self.A[g])
+            dense[idx[g][:, None], idx[g][None, :]] = kron
+        return dense
+
+
+@dataclass
+class DiagonalBlock:
+    """Exact per-channel blocks of elementwise affine parameters.
+
+    Attributes:
+        name: qualified module name.
+        blocks: ``(C, k, k)``; ``k`` is the number of present trainable parameters among
+            ``(weight, bias)``, in that order. Channel ``c`` couples ``weight.flatten()[c]`` and
+            ``bias.flatten()[c]``.
+        weight / bias: the parameters (``None`` when absent or frozen).
+    """
+
+    name: str
+    blocks: Tensor
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def to_dense(self) -> Tensor:
+        """Dense ``(k C, k C)`` matrix over ``[weight.flatten(), bias.flatten()]``."""
+        C, k, _ = self.blocks.shape
+        dense = self.blocks.new_zeros(k * C, k * C)
+        ch = torch.arange(C, device=self.blocks.device)
+        for i in range(k):
+            for j in range(k):
+                dense[i * C + ch, j * C + ch] = self.blocks[:, i, j]
+        return dense
+
+
+Block = KronBlock | DiagonalBlock
+
+
+@dataclass
+class Kron:
+    """Block-diagonal K-FAC curvature of a model.
+
+    Approximates the GGN (``fisher_type="type-2"``) or Fisher (``"mc"``, ``"empirical"``) of the
+    **summed** negative log-likelihood over the data set (see :class:`marglik.KFAC`).
+
+    Attributes:
+        blocks: one block per covered module.
+        params: covered trainable parameters in ``model.parameters()`` order; this is the
+            row/column order of :meth:`to_dense`.
+        num_data: number of examples the curvature is summed over.
+        approx: ``"expand"`` or ``"reduce"``.
+    """
+
+    blocks: List[Block]
+    params: List[nn.Parameter]
+    num_data: int = 0
+    approx: str = "expand"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def param_offsets(self) -> dict:
+        """``id(param) -> offset`` in the :meth:`to_dense` ordering."""
+        offsets, off = {}, 0
+        for p in self.params:
+            offsets[id(p)] = off
+            off += p.numel()
+        return offsets
+
+    def block_indices(self, block: Block) -> Tensor:
+        """Global indices (into :meth:`to_dense`) of a block's parameters, concatenated."""
+        offsets = self.param_offsets()
+        dev = self.params[0].device
+        return torch.cat(
+            [torch.arange(p.numel(), device=dev) + offsets[id(p)] for p in block.params]
+        )
+
+    def to_dense(self) -> Tensor:
+        """``(P, P)`` block-diagonal matrix in ``params`` order (parameters flattened)."""
+        P = self.num_params
+        ref = self.blocks[0]
+        t = ref.A if isinstance(ref, KronBlock) else ref.blocks
+        dense = t.new_zeros(P, P)
+        for block in self.blocks:
+            idx = self.block_indices(block)
+            dense[idx[:, None], idx[None, :]] = block.to_dense()
+        return dense
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def named_blocks(self) -> Sequence[tuple[str, Block]]:
+        return [(b.name, b) for b in self.blocks]

@@ -1,0 +1,33 @@
+"""Registry of layer rules: one small rule per module family; adding a family touches one file."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import nn
+
+from .base import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
+from .conv import ConvRule
+from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
+from .linear import LinearRule
+
+RULES: List[Rule] = [LinearRule(), ConvRule(), ChannelFirstNormRule(), TrailingNormRule(), ScaleBiasRule()]
+
+
+def find_rule(module: nn.Module) -> Optional[Rule]:
+    """The rule covering ``module``'s type, or ``None``."""
+    for rule in RULES:
+        if rule.matches(module):
+            return rule
+    return None
+
+
+__all__ = [
+    "RULES",
+    "find_rule",
+    "Rule",
+    "KroneckerRule",
+    "ElementwiseRule",
+    "UnsupportedModuleError",
+    "example_sum",
+]

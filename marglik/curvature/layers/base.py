@@ -1,0 +1,100 @@
+"""The interface every layer rule implements, and the row-to-example mapping they share.
+
+A *rule* knows one family of modules. The engine (:mod:`marglik.curvature.kfac`) records, for
+every call of a covered module in a forward pass, the module's input ``x`` and output ``y``.
+Output gradients arrive as ``g`` of shape ``(K, *y.shape)`` (``K`` curvature columns). A rule
+turns these into the per-row quantities below; the engine maps rows to examples
+(:func:`example_sum`), sums over calls (weight tying) and forms the factors.
+
+Kronecker rules (:class:`KroneckerRule`: Linear, ConvNd) provide, with ``G`` groups,
+``din`` inputs and ``dout`` outputs per group (bias not included; the engine appends it):
+
+* ``expand_inputs(x)  -> (G, M, din)``: the layer input at every one of the ``M`` positions;
+* ``reduce_inputs(x)  -> ((T, G, din), P)``: per input row, the *sum* over its ``P`` positions;
+* ``expand_grads(g)   -> (G, K * M, dout)``: output gradients at every position and column;
+* ``reduce_grads(g)   -> (K, T, G, dout)``: per row, the sum over positions.
+
+Elementwise rules (:class:`ElementwiseRule`: norm layers, :class:`marglik.nn.Scale` /
+:class:`marglik.nn.Bias`) provide ``normalized(x)`` (the tensor multiplied by the weight, shape of
+``y``) and ``channel_sums(t)`` summing ``(K, T, ...)`` over everything but rows and channels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class UnsupportedModuleError(TypeError):
+    """A module holds trainable parameters that no rule covers."""
+
+
+def example_sum(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str) -> Tensor:
+    """Sum the rows of ``t`` along ``dim`` (size ``T``) into ``N`` examples.
+
+    Rows map to examples by ``index`` (``(T,)``, from :func:`marglik.example_index`) when given
+    and of length ``T``; else ``T == N`` (identity) or ``T == m N`` (example-major ``(N, m)``).
+    """
+    T = t.shape[dim]
+    if index is not None and index.shape[0] == T:
+        t = t.movedim(dim, 0)
+        out = t.new_zeros((N,) + t.shape[1:])
+        out = out.index_add(0, index.to(t.device), t)
+        return out.movedim(0, dim)
+    if T == N:
+        return t
+    if N > 0 and T % N == 0:
+        shape = list(t.shape)
+        shape[dim : dim + 1] = [N, T // N]
+        return t.reshape(shape).sum(dim + 1)
+    raise ValueError(
+        f"module {name!r}: its input has {T} rows but the batch has {N} examples; rows must be the "
+        "examples, example-major copies of them (N*m rows), or be declared with marglik.example_index(index)"
+    )
+
+
+class Rule:
+    """Base class: which module types a rule covers and which parameters it owns."""
+
+    kind: str = ""
+    module_types: Tuple[type, ...] = ()
+    param_names: Sequence[str] = ("weight", "bias")
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, self.module_types)
+
+
+class KroneckerRule(Rule):
+    kind = "kron"
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_inputs(self, module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def expand_grads(self, module: nn.Module, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_grads(self, module: nn.Module, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ElementwiseRule(Rule):
+    kind = "diag"
+
+    def num_channels(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        """The tensor multiplied by ``weight`` (``None`` if the module has no weight)."""
+        raise NotImplementedError
+
+    def channel_sums(self, module: nn.Module, t: Tensor) -> Tensor:
+        """``(K, T, *rest) -> (K, T, C)``."""
+        raise NotImplementedError

@@ -1,0 +1,143 @@
+"""Loss-Hessian square roots, sampled-label and true-label gradients per likelihood.
+
+Every function here works on the model output ``f`` of shape ``(N, C)`` or ``(N, *R, C)``
+(``R`` weight-sharing positions with one loss term each) and returns *columns* ``S`` of shape
+``(K, *f.shape)`` such that the curvature of the summed loss with respect to ``f`` is
+``sum_k S[k] S[k]^T`` (per output position):
+
+* ``type-2``: the exact square root of the loss Hessian,
+  cross-entropy ``diag(sqrt p) - p sqrt(p)^T`` (``K = C``), squared error ``I`` (``K = C``),
+  BCE ``sqrt(s (1 - s))`` (``K = 1``);
+* ``mc``: gradients of the loss at labels sampled from the model, divided by
+  ``sqrt(mc_samples)`` (``K = mc_samples``);
+* ``empirical``: gradients of the loss at the true labels (``K = 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .options import FisherType, Likelihood
+
+
+def check_output_and_targets(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:
+    """Validate shapes/values; return ``y`` reshaped to what the loss needs.
+
+    Classification: ``y`` integer of shape ``f.shape[:-1]`` with values in ``[0, C)``.
+    Regression: ``y`` of shape ``f.shape`` (``(N,)`` accepted for ``f`` of shape ``(N, 1)``).
+    Binary: ``y`` in ``{0, 1}`` of shape ``f.shape`` (``f`` of shape ``(N,)`` or ``(N, ..., 1)``).
+    """
+    if f.dim() < 1 or f.shape[0] == 0:
+        raise ValueError(f"model output has no examples (shape {tuple(f.shape)})")
+    if not torch.isfinite(f).all():
+        raise FloatingPointError(
+            "model output contains NaN or Inf, so the loss is not finite; check the inputs and parameters"
+        )
+    if y.shape[0] != f.shape[0]:
+        raise ValueError(
+            f"target batch size {y.shape[0]} does not match model output batch size {f.shape[0]}"
+        )
+    if likelihood is Likelihood.CLASSIFICATION:
+        if f.dim() < 2:
+            raise ValueError(f"classification needs logits of shape (N, ..., C), got {tuple(f.shape)}")
+        if y.is_floating_point() or y.is_complex():
+            raise ValueError("classification targets must be integer class indices")
+        if y.shape != f.shape[:-1]:
+            raise ValueError(
+                f"classification targets of shape {tuple(y.shape)} do not match logits {tuple(f.shape)}:"
+                f" expected {tuple(f.shape[:-1])}"
+            )
+        C = f.shape[-1]
+        if y.numel() and (y.min() < 0 or y.max() >= C):
+            raise ValueError(f"class labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
+        return y
+    # regression / binary
+    if y.shape != f.shape:
+        if y.numel() == f.numel() and f.shape[-1] == 1 and y.shape == f.shape[:-1]:
+            y = y.reshape(f.shape)
+        else:
+            raise ValueError(
+                f"{likelihood.value} targets of shape {tuple(y.shape)} do not match model output {tuple(f.shape)}"
+            )
+    y = y.to(f.dtype)
+    if not torch.isfinite(y).all():
+        raise FloatingPointError("targets contain NaN or Inf")
+    if likelihood is Likelihood.BINARY and ((y != 0) & (y != 1)).any():
+        raise ValueError("binary targets must be 0 or 1")
+    return y
+
+
+def summed_nll(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:
+    """The summed negative log-likelihood whose curvature the engine approximates.
+
+    Regression uses ``0.5 * ||y - f||^2`` (unit noise, constants dropped).
+    """
+    if likelihood is Likelihood.CLASSIFICATION:
+        return F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1), reduction="sum")
+    if likelihood is Likelihood.REGRESSION:
+        return 0.5 * (y - f).pow(2).sum()
+    return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+
+
+def curvature_columns(
+    likelihood: Likelihood,
+    fisher_type: FisherType,
+    f: Tensor,
+    y: Tensor,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Columns ``S`` of shape ``(K, *f.shape)`` with ``sum_k S_k S_k^T`` the output curvature.
+
+    ``f`` is detached here unless the caller needs differentiability (then it is used as is).
+    """
+    if fisher_type is FisherType.TYPE2:
+        return _hessian_sqrt(likelihood, f)
+    if fisher_type is FisherType.EMPIRICAL:
+        return _loss_grad(likelihood, f, y).unsqueeze(0)
+    # Monte-Carlo: loss gradients at labels drawn from the model's predictive distribution.
+    samples = torch.stack([_sample_targets(likelihood, f, generator) for _ in range(mc_samples)])
+    grads = torch.stack([_loss_grad(likelihood, f, s) for s in samples])
+    return grads / math.sqrt(mc_samples)
+
+
+def _hessian_sqrt(likelihood: Likelihood, f: Tensor) -> Tensor:
+    if likelihood is Likelihood.CLASSIFICATION:
+        p = torch.softmax(f, dim=-1)  # (*, C)
+        C = f.shape[-1]
+        sqrt_p = p.clamp_min(0).sqrt()
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        # S[k, ..., c] = sqrt(p_k) * (delta_kc - p_c)
+        S = sqrt_p.movedim(-1, 0).unsqueeze(-1) * (eye.view(C, *([1] * (f.dim() - 1)), C) - p.unsqueeze(0))
+        return S
+    if likelihood is Likelihood.REGRESSION:
+        C = f.shape[-1]
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        return eye.view(C, *([1] * (f.dim() - 1)), C).expand(C, *f.shape)
+    s = torch.sigmoid(f)
+    return (s * (1 - s)).sqrt().unsqueeze(0)
+
+
+def _loss_grad(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:
+    """Gradient of the summed loss w.r.t. ``f`` (per output position)."""
+    if likelihood is Likelihood.CLASSIFICATION:
+        return torch.softmax(f, dim=-1) - F.one_hot(y, f.shape[-1]).to(f.dtype)
+    if likelihood is Likelihood.REGRESSION:
+        return f - y
+    return torch.sigmoid(f) - y
+
+
+def _sample_targets(likelihood: Likelihood, f: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    with torch.no_grad():
+        if likelihood is Likelihood.CLASSIFICATION:
+            p = torch.softmax(f.detach(), dim=-1).reshape(-1, f.shape[-1])
+            return torch.multinomial(p, 1, generator=generator).view(f.shape[:-1])
+        if likelihood is Likelihood.REGRESSION:
+            noise = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
+            return f.detach() + noise
+        return torch.bernoulli(torch.sigmoid(f.detach()), generator=generator)

@@ -1,0 +1,185 @@
+"""Datasets: image classification benchmarks (optionally rotated / translated / upsampled) and a
+generated graph-classification task.
+
+Image datasets are returned as ``TensorDataset(X, y)`` with ``X`` of shape ``(N, C, H, W)``
+(float32) and ``y`` of shape ``(N,)`` (int64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+
+# per-channel mean / std used to normalise the torchvision datasets (computed on the train sets)
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+_DIGITS_TRAIN = 1437  # of 1797 images; the remaining 360 form the test set
+_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_TRAIN_WARP, _STREAM_TEST_WARP = range(4)
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """Independent random streams per purpose, so e.g. ``train_size`` does not change angles."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + stream)
+
+
+def _affine(x: Tensor, angle: Tensor, shift: Tensor, chunk: int = 4096) -> Tensor:
+    """Rotate ``x (N, C, H, W)`` by ``angle (N,)`` radians and shift by ``shift (N, 2)`` pixels
+    (x, y); bilinear, zero padding, ``align_corners=False``. Returns ``(N, C, H, W)``."""
+    n, c, h, w = x.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    theta[:, 0, 2] = shift[:, 0] * 2 / w  # pixels -> normalised coordinates
+    theta[:, 1, 2] = shift[:, 1] * 2 / h
+    out = torch.empty_like(x)
+    for i in range(0, n, chunk):
+        th = theta[i : i + chunk].to(x)
+        grid = F.affine_grid(th, [th.shape[0], c, h, w], align_corners=False)
+        out[i : i + chunk] = F.grid_sample(x[i : i + chunk], grid, padding_mode="zeros", align_corners=False)
+    return out
+
+
+def random_affine(
+    x: Tensor, rotation: float = 0.0, translation: float = 0.0, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Rotate / translate every image of ``x (N, C, H, W)`` by its own random amount.
+
+    Angles are uniform in ``[-rotation, rotation]`` degrees, shifts (x and y independently)
+    uniform in ``[-translation, translation]`` pixels. Returns ``(N, C, H, W)``.
+    """
+    n = x.shape[0]
+    angle_u = torch.rand(n, generator=generator)
+    shift_u = torch.rand(n, 2, generator=generator)
+    return _warp_from_uniform(x, angle_u, shift_u, rotation, translation)
+
+
+def _warp_from_uniform(x: Tensor, angle_u: Tensor, shift_u: Tensor, rotation: float, translation: float) -> Tensor:
+    """Warp with pre-drawn ``U[0, 1]`` variables ``angle_u (N,)`` and ``shift_u (N, 2)``."""
+    angle = (2 * angle_u - 1) * math.radians(rotation)
+    shift = (2 * shift_u - 1) * translation
+    return _affine(x, angle, shift)
+
+
+def _upsample(x: Tensor, size: Optional[int]) -> Tensor:
+    if size is None or size == x.shape[-1]:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _load_digits() -> Tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Tuple[Tensor, Tensor]:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        ds = cls(root=root, train=train, download=download)
+    except RuntimeError as e:
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"{name} not found under root={root!r}. Pass download=True (data.download=true) to fetch "
+            f"it, or point root (data.root) at a folder holding the torchvision files. ({e})"
+        ) from e
+    data = torch.as_tensor(np.asarray(ds.data))
+    x = data.float() / 255.0
+    x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)  # CIFAR: NHWC; MNIST: NHW
+    return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+
+def load_dataset(
+    name: str,
+    root: str = "data",
+    download: bool = False,
+    train_size: Optional[int] = None,
+    rotation: float = 0.0,
+    translation: float = 0.0,
+    upsample: Optional[int] = None,
+    seed: int = 0,
+) -> Tuple[TensorDataset, TensorDataset, Dict[str, Any]]:
+    """Load an image classification dataset.
+
+    Args:
+        name: ``"digits"`` (scikit-learn's 8x8 digits, 1797 images, bundled: no download),
+            ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"`` (torchvision files under ``root``).
+        root: folder of the torchvision files.
+        download: let torchvision download missing files. Without it, missing files raise
+            ``FileNotFoundError``.
+        train_size: if given, a random subset (seeded by ``seed``) of this many training images.
+        rotation: rotate every image (train and test) by its own fixed angle, uniform in
+            ``[-rotation, rotation]`` degrees (seeded by ``seed``).
+        translation: shift every image by its own fixed amount, uniform in ``[-translation,
+            translation]`` pixels (of the final, upsampled resolution) along each axis.
+        upsample: resize images to ``upsample x upsample`` (bilinear) before warping.
+        seed: seeds the subset and the per-image warps (independent streams: the warp of an
+            image does not depend on ``train_size``).
+
+    Pixel values: ``digits`` in ``[0, 1]``; the torchvision datasets are normalised per channel
+    (warps are applied before normalisation, so padding is black). The ``digits`` train / test
+    split (1437 / 360) is fixed, independent of ``seed``; the torchvision test sets are complete.
+
+    Returns:
+        ``(train, test, info)``: ``TensorDataset(X (n, C, H, W), y (n,))`` each, and ``info`` with
+        keys ``name, in_channels, num_classes, image_size, train_size, test_size``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name == "digits":
+        x, y = _load_digits()
+        perm = torch.randperm(len(x), generator=_generator(0, _STREAM_SPLIT))
+        xtr, ytr = x[perm[:_DIGITS_TRAIN]], y[perm[:_DIGITS_TRAIN]]
+        xte, yte = x[perm[_DIGITS_TRAIN:]], y[perm[_DIGITS_TRAIN:]]
+    else:
+        xtr, ytr = _load_torchvision(name, root, True, download)
+        xte, yte = _load_torchvision(name, root, False, download)
+    n_train_full = len(xtr)
+    idx = torch.arange(n_train_full)
+    if train_size is not None:
+        if not 0 < train_size <= n_train_full:
+            raise ValueError(f"train_size must be in (0, {n_train_full}], got {train_size}")
+        idx = torch.randperm(n_train_full, generator=_generator(seed, _STREAM_SUBSET))[:train_size]
+        xtr, ytr = xtr[idx], ytr[idx]
+
+    def transform(x: Tensor, stream: int, index: Tensor, n_full: int) -> Tensor:
+        x = _upsample(x, upsample)
+        if rotation or translation:
+            # draw warps for the full split, then pick this subset's, so they don't depend on it
+            gen = _generator(seed, stream)
+            angle_u = torch.rand(n_full, generator=gen)[index]
+            shift_u = torch.rand(n_full, 2, generator=gen)[index]
+            x = _warp_from_uniform(x, angle_u, shift_u, rotation, translation)
+        if name in _STATS:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _STATS[name])
+            x = (x - mean) / std
+        return x.contiguous()
+
+    xtr = transform(xtr, _STREAM_TRAIN_WARP, idx, n_train_full)
+    xte = transform(xte, _STREAM_TEST_WARP, torch.arange(len(xte)), len(xte))
+    info = {
+        "name": name,
+        "in_channels": xtr.shape[1],
+        "num_classes": 10,
+        "image_size": xtr.shape[-1],
+        "train_size": len(xtr),
+        "test_size": len(xte),
+    }
+    return TensorDataset(xtr, ytr), TensorDataset(xte, yte), info
