@@ -27,3 +27,7 @@ __all__ = [
     "Bias",
 ]
 __version__ = "0.1.0"
+
+from .optim import KFACOptimizer  # noqa: E402  (K-FAC optimizer, issue 5)
+
+__all__.append("KFACOptimizer")

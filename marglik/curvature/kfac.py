@@ -82,10 +82,8 @@ class _ModuleState:
 
 def _batches(data: Any) -> Iterable[Tuple[Any, Tensor]]:
     """A DataLoader / iterable of ``(X, y)``, or one ``(X, y)`` tuple."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1]) and not (
-        isinstance(data[0], (tuple, list)) and len(data[0]) == 2 and torch.is_tensor(data[0][1])
-    ):
-        return [tuple(data)]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1]):
+        return [tuple(data)]  # a list of two batches has a tuple, not a tensor, second
     return data
 
 

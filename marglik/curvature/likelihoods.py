@@ -11,6 +11,13 @@ Every function here works on the model output ``f`` of shape ``(N, C)`` or ``(N,
 * ``mc``: gradients of the loss at labels sampled from the model, divided by
   ``sqrt(mc_samples)`` (``K = mc_samples``);
 * ``empirical``: gradients of the loss at the true labels (``K = 1``).
+
+Outputs with positions ``(N, *R, C)``: column ``k`` holds the ``k``-th square-root column of
+*every* position at once, so ``K = C`` (not ``R * C``) backward columns suffice -- the convention
+of curvlinops and laplace-torch. This is exact whenever output gradients of different positions
+do not mix before reaching a layer's output (the expand setting: position-wise layers); where
+they mix (attention, or ``reduce`` with per-position losses) it adds cross-position terms that
+the exact per-position square roots, and MC sampling in expectation, do not have.
 """
 
 from __future__ import annotations
@@ -101,9 +108,8 @@ def curvature_columns(
     if fisher_type is FisherType.EMPIRICAL:
         return _loss_grad(likelihood, f, y).unsqueeze(0)
     # Monte-Carlo: loss gradients at labels drawn from the model's predictive distribution.
-    samples = torch.stack([_sample_targets(likelihood, f, generator) for _ in range(mc_samples)])
-    grads = torch.stack([_loss_grad(likelihood, f, s) for s in samples])
-    return grads / math.sqrt(mc_samples)
+    samples = _sample_targets(likelihood, f, mc_samples, generator)  # (mc_samples, *targets)
+    return _loss_grad(likelihood, f.unsqueeze(0), samples) / math.sqrt(mc_samples)
 
 
 def _hessian_sqrt(likelihood: Likelihood, f: Tensor) -> Tensor:
@@ -132,12 +138,18 @@ def _loss_grad(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:
     return torch.sigmoid(f) - y
 
 
-def _sample_targets(likelihood: Likelihood, f: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def _sample_targets(
+    likelihood: Likelihood, f: Tensor, mc_samples: int, generator: Optional[torch.Generator]
+) -> Tensor:
+    """``mc_samples`` independent draws of the targets per output position, stacked first."""
     with torch.no_grad():
+        f = f.detach()
         if likelihood is Likelihood.CLASSIFICATION:
-            p = torch.softmax(f.detach(), dim=-1).reshape(-1, f.shape[-1])
-            return torch.multinomial(p, 1, generator=generator).view(f.shape[:-1])
+            p = torch.softmax(f, dim=-1).reshape(-1, f.shape[-1])
+            idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # (M, S)
+            return idx.T.reshape(mc_samples, *f.shape[:-1])
         if likelihood is Likelihood.REGRESSION:
-            noise = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
-            return f.detach() + noise
-        return torch.bernoulli(torch.sigmoid(f.detach()), generator=generator)
+            noise = torch.randn((mc_samples,) + f.shape, dtype=f.dtype, device=f.device, generator=generator)
+            return f + noise
+        probs = torch.sigmoid(f).expand((mc_samples,) + f.shape)
+        return torch.bernoulli(probs, generator=generator)
