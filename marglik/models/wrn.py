@@ -16,7 +16,6 @@ Where the trainable parameters live (everything the curvature engine must cover)
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch.nn.functional as F

@@ -1,0 +1,264 @@
+"""Speed and memory of marglik's K-FAC against curvlinops and laplace-torch on a WRN-16-4.
+
+All timings come from one process with a fixed thread count, on the same model (WRN-16-4,
+``norm="none"`` so every peer supports every layer: only Conv2d and Linear) and the same
+random CIFAR-shaped batch; only ratios are reported. Before timing, marglik's type-2 factors are
+checked against curvlinops' (expand and reduce). Peak memory of expand vs reduce is measured in
+child processes (CPU: increase of the peak resident set size over a plain forward/backward;
+GPU: ``torch.cuda.max_memory_allocated``).
+
+Usage::
+
+    python scripts/bench_kfac.py                 # writes results/kfac_speed.{md,json}
+    python scripts/bench_kfac.py --batch-size 16 --repeats 2 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import marglik  # noqa: E402
+from marglik.models import WideResNet  # noqa: E402
+
+CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
+
+
+def build(batch_size: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    model = WideResNet(depth=16, widen_factor=4, num_classes=10, in_channels=3, norm="none").to(device)
+    X = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return model, X, y
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ the contenders
+def plain_step(model, X, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(X), y, reduction="sum").backward()
+
+
+def marglik_kfac(model, X, y, approx, fisher_type):
+    kfac = marglik.KFAC(model, "classification", approx=approx, fisher_type=fisher_type, mc_samples=1)
+    return kfac.fit((X, y))
+
+
+def curvlinops_kfac(model, X, y, approx, fisher_type):
+    from curvlinops import KFACLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = KFACLinearOperator(
+        model, torch.nn.CrossEntropyLoss(reduction="sum"), params, [(X, y)],
+        check_deterministic=False, fisher_type=fisher_type, kfac_approx=approx,
+        separate_weight_and_bias=False, num_data=X.shape[0],
+    )
+    op.compute_kronecker_factors()
+    return op
+
+
+def laplace_asdl_kron(model, X, y):
+    from laplace.curvature import AsdlGGN
+
+    backend = AsdlGGN(model, "classification", stochastic=False)
+    return backend.kron(X, y, N=X.shape[0])
+
+
+# ------------------------------------------------------------------ checks
+def check_against_curvlinops(model, X, y) -> Dict[str, float]:
+    errs = {}
+    for approx in ("expand", "reduce"):
+        kron = marglik_kfac(model, X, y, approx, "type-2")
+        op = curvlinops_kfac(model, X, y, approx, "type-2")
+        worst = 0.0
+        for b in kron.blocks:
+            A, B = op._input_covariances[b.name], op._gradient_covariances[b.name]
+            worst = max(worst, ((b.A[0] - A).norm() / A.norm()).item(), ((b.B[0] - B).norm() / B.norm()).item())
+        errs[approx] = worst
+        if worst > 1e-3:
+            raise AssertionError(f"marglik and curvlinops factors differ ({approx}): rel. error {worst:.2e}")
+    return errs
+
+
+# ------------------------------------------------------------------ memory (child processes)
+def _memory_child(args, queue) -> None:
+    what, approx, fisher_type, batch_size, device_name, threads = args
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model, X, y = build(batch_size, device)
+    plain_step(model, X, y)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.max_memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if what == "marglik":
+        marglik_kfac(model, X, y, approx, fisher_type)
+    else:
+        curvlinops_kfac(model, X, y, approx, fisher_type)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put(max(peak - base, 0))
+
+
+def peak_extra_memory(what, approx, fisher_type, batch_size, device, threads) -> int:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=((what, approx, fisher_type, batch_size, str(device), threads), q))
+    p.start()
+    val = q.get()
+    p.join()
+    return int(val)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _h100)")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if dev == "auto" else dev)
+    model, X, y = build(args.batch_size, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"WRN-16-4 ({n_params / 1e6:.2f}M params), batch {args.batch_size}, device {device}, "
+          f"{args.threads} threads", flush=True)
+
+    errs = check_against_curvlinops(model, X, y)
+    print(f"factors match curvlinops: max rel. error {errs}", flush=True)
+
+    times: Dict[str, float] = {}
+    times["plain_forward_backward"] = timed(lambda: plain_step(model, X, y), args.repeats, device)
+    for approx, ft in CONFIGS:
+        times[f"marglik_{approx}_{ft}"] = timed(lambda: marglik_kfac(model, X, y, approx, ft), args.repeats, device)
+        times[f"curvlinops_{approx}_{ft}"] = timed(
+            lambda: curvlinops_kfac(model, X, y, approx, ft), args.repeats, device
+        )
+        print(f"  {approx:6s} {ft:6s}: marglik {times[f'marglik_{approx}_{ft}']:.3f}s, "
+              f"curvlinops {times[f'curvlinops_{approx}_{ft}']:.3f}s", flush=True)
+    try:
+        times["laplace_asdl_ggn_kron"] = timed(lambda: laplace_asdl_kron(model, X, y), args.repeats, device)
+    except Exception as err:  # report, do not hide, a peer that fails
+        print(f"laplace-torch AsdlGGN failed: {err!r}")
+        times["laplace_asdl_ggn_kron"] = float("nan")
+
+    plain = times["plain_forward_backward"]
+    ratios = {}
+    for approx, ft in CONFIGS:
+        ratios[f"marglik/curvlinops {approx} {ft}"] = times[f"marglik_{approx}_{ft}"] / times[f"curvlinops_{approx}_{ft}"]
+        ratios[f"marglik {approx} {ft} / plain fwd+bwd"] = times[f"marglik_{approx}_{ft}"] / plain
+    for ft in ("type-2", "mc"):
+        ratios[f"marglik expand/reduce {ft}"] = times[f"marglik_expand_{ft}"] / times[f"marglik_reduce_{ft}"]
+        ratios[f"curvlinops expand/reduce {ft}"] = times[f"curvlinops_expand_{ft}"] / times[f"curvlinops_reduce_{ft}"]
+    ratios["marglik expand type-2 / laplace AsdlGGN kron (expand type-2)"] = (
+        times["marglik_expand_type-2"] / times["laplace_asdl_ggn_kron"]
+    )
+
+    memory = {}
+    if not args.no_memory:
+        for what in ("marglik", "curvlinops"):
+            for approx, ft in CONFIGS:
+                memory[f"{what}_{approx}_{ft}"] = peak_extra_memory(
+                    what, approx, ft, args.batch_size, device, args.threads
+                )
+        for what in ("marglik", "curvlinops"):
+            for ft in ("type-2", "mc"):
+                r = memory[f"{what}_expand_{ft}"] / max(memory[f"{what}_reduce_{ft}"], 1)
+                ratios[f"{what} peak memory expand/reduce {ft}"] = r
+
+    targets = {
+        "marglik/curvlinops type-2 <= 0.5": all(
+            ratios[f"marglik/curvlinops {a} type-2"] <= 0.5 for a in ("expand", "reduce")
+        ),
+        "marglik reduce mc <= 1.3 x plain fwd+bwd": ratios["marglik reduce mc / plain fwd+bwd"] <= 1.3,
+    }
+    result = {
+        "setup": {
+            "model": "WRN-16-4 (norm='none', Conv2d+Linear only)", "params": n_params,
+            "batch_size": args.batch_size, "input": "random CIFAR-shaped 3x32x32, 10 classes",
+            "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        },
+        "factor_check_max_rel_error_vs_curvlinops": errs,
+        "seconds_median": times,
+        "ratios": ratios,
+        "peak_extra_memory_bytes": memory,
+        "targets_met": targets,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kfac_speed{args.tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"kfac_speed{args.tag}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return result
+
+
+def to_markdown(r: dict) -> str:
+    s = r["setup"]
+    lines = [
+        "# K-FAC speed: marglik vs curvlinops vs laplace-torch (WRN-16-4)",
+        "",
+        f"Generated by `scripts/bench_kfac.py`: {s['model']}, {s['params'] / 1e6:.2f}M parameters, batch "
+        f"{s['batch_size']} ({s['input']}), device `{s['device']}` ({s['device_name']}), {s['threads']} threads, "
+        f"median of {s['repeats']} runs in one process, torch {s['torch']}.",
+        "",
+        "Factor check before timing (type-2, max relative error vs curvlinops): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in r["factor_check_max_rel_error_vs_curvlinops"].items()),
+        "",
+        "| ratio | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    lines += ["", "| targets | met |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in r["targets_met"].items()]
+    if r["peak_extra_memory_bytes"]:
+        lines += ["", "Peak extra memory over a plain forward/backward (MiB):", "", "| run | MiB |", "|---|---|"]
+        lines += [f"| {k} | {v / 2**20:.0f} |" for k, v in r["peak_extra_memory_bytes"].items()]
+    lines += ["", "Seconds (median; for the ratios only, absolute times depend on the machine):", "",
+              "| run | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["seconds_median"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
