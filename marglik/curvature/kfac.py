@@ -23,9 +23,9 @@ linear networks that average over the shared axis before the loss -- and factori
 terms. ``tests/test_kfac_exact.py`` proves both against the exact GGN in float64.
 
 Computation per batch: one forward pass with hooks recording each covered module's input and
-output; the loss-Hessian square-root columns are back-propagated to all module outputs in one
-vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``), which never computes
-parameter gradients. Columns are processed in chunks bounded by ``max_grad_memory``.
+output; the loss-Hessian square-root columns are back-propagated to all module outputs (one
+backward per column, or one vmapped backward for all: ``batched_backward``). Only gradients
+w.r.t. module outputs are computed, never parameter gradients.
 """
 
 from __future__ import annotations
@@ -106,8 +106,12 @@ class KFAC:
         ignore_modules: module names, types or instances whose parameters are left out of the
             curvature (and of :meth:`Kron.to_dense`).
         generator: random generator for ``"mc"`` label sampling.
-        max_grad_memory: bytes of output gradients held at once; the curvature columns are
-            back-propagated in chunks that fit.
+        batched_backward: back-propagate the curvature columns in one vmapped backward
+            (``torch.autograd.grad(..., is_grads_batched=True)``, in chunks of at most
+            ``max_grad_memory`` bytes of output gradients) or one column at a time. ``"auto"``
+            (default) batches on CUDA only: on CPU the vmapped convolution backward measured
+            4-7x slower than the loop on a WRN-16-4 (torch 2.14), see ``results/kfac_speed.md``.
+        max_grad_memory: bytes of output gradients held at once when batching columns.
         distributed: all-reduce the factor sums over ``torch.distributed`` ranks in :meth:`fit`
             (``None``: whenever a process group with more than one rank is initialised). Each rank
             must then see a disjoint shard of the data.
@@ -128,6 +132,7 @@ class KFAC:
         differentiable: bool = False,
         ignore_modules: Optional[Sequence[IgnoreSpec]] = None,
         generator: Optional[torch.Generator] = None,
+        batched_backward: Union[bool, str] = "auto",
         max_grad_memory: int = 2 * 1024**3,
         distributed: Optional[bool] = None,
     ) -> None:
@@ -140,10 +145,14 @@ class KFAC:
         self.mc_samples = mc_samples
         self.differentiable = differentiable
         self.generator = generator
+        if batched_backward not in (True, False, "auto"):
+            raise ValueError(f"batched_backward must be True, False or 'auto', got {batched_backward!r}")
+        self.batched_backward = batched_backward
         self.max_grad_memory = int(max_grad_memory)
         self.distributed = distributed
         self.ignore_modules = list(ignore_modules or [])
         self._states = self._discover()
+        self.reset()
         if not self._states:
             raise ValueError("the model has no trainable parameters in supported modules")
 
@@ -227,6 +236,7 @@ class KFAC:
             s.calls = []
         self._num_seen = 0
         self._loss = None
+        self._reduced = False
 
     def accumulate_batch(self, X: Any, y: Tensor) -> Tensor:
         """Forward one batch and add its contribution to the sums; returns the summed loss."""
@@ -258,7 +268,7 @@ class KFAC:
 
     def result(self, num_data: Optional[int] = None) -> Kron:
         """The curvature from the sums accumulated since :meth:`reset`."""
-        if getattr(self, "_num_seen", 0) == 0:
+        if self._num_seen == 0:
             raise ValueError("no data was seen: the data is empty")
         self._all_reduce()
         seen = self._num_seen
@@ -292,6 +302,8 @@ class KFAC:
         return torch.device("cpu")
 
     def _all_reduce(self) -> None:
+        if self._reduced:
+            return
         use = self.distributed
         if use is None:
             use = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -311,7 +323,7 @@ class KFAC:
         self._num_seen = int(n.item())
         if self._loss is not None:
             dist.all_reduce(self._loss)
-        self.distributed = False  # reduce once per fit
+        self._reduced = True  # once per accumulation: result() may be called again
 
 
 def _to(X: Any, device: torch.device) -> Any:
@@ -374,9 +386,9 @@ class _Recorder:
         finally:
             for s in kfac._states:
                 s.calls = []
-        kfac._num_seen = getattr(kfac, "_num_seen", 0) + N
+        kfac._num_seen += N
         loss = loss if kfac.differentiable else loss.detach()
-        kfac._loss = loss if getattr(kfac, "_loss", None) is None else kfac._loss + loss
+        kfac._loss = loss if kfac._loss is None else kfac._loss + loss
         return loss
 
     def _backward(self, out: Tensor, S: Tensor, states: List[_ModuleState], N: int, retain_graph: bool) -> None:
@@ -386,13 +398,20 @@ class _Recorder:
         if not any(o.requires_grad for o in outputs):
             raise RuntimeError("no recorded module output requires grad; are all parameters frozen?")
         K = S.shape[0]
-        per_column = sum(o.numel() for o in outputs) * out.element_size()
-        chunk = max(1, min(K, kfac.max_grad_memory // max(per_column, 1)))
+        batched = kfac.batched_backward
+        if batched == "auto":
+            batched = out.device.type == "cuda"
+        if batched:
+            per_column = sum(o.numel() for o in outputs) * out.element_size()
+            chunk = max(1, min(K, kfac.max_grad_memory // max(per_column, 1)))
+        else:
+            chunk = 1  # one column at a time: least memory, and no stacking
         for start in range(0, K, chunk):
             cols = S[start : start + chunk].contiguous()
             last = start + chunk >= K
-            grads = _batched_grad(
-                out, outputs, cols, retain_graph=retain_graph or kfac.differentiable or not last,
+            grads = _column_grads(
+                out, outputs, cols, batched=bool(batched),
+                retain_graph=retain_graph or kfac.differentiable or not last,
                 create_graph=kfac.differentiable,
             )
             grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
@@ -407,27 +426,35 @@ class _Recorder:
                         _close_reduce_grads(s, pending[id(s)])
 
 
-def _batched_grad(out: Tensor, outputs: List[Tensor], cols: Tensor, retain_graph: bool, create_graph: bool):
-    """Gradients of ``<out, cols[k]>`` w.r.t. every tensor in ``outputs``, each ``(K, *shape)``."""
-    try:
-        return torch.autograd.grad(
-            out, outputs, cols, retain_graph=retain_graph, create_graph=create_graph,
-            allow_unused=True, is_grads_batched=True,
+def _column_grads(
+    out: Tensor, outputs: List[Tensor], cols: Tensor, batched: bool, retain_graph: bool, create_graph: bool
+) -> List[Optional[Tensor]]:
+    """Gradients of ``<out, cols[k]>`` w.r.t. every tensor in ``outputs``, each ``(K, *shape)``.
+
+    ``batched=True`` uses one vmapped backward (``is_grads_batched``); otherwise one backward per
+    column. Both only compute gradients w.r.t. module outputs, never parameter gradients.
+    """
+    if batched:
+        try:
+            return list(torch.autograd.grad(
+                out, outputs, cols, retain_graph=retain_graph, create_graph=create_graph,
+                allow_unused=True, is_grads_batched=True,
+            ))
+        except RuntimeError as err:  # an op without a vmap batching rule: fall back to the loop
+            warnings.warn(f"batched backward unavailable ({err}); using one backward per column")
+    K = cols.shape[0]
+    per = [
+        torch.autograd.grad(
+            out, outputs, cols[k], retain_graph=retain_graph or k < K - 1,
+            create_graph=create_graph, allow_unused=True,
         )
-    except RuntimeError as err:  # an op without a vmap batching rule: fall back to a loop
-        if "vmap" not in str(err) and "batch" not in str(err).lower():
-            raise
-        warnings.warn(f"batched backward unavailable ({err}); falling back to one backward per column")
-        per = [
-            torch.autograd.grad(out, outputs, c, retain_graph=True, create_graph=create_graph, allow_unused=True)
-            for c in cols
-        ]
-        return [
-            None if all(p[i] is None for p in per) else torch.stack(
-                [p[i] if p[i] is not None else torch.zeros_like(outputs[i]) for p in per]
-            )
-            for i in range(len(outputs))
-        ]
+        for k in range(K)
+    ]
+    return [
+        None if all(p[i] is None for p in per)
+        else torch.stack([p[i] if p[i] is not None else torch.zeros_like(outputs[i]) for p in per])
+        for i in range(len(outputs))
+    ]
 
 
 def _augment_with_bias(XtX: Optional[Tensor], xsum: Tensor, count: Tensor, has_weight: bool, has_bias: bool) -> Tensor:

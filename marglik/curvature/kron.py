@@ -192,3 +192,21 @@ class Kron:
 
     def named_blocks(self) -> Sequence[tuple[str, Block]]:
         return [(b.name, b) for b in self.blocks]
+
+    def split_bias(self) -> "Kron":
+        """A copy without the weight-bias cross terms of :class:`KronBlock` s.
+
+        Every block with both a weight and a bias becomes a weight block ``B ⊗ A[:-1, :-1]`` and a
+        bias block ``B * A[-1, -1]`` (``A[-1, -1]`` is the fraction of examples that reach the layer,
+        1 for ordinary layers). This is the block structure of laplace-torch's ``Kron`` (curvlinops'
+        ``separate_weight_and_bias=True``). Other blocks, ``params``, ``num_data``, ``approx`` and
+        ``meta`` are kept; factors are sliced, so an autograd graph through them is preserved.
+        """
+        blocks: List[Block] = []
+        for b in self.blocks:
+            if isinstance(b, KronBlock) and b.weight is not None and b.bias is not None:
+                blocks.append(KronBlock(b.name, b.A[:, :-1, :-1], b.B, b.weight, None))
+                blocks.append(KronBlock(b.name, b.A[:, -1:, -1:], b.B, None, b.bias))
+            else:
+                blocks.append(b)
+        return Kron(blocks, list(self.params), self.num_data, self.approx, dict(self.meta))
