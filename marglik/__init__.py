@@ -31,3 +31,12 @@ __version__ = "0.1.0"
 from .optim import KFACOptimizer  # noqa: E402  (K-FAC optimizer, issue 5)
 
 __all__.append("KFACOptimizer")
+
+from .curvature.kron_algebra import DecomposedKron, kron_logdet, kron_logdet_projected  # noqa: E402  (issue 3)
+from .laplace import KronLaplace  # noqa: E402  (Laplace posterior / log marglik, issue 3)
+
+__all__ += ["KronLaplace", "DecomposedKron", "kron_logdet", "kron_logdet_projected"]
+
+from .tuning import Config, MarglikTuner, tune  # noqa: E402  (marglik tuning loop, issue 4)
+
+__all__ += ["Config", "MarglikTuner", "tune"]

@@ -1,0 +1,1 @@
+"""Hydra configs of the ``marglik`` CLI (a package so Hydra finds them in any install)."""

@@ -1,0 +1,201 @@
+"""laplace-torch curvature backends powered by :class:`marglik.KFAC`.
+
+Use them wherever laplace-torch takes a backend::
+
+    from laplace import Laplace
+    from marglik.laplace_torch import MarglikGGN
+
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                 backend=MarglikGGN, backend_kwargs={"approx": "reduce"})
+    la.fit(train_loader)
+    la.optimize_prior_precision()
+
+Only :meth:`kron` (``hessian_structure="kron"``) uses marglik; Jacobians, per-example gradients
+and the ``full`` / ``diag`` structures come from laplace-torch's ``torch.func`` implementations in
+``GGNInterface`` / ``EFInterface`` / ``CurvatureInterface``.
+
+Conversion to laplace-torch's :class:`laplace.utils.matrix.Kron`. laplace-torch keeps one entry per
+trainable parameter tensor (``Kron.init_from_model``): ``[B, A]`` for a weight (``B ⊗ A`` over the
+row-major weight, ``B`` over outputs) and ``[M]`` (a dense ``(p, p)`` matrix) for 1-d parameters.
+``KronLaplace.fit`` calls ``kron(X, y, N)`` once per batch and **adds the factors separately**
+(``A_total = sum_b A_b``, ``B_total = sum_b B_b``). To reproduce laplace-torch's own backends
+(``CurvlinopsGGN``) and the full-data K-FAC, each batch returns ``B_b`` = the batch's summed
+output-gradient factor and ``A_b`` = the batch's normalised input factor times ``M_b / N``
+(``M_b`` the batch size), so that ``sum_b A_b`` is the data-set average; 1-d blocks are plain sums
+and are not rescaled. marglik's blocks are mapped as follows:
+
+* ``KronBlock`` with weight and bias (joint ``B ⊗ A`` over ``[W, b]``): weight ``[B, A[:-1, :-1]]``
+  and bias ``[B * A[-1, -1]]`` -- the weight-bias cross terms are dropped (laplace-torch's
+  structure, identical to curvlinops' ``separate_weight_and_bias=True``);
+* ``DiagonalBlock`` (norm layers, ``Scale``/``Bias``): ``[diag(weight curvature)]`` and
+  ``[diag(bias curvature)]`` (the per-channel weight-bias coupling is dropped);
+* grouped convolutions (``G > 1``) cannot be represented and raise ``NotImplementedError``.
+
+The returned loss is marglik's summed NLL: cross-entropy, or ``0.5 ||y - f||^2`` for regression --
+laplace-torch's ``factor * lossfunc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from laplace.curvature import EFInterface, GGNInterface
+from laplace.utils import Kron as LaplaceKron
+from torch import Tensor, nn
+
+from .curvature import KFAC, DiagonalBlock, Kron, KronBlock
+from .curvature.options import KFACApprox
+
+__all__ = ["MarglikGGN", "MarglikEF", "to_laplace_kron"]
+
+
+def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0) -> LaplaceKron:
+    """Convert a marglik :class:`Kron` to laplace-torch's ``Kron`` (see the module docstring).
+
+    Args:
+        kron: marglik curvature.
+        params: the parameters laplace-torch's ``Kron`` is laid out over (its ``params``), each of
+            which must be covered by ``kron``.
+        a_scale: factor applied to every weight's ``A`` (``M_b / N`` for batch-wise accumulation).
+    """
+    role: Dict[int, Tuple[str, Any]] = {}
+    for blk in kron.blocks:
+        for p in blk.params:
+            role[id(p)] = ("weight" if p is blk.weight else "bias", blk)
+    kfacs: List[List[Tensor]] = []
+    for p in params:
+        if id(p) not in role:
+            raise ValueError("a parameter laplace-torch expects is not covered by the K-FAC curvature")
+        what, blk = role[id(p)]
+        if isinstance(blk, KronBlock):
+            if blk.groups != 1:
+                raise NotImplementedError(
+                    f"grouped convolution {blk.name!r} (groups={blk.groups}) has block-diagonal factors, "
+                    "which laplace-torch's Kron cannot represent; use marglik.KronLaplace instead"
+                )
+            A, B = blk.A[0].detach(), blk.B[0].detach()
+            if what == "weight":
+                din = p[0].numel()
+                kfacs.append([B, A[:din, :din] * a_scale])
+            else:
+                kfacs.append([B * A[-1, -1]])
+        else:
+            assert isinstance(blk, DiagonalBlock)
+            D = blk.blocks.detach()
+            i = 0 if what == "weight" else D.shape[-1] - 1
+            kfacs.append([torch.diag_embed(D[:, i, i])])
+    return LaplaceKron(kfacs)
+
+
+class _MarglikKron:
+    """The ``kron`` method shared by :class:`MarglikGGN` and :class:`MarglikEF`."""
+
+    _fisher_type: str
+    approx: KFACApprox
+    num_samples: int
+
+    def _kfac(self, approx: KFACApprox, mc_samples: int) -> KFAC:
+        key = (approx, mc_samples)
+        if key not in self._kfacs:
+            self._kfacs[key] = KFAC(
+                self.model,
+                likelihood=self.likelihood,
+                approx=approx,
+                fisher_type=self._fisher_type,
+                mc_samples=mc_samples,
+                max_grad_memory=self.max_grad_memory,
+            )
+        return self._kfacs[key]
+
+    def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, LaplaceKron]:
+        """K-FAC of one batch, scaled for laplace-torch's batch-wise summation over ``N`` examples.
+
+        Args:
+            x: input batch (a tensor, or a mapping passed as ``model(x)``).
+            y: targets ``(M, ...)``.
+            N: total number of training examples.
+            kwargs: ``kfac_approx`` / ``approx`` (``"expand"`` / ``"reduce"``) and ``mc_samples``
+                override the constructor's choices (laplace-torch passes ``asdl_fisher_kwargs``).
+
+        Returns ``(loss, kron)``: the batch's summed NLL (0-d, detached) and a laplace-torch
+        ``Kron`` over ``self.params``.
+        """
+        if self.last_layer or self.subnetwork_indices is not None:
+            raise NotImplementedError("marglik backends support only subset_of_weights='all'")
+        kwargs = dict(kwargs)
+        approx = kwargs.pop("kfac_approx", kwargs.pop("approx", self.approx))
+        mc_samples = int(kwargs.pop("mc_samples", self.num_samples))
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for {type(self).__name__}.kron: {sorted(kwargs)}")
+        if N <= 0:
+            raise ValueError(f"N must be positive, got {N}")
+        kfac = self._kfac(KFACApprox.parse(approx, "K-FAC approximation"), mc_samples)
+        kfac.reset()
+        loss = kfac.accumulate_batch((x,), y)  # model(x) even for mapping inputs
+        kron = kfac.result()
+        M = kron.num_data
+        return loss.detach(), to_laplace_kron(kron, self.params, a_scale=M / N)
+
+
+class MarglikGGN(_MarglikKron, GGNInterface):
+    """laplace-torch GGN backend whose ``kron`` is :class:`marglik.KFAC` (type-2, or MC Fisher).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as in
+            laplace-torch's ``GGNInterface`` (``kron`` supports only all weights).
+        stochastic: MC Fisher (``fisher_type="mc"``) instead of the exact GGN (``"type-2"``).
+        num_samples: MC samples for ``stochastic=True``.
+        approx: ``"expand"`` (default, as laplace-torch's backends) or ``"reduce"``.
+        max_grad_memory: see :class:`marglik.KFAC`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: Optional[torch.LongTensor] = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        approx: str = "expand",
+        max_grad_memory: int = 2 * 1024**3,
+    ) -> None:
+        super().__init__(
+            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
+            stochastic=stochastic, num_samples=num_samples,
+        )
+        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self._fisher_type = "mc" if stochastic else "type-2"
+        self.max_grad_memory = max_grad_memory
+        self._kfacs: Dict[tuple, KFAC] = {}
+
+
+class MarglikEF(_MarglikKron, EFInterface):
+    """laplace-torch empirical-Fisher backend whose ``kron`` is :class:`marglik.KFAC` (``"empirical"``).
+
+    The K-FAC factors are those of the empirical Fisher of marglik's summed NLL; for regression
+    that is ``0.5 ||y - f||^2`` (gradients ``f - y``), whereas laplace-torch's own EF backends and
+    the inherited ``full`` / ``diag`` give twice that (they square the gradients of ``MSELoss``).
+    Classification agrees with laplace-torch's ``CurvlinopsEF``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: Optional[torch.LongTensor] = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        approx: str = "expand",
+        max_grad_memory: int = 2 * 1024**3,
+    ) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self._fisher_type = "empirical"
+        self.num_samples = 1
+        self.max_grad_memory = max_grad_memory
+        self._kfacs: Dict[tuple, KFAC] = {}

@@ -1,0 +1,564 @@
+"""K-FAC preconditioned SGD with K-FAC-expand or K-FAC-reduce factors (Eschenhagen et al. 2023).
+
+Usage -- one forward pass per step; the factors come from that same forward::
+
+    opt = KFACOptimizer(model, lr=0.05, damping=1e-2, approx="expand")
+    for X, y in loader:
+        opt.zero_grad()
+        with opt.track():                 # records layer inputs/outputs (only when a factor update is due)
+            out = model(X)
+        opt.update_factors(out, y)        # sampled-label backward -> factor EMAs; BEFORE loss.backward()
+        loss = F.cross_entropy(out, y)    # mean over the batch
+        loss.backward()
+        opt.step()
+
+``update_factors`` is a no-op on steps where no factor update is due (``factor_update_every``),
+and ``track()`` then records nothing, so those steps cost exactly a first-order step plus the
+preconditioning matmuls. ``step(closure)`` is supported in the usual torch way: the closure must
+do the above (track, forward, update_factors, backward) itself and return the loss.
+
+What is preconditioned (the ``"kfac"`` parameter group, ``param_groups[0]``):
+
+* every module the engine covers with a Kronecker rule (``nn.Linear``, ``nn.Conv1d/2d/3d``,
+  including the ``nn.Linear`` q/k/v/out projections of a transformer on ``(N, T, D)`` tokens and
+  node-wise ``nn.Linear`` of a graph network under :func:`marglik.example_index`): the update of
+  the augmented matrix ``M = [W, b]`` (bias = last input column) is
+  ``(B ⊗ A + damping)^-1 vec(grad M)`` with the rule of ``damping_rule``;
+* norm layers and :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias` when
+  ``precondition_norms=True`` (default): the engine's *exact* per-channel ``k x k`` GGN/Fisher
+  blocks ``D``, update ``(D + damping I)^-1 grad`` per channel.
+
+Everything else falls back to a first-order update (the ``"fallback"`` group,
+``param_groups[1]`` when non-empty): SGD with momentum (``fallback="sgd"``) or AdamW
+(``fallback="adamw"``), learning rate ``fallback_lr`` (default ``lr``). That is
+
+* modules passed in ``ignore_modules`` (names, types or instances; an ignored
+  ``nn.MultiheadAttention`` takes its ``out_proj`` with it, since the attention never calls it as
+  a module),
+* modules of the types in ``FIRST_ORDER_TYPES`` (``nn.Embedding``, ``nn.EmbeddingBag``, and the
+  raw-parameter holders :class:`marglik.models.PositionalEmbedding` /
+  :class:`marglik.models.ClassToken`) when ``auto_fallback=True`` (default),
+* norm layers / Scale / Bias when ``precondition_norms=False``.
+
+Any other module holding trainable parameters without an engine rule (``nn.MultiheadAttention``,
+a custom module with a raw ``nn.Parameter``, ``nn.Bilinear``, RNNs, ...) raises
+:class:`marglik.UnsupportedModuleError` naming the module and the fix.
+
+Scaling. The engine returns factors of the **summed** loss over the batch (``B ⊗ A`` with
+``A`` a mean over positions/examples and ``B`` a sum over examples). The optimizer divides ``B``
+(and the norm blocks) by the batch size ``N``, so its curvature is that of the loss **averaged
+over the N examples** of the batch (summed over output positions within an example) --
+``F.cross_entropy(out, y)`` for classification, ``0.5 * ((out - y) ** 2).sum(-1).mean()`` for
+regression. Another scaling of the loss only rescales the effective lr and damping. Factors are
+exponential moving averages, ``F <- factor_ema * F + (1 - factor_ema) * F_batch`` (the first
+update takes ``F_batch``).
+
+Damping (``damping`` = ``lambda``, per example, schedulable via ``param_groups[0]["damping"]``):
+
+* ``damping_rule="pi"``: factored Tikhonov damping (Martens & Grosse 2015),
+  ``(B + sqrt(lambda)/pi I) ⊗ (A + pi sqrt(lambda) I)`` with
+  ``pi = sqrt((tr A / dim A) / (tr B / dim B))``; inverses by Cholesky.
+* ``damping_rule="eigen"``: exact damping ``(B ⊗ A + lambda I)^-1`` in the Kronecker eigenbasis
+  (eigendecompositions of ``A`` and ``B``).
+
+Inverses / eigendecompositions are cached in the optimizer state and recomputed every
+``inverse_update_every`` steps (and whenever the damping changed or no cache exists).
+
+Update of a preconditioned parameter with preconditioned gradient ``u``: optional KL clipping
+(Ba et al. 2017) ``u <- min(1, sqrt(kl_clip / (lr^2 sum <u, g>))) u`` over the whole group,
+momentum ``buf <- momentum * buf + u``, decoupled weight decay ``p <- p (1 - lr * weight_decay)``
+and ``p <- p - lr * buf``. ``max_grad_norm`` clips the raw gradients of all parameters (joint
+2-norm) before anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.kfac import KFAC
+from ..curvature.layers import KroneckerRule, UnsupportedModuleError, find_rule
+from ..curvature.options import FisherType, KFACApprox, Likelihood
+
+IgnoreSpec = Union[str, type, nn.Module]
+
+DAMPING_RULES = ("pi", "eigen")
+FALLBACKS = ("sgd", "adamw")
+
+
+def _first_order_types() -> Tuple[type, ...]:
+    types: Tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
+    try:  # the model zoo's raw-parameter holders
+        from ..models.vit import UNCOVERED_MODULES
+
+        types = types + tuple(UNCOVERED_MODULES)
+    except Exception:  # pragma: no cover - models package unavailable
+        pass
+    return types
+
+
+#: Module types whose parameters go to the first-order fallback automatically (``auto_fallback``).
+FIRST_ORDER_TYPES: Tuple[type, ...] = _first_order_types()
+
+
+class _Layer:
+    """A preconditioned module: its parameters, factor kind and grouping."""
+
+    def __init__(self, name: str, module: nn.Module, kind: str, weight, bias, groups: int) -> None:
+        self.name, self.module, self.kind = name, module, kind
+        self.weight, self.bias, self.groups = weight, bias, groups
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def key(self) -> nn.Parameter:
+        """The parameter whose optimizer state holds the layer's factors and inverses."""
+        return self.weight if self.weight is not None else self.bias
+
+
+def _matches(spec: IgnoreSpec, name: str, module: nn.Module) -> bool:
+    if isinstance(spec, str):
+        return spec == name
+    if isinstance(spec, type):
+        return isinstance(module, spec)
+    if isinstance(spec, nn.Module):
+        return spec is module
+    raise TypeError(f"ignore_modules entries must be module names, types or instances, got {spec!r}")
+
+
+class KFACOptimizer(torch.optim.Optimizer):
+    """K-FAC-expand / K-FAC-reduce preconditioned momentum SGD (see the module docstring).
+
+    Args:
+        model: the network; its trainable parameters are optimised.
+        lr: learning rate of the preconditioned group (> 0).
+        damping: Tikhonov damping ``lambda`` added to the per-example curvature (> 0).
+        approx: ``"expand"`` or ``"reduce"``: how weight-sharing axes (tokens, nodes, pixels)
+            enter the factors.
+        fisher_type: ``"mc"`` (labels sampled from the model; default), ``"type-2"`` (exact GGN,
+            ``C`` backward columns) or ``"empirical"`` (true labels).
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"`` (see
+            :class:`marglik.KFAC`).
+        factor_update_every: recompute factors on steps ``0, k, 2k, ...``.
+        inverse_update_every: recompute inverses on steps ``0, k, 2k, ...``.
+        factor_ema: EMA decay of the factors in ``[0, 1)`` (0: use the latest batch only).
+        weight_decay: decoupled weight decay (``p *= 1 - lr * weight_decay``), all parameters.
+        momentum: heavy-ball momentum on the preconditioned update, in ``[0, 1)``.
+        damping_rule: ``"pi"`` (factored Tikhonov) or ``"eigen"`` (exact, eigenbasis).
+        kl_clip: KL clipping threshold (``None``: off); stored in ``param_groups[0]["kl_clip"]``
+            (schedulable like ``lr`` and ``damping``).
+        max_grad_norm: clip the joint gradient norm of all parameters first (``None``: off).
+        mc_samples: sampled labels per output for ``fisher_type="mc"``.
+        ignore_modules: modules (names, types, instances) to update first-order.
+        auto_fallback: send modules of ``FIRST_ORDER_TYPES`` to the fallback without listing them.
+        precondition_norms: precondition norm layers / Scale / Bias with their exact diagonal
+            blocks (else: fallback).
+        fallback: ``"sgd"`` (momentum ``momentum``) or ``"adamw"`` for non-preconditioned params.
+        fallback_lr: learning rate of the fallback group (default ``lr``).
+        fallback_betas, fallback_eps: AdamW constants of the fallback.
+        generator: torch generator for label sampling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        approx: str = "expand",
+        fisher_type: str = "mc",
+        likelihood: str = "classification",
+        factor_update_every: int = 1,
+        inverse_update_every: int = 10,
+        factor_ema: float = 0.95,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        damping_rule: str = "pi",
+        kl_clip: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
+        mc_samples: int = 1,
+        ignore_modules: Optional[Sequence[IgnoreSpec]] = None,
+        auto_fallback: bool = True,
+        precondition_norms: bool = True,
+        fallback: str = "sgd",
+        fallback_lr: Optional[float] = None,
+        fallback_betas: Tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"KFACOptimizer takes the model (an nn.Module), got {type(model).__name__}")
+        _check_positive("lr", lr)
+        _check_positive("damping", damping)
+        if fallback_lr is not None:
+            _check_positive("fallback_lr", fallback_lr)
+        for name, v in (("factor_update_every", factor_update_every), ("inverse_update_every", inverse_update_every)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= factor_ema < 1.0:
+            raise ValueError(f"factor_ema must lie in [0, 1), got {factor_ema!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+        if damping_rule not in DAMPING_RULES:
+            raise ValueError(f"unknown damping_rule {damping_rule!r}; expected one of {DAMPING_RULES}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+        for name, v in (("kl_clip", kl_clip), ("max_grad_norm", max_grad_norm)):
+            if v is not None:
+                _check_positive(name, v)
+        if not all(0.0 <= b < 1.0 for b in fallback_betas):
+            raise ValueError(f"fallback_betas must lie in [0, 1), got {fallback_betas!r}")
+        KFACApprox.parse(approx, "K-FAC approximation")  # clear errors before discovery
+        FisherType.parse(fisher_type, "fisher_type")
+        Likelihood.parse(likelihood, "likelihood")
+
+        self.model = model
+        self.damping_rule = damping_rule
+        self.factor_update_every = factor_update_every
+        self.inverse_update_every = inverse_update_every
+        self.factor_ema = float(factor_ema)
+        self.max_grad_norm = max_grad_norm
+        self.fallback = fallback
+        self.fallback_betas = tuple(float(b) for b in fallback_betas)
+        self.fallback_eps = float(fallback_eps)
+
+        ignore = self._engine_ignores(model, list(ignore_modules or []), auto_fallback, precondition_norms)
+        for p in model.parameters():
+            if p.requires_grad and p.is_complex():
+                raise UnsupportedModuleError("complex parameters are not supported by KFACOptimizer")
+        try:
+            self.kfac = KFAC(
+                model, likelihood=likelihood, approx=approx, fisher_type=fisher_type, mc_samples=mc_samples,
+                ignore_modules=ignore, generator=generator,
+            )
+        except UnsupportedModuleError as err:
+            raise UnsupportedModuleError(
+                f"{err}. KFACOptimizer preconditions nn.Linear, nn.ConvNd, norm layers and marglik.nn.Scale/"
+                "Bias; every other parameter-holding module must go to the first-order fallback via "
+                "ignore_modules (or be one of KFACOptimizer's FIRST_ORDER_TYPES)"
+            ) from None
+        self.layers: List[_Layer] = []
+        for s in self.kfac._states:
+            if isinstance(s.rule, KroneckerRule):
+                self.layers.append(_Layer(s.name, s.module, "kron", s.weight, s.bias, s.rule.groups(s.module)))
+            else:
+                self.layers.append(_Layer(s.name, s.module, "diag", s.weight, s.bias, 1))
+        covered = {id(p) for layer in self.layers for p in layer.params}
+        kfac_params = [p for p in model.parameters() if id(p) in covered]
+        fallback_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        groups: List[Dict[str, Any]] = [dict(params=kfac_params, kind="kfac", kl_clip=kl_clip)]
+        if fallback_params:
+            fb_lr = fallback_lr if fallback_lr is not None else lr
+            groups.append(dict(params=fallback_params, kind="fallback", lr=fb_lr))
+        super().__init__(groups, defaults)
+        self._recording: Optional[Any] = None  # the engine recorder of the current tracked forward
+        self._tracked = False
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _engine_ignores(
+        model: nn.Module, specs: List[IgnoreSpec], auto_fallback: bool, precondition_norms: bool
+    ) -> List[nn.Module]:
+        """Module instances the engine must skip (their parameters become fallback parameters)."""
+        ignored: List[nn.Module] = []
+        seen = set()
+
+        def add(m: nn.Module) -> None:
+            if id(m) not in seen:
+                seen.add(id(m))
+                ignored.append(m)
+
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if any(_matches(s, name, module) for s in specs):
+                add(module)
+                if isinstance(module, nn.MultiheadAttention):  # it never calls out_proj as a module
+                    for sub in module.modules():
+                        add(sub)
+                continue
+            if not own:
+                continue
+            rule = find_rule(module)
+            if rule is None:
+                if auto_fallback and isinstance(module, FIRST_ORDER_TYPES):
+                    add(module)
+                    continue
+                if isinstance(module, nn.MultiheadAttention):
+                    raise UnsupportedModuleError(
+                        f"module {name!r} is an nn.MultiheadAttention, which K-FAC cannot precondition here: it "
+                        "applies its fused in_proj_weight (and out_proj.weight) inside "
+                        "F.multi_head_attention_forward without calling nn.Linear modules, so the engine cannot "
+                        "record their inputs and output gradients. Either build attention from nn.Linear q/k/v/out "
+                        "projections on (N, T, D) tokens (as marglik.models.ViT does; those are preconditioned "
+                        "with K-FAC-expand/reduce), or pass ignore_modules=[nn.MultiheadAttention] to train its "
+                        "parameters with the first-order fallback"
+                    )
+            elif not rule.kind == "kron" and not precondition_norms:
+                add(module)
+        return ignored
+
+    # ------------------------------------------------------------------ factor tracking
+    @property
+    def steps(self) -> int:
+        """Number of :meth:`step` calls so far (persisted in the state dict)."""
+        return int(self._global_state().get("step", 0))
+
+    def _global_state(self) -> Dict[str, Any]:
+        return self.state[self.param_groups[0]["params"][0]]
+
+    @property
+    def factors_due(self) -> bool:
+        """Whether the coming step refreshes the factors (``steps % factor_update_every == 0``)."""
+        return self.steps % self.factor_update_every == 0
+
+    @contextlib.contextmanager
+    def track(self, force: bool = False) -> Iterator[None]:
+        """Context for the training forward pass: records the covered layers if a factor update is
+        due this step (or ``force``); follow with :meth:`update_factors` before ``backward``."""
+        if not (force or self.factors_due):
+            self._recording, self._tracked = None, False
+            yield None
+            return
+        self.kfac.reset()
+        with self.kfac.capture() as rec:
+            yield None
+        self._recording, self._tracked = rec, True
+
+    def update_factors(self, out: Tensor, y: Tensor) -> bool:
+        """Turn the tracked forward into factor EMAs; returns whether factors were updated.
+
+        ``out`` is the model output of the tracked forward (``(N, C)``, or ``(N, R, C)`` with one
+        loss term per position) and ``y`` the targets (used by ``fisher_type="empirical"`` and for
+        validation). Runs the engine's sampled-label (mc) / Hessian-square-root (type-2) backward
+        to the layer outputs with ``retain_graph=True``; it never touches ``.grad``. Call it before
+        ``loss.backward()``.
+        """
+        rec = self._recording
+        if rec is None:
+            return False
+        self._recording, self._tracked = None, False
+        try:
+            rec.accumulate(out, y, retain_graph=True)
+        except RuntimeError as err:
+            if "second time" in str(err) or "freed" in str(err):
+                raise RuntimeError(
+                    "update_factors(out, y) needs the autograd graph of the forward pass: call it before "
+                    "loss.backward() (or backward with retain_graph=True)"
+                ) from err
+            raise
+        kron = self.kfac.result()
+        N = float(kron.num_data)
+        beta = self.factor_ema
+        for layer, block in zip(self.layers, kron.blocks):
+            st = self.state[layer.key]
+            new = {"A": block.A, "B": block.B / N} if layer.kind == "kron" else {"D": block.blocks / N}
+            first = "factor_updates" not in st
+            for k, v in new.items():
+                v = v.detach()
+                st[k] = v.clone() if first else st[k].mul_(beta).add_(v, alpha=1.0 - beta)
+            st["factor_updates"] = st.get("factor_updates", 0) + 1
+        return True
+
+    # ------------------------------------------------------------------ inverses
+    def _update_inverse(self, layer: _Layer, damping: float) -> None:
+        st = self.state[layer.key]
+        if layer.kind == "diag":
+            D = st["D"].double()
+            eye = torch.eye(D.shape[-1], dtype=D.dtype, device=D.device)
+            st["D_inv"] = torch.linalg.inv(D + damping * eye).to(st["D"].dtype)
+        else:
+            A, B = st["A"].double(), st["B"].double()
+            A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
+            dtype = st["A"].dtype
+            if self.damping_rule == "eigen":
+                dA, QA = torch.linalg.eigh(A)
+                dB, QB = torch.linalg.eigh(B)
+                st["QA"], st["dA"] = QA.to(dtype), dA.clamp_min(0).to(dtype)
+                st["QB"], st["dB"] = QB.to(dtype), dB.clamp_min(0).to(dtype)
+            else:
+                da, db = A.shape[-1], B.shape[-1]
+                trA = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / da
+                trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1) / db
+                ok = (trA > 0) & (trB > 0)
+                pi = torch.where(ok, (trA / torch.where(ok, trB, torch.ones_like(trB))).clamp_min(0).sqrt(),
+                                 torch.ones_like(trA))
+                s = math.sqrt(damping)
+                eyeA = torch.eye(da, dtype=A.dtype, device=A.device)
+                eyeB = torch.eye(db, dtype=B.dtype, device=B.device)
+                st["A_inv"] = _spd_inverse(A + (pi * s).view(-1, 1, 1) * eyeA).to(dtype)
+                st["B_inv"] = _spd_inverse(B + (s / pi).view(-1, 1, 1) * eyeB).to(dtype)
+                st["pi"] = pi.to(dtype)
+        st["inv_damping"] = float(damping)
+        st["inv_rule"] = DAMPING_RULES.index(self.damping_rule)  # an int: torch's load_state_dict mangles str
+
+    def _precondition(self, layer: _Layer, damping: float) -> List[Tensor]:
+        """Preconditioned gradients of the layer's parameters (same shapes as the parameters)."""
+        st = self.state[layer.key]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
+        if layer.kind == "diag":
+            Gm = torch.stack([g.reshape(-1) for g in grads], dim=-1)  # (C, k)
+            U = (st["D_inv"] @ Gm.unsqueeze(-1)).squeeze(-1)
+            return [U[:, i].reshape(p.shape) for i, p in enumerate(layer.params)]
+        G = layer.groups
+        parts, sizes = [], []
+        if layer.weight is not None:
+            db = layer.weight.shape[0] // G
+            w = grads[0].reshape(G, db, -1)
+            parts.append(w)
+            sizes.append(w.shape[-1])
+        if layer.bias is not None:
+            db = layer.bias.shape[0] // G
+            parts.append(grads[-1].reshape(G, db, 1))
+            sizes.append(1)
+        M = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (G, db, da)
+        if self.damping_rule == "eigen":
+            QA, QB = st["QA"], st["QB"]
+            V = QB.mT @ M @ QA
+            V = V / (st["dB"].unsqueeze(-1) * st["dA"].unsqueeze(-2) + damping)
+            U = QB @ V @ QA.mT
+        else:
+            U = st["B_inv"] @ M @ st["A_inv"]
+        out = []
+        pieces = torch.split(U, sizes, dim=-1)
+        for p, piece in zip(layer.params, pieces):
+            out.append(piece.reshape(p.shape))
+        return out
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """Apply one update from the current ``.grad`` (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._tracked:
+            self._recording, self._tracked = None, False
+            raise RuntimeError(
+                "a forward pass was tracked with opt.track() but update_factors(out, y) was not called before "
+                "step(); call it after the forward and before loss.backward()"
+            )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "KFACOptimizer does not support sparse gradients (e.g. nn.Embedding(sparse=True))"
+                    )
+        missing = [layer.name for layer in self.layers if "factor_updates" not in self.state[layer.key]]
+        if missing:
+            raise RuntimeError(
+                f"no curvature factors yet for {missing}: run the forward pass inside opt.track() and call "
+                "opt.update_factors(out, y) before loss.backward() (at least on the first step)"
+            )
+        if self.max_grad_norm is not None:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+        gstate = self._global_state()
+        step = int(gstate.get("step", 0))
+        for group in self.param_groups:
+            if group["kind"] == "kfac":
+                self._kfac_group_step(group, step)
+            else:
+                self._fallback_group_step(group, step)
+        gstate["step"] = step + 1
+        return loss
+
+    def _kfac_group_step(self, group: Dict[str, Any], step: int) -> None:
+        lr, damping = group["lr"], group["damping"]
+        mom, wd = group["momentum"], group["weight_decay"]
+        kl_clip = group.get("kl_clip")
+        _check_positive("damping", damping)
+        due = step % self.inverse_update_every == 0
+        updates: List[Tuple[nn.Parameter, Tensor]] = []
+        vg = 0.0
+        for layer in self.layers:
+            if all(p.grad is None for p in layer.params):
+                continue
+            st = self.state[layer.key]
+            stale = st.get("inv_damping") != float(damping) or st.get("inv_rule") != DAMPING_RULES.index(
+                self.damping_rule
+            )
+            if due or stale:
+                self._update_inverse(layer, damping)
+            for p, u in zip(layer.params, self._precondition(layer, damping)):
+                updates.append((p, u))
+                if kl_clip is not None and p.grad is not None:
+                    vg += float((u * p.grad).sum())
+        nu = 1.0
+        if kl_clip is not None and vg > 0:
+            nu = min(1.0, math.sqrt(kl_clip / (lr**2 * vg)))
+        for p, u in updates:
+            if nu != 1.0:
+                u = u * nu
+            self._apply(p, u, lr, mom, wd)
+
+    def _apply(self, p: nn.Parameter, u: Tensor, lr: float, mom: float, wd: float) -> None:
+        st = self.state[p]
+        if mom > 0:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = u.clone()
+            else:
+                buf.mul_(mom).add_(u)
+            u = buf
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        p.add_(u, alpha=-lr)
+
+    def _fallback_group_step(self, group: Dict[str, Any], step: int) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if self.fallback == "sgd":
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._apply(p, p.grad, lr, mom, wd)
+            return
+        b1, b2 = self.fallback_betas
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+                st["adam_step"] = 0
+            st["adam_step"] += 1
+            t = st["adam_step"]
+            st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(self.fallback_eps)
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1**t))
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        n_fb = sum(p.numel() for gr in self.param_groups[1:] for p in gr["params"])
+        return (
+            f"KFACOptimizer(approx={self.kfac.approx.value!r}, fisher_type={self.kfac.fisher_type.value!r}, "
+            f"lr={g['lr']}, damping={g['damping']}, damping_rule={self.damping_rule!r}, "
+            f"layers={len(self.layers)}, fallback={self.fallback!r} on {n_fb} parameters)"
+        )
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _spd_inverse(M: Tensor) -> Tensor:
+    """Inverse of a batch of symmetric positive-definite matrices (Cholesky; eigh as fallback)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info == 0).all()):
+        return torch.cholesky_inverse(L)
+    d, Q = torch.linalg.eigh(M)
+    return (Q / d.clamp_min(torch.finfo(M.dtype).tiny).unsqueeze(-2)) @ Q.mT

@@ -1,0 +1,31 @@
+"""Marginal-likelihood hyperparameter tuning (Immer et al. 2021, Algorithm 1) with learned
+data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the estimator.
+
+* :class:`Config` -- the run configuration (the Hydra CLI's config groups, as dataclasses).
+* :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
+"""
+
+from .config import (
+    Config,
+    CurvatureConfig,
+    DataConfig,
+    HyperConfig,
+    LoggerConfig,
+    ModelConfig,
+    TrainerConfig,
+)
+from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "CurvatureConfig",
+    "HyperConfig",
+    "TrainerConfig",
+    "LoggerConfig",
+    "MarglikTuner",
+    "NonFiniteError",
+    "tune",
+    "resolve_device",
+]

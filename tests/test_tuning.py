@@ -1,0 +1,232 @@
+"""The marginal-likelihood tuning loop end to end on a tiny digits configuration (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from marglik.tuning import Config, MarglikTuner, NonFiniteError, tune
+from marglik.tuning.reporting import read_history
+from marglik.tuning.wandb_logger import WandbLogger, default_group
+
+SUMMARY_KEYS = {
+    "test_accuracy", "test_nll", "log_marglik", "prior_precision", "augmentation", "approx", "seconds",
+    "seconds_per_marglik_step",
+}
+TIMING = {"epoch_seconds", "hyper_seconds"}
+
+
+def tiny(**sections) -> Config:
+    """~50 digits, a few epochs, learned augmentation (S=2), marglik on all data every epoch."""
+    base = dict(
+        data={"name": "digits", "train_size": 48, "rotation": 30.0},
+        model={"name": "cnn", "width": 4, "hidden": 16},
+        hyper={"burn_in": 1, "frequency": 1, "steps": 2, "n_samples": 2, "lr": 0.1, "aug_lr": 0.05,
+               "marglik_batches": None},
+        trainer={"epochs": 4, "batch_size": 16, "lr": 0.01, "progress": False, "eval_batch_size": 512,
+                 "num_threads": 1},  # tiny ops: one thread is fastest and immune to oversubscription
+        logger={"mode": "disabled"},
+    )
+    for key, val in sections.items():
+        base[key] = {**base.get(key, {}), **val}
+    return Config.from_dict(**base)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def test_end_to_end_outputs_and_marglik_rises(tmp_path):
+    cfg = tiny(trainer={"epochs": 6})
+    s = tune(cfg, tmp_path)
+    assert SUMMARY_KEYS <= set(s)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert isinstance(on_disk["prior_precision"], list) and len(on_disk["prior_precision"]) == 8  # layerwise
+    assert set(on_disk["augmentation"]) == {"translation_x", "translation_y", "rotation", "scale_x", "scale_y", "shear"}
+    assert on_disk["augmentation"]["rotation"] > 0  # eta moved (degrees)
+    assert on_disk["approx"] == "reduce"
+    assert 0 <= on_disk["test_accuracy"] <= 1 and math.isfinite(on_disk["test_nll"])
+    assert on_disk["seconds"] > 0 and on_disk["seconds_per_marglik_step"] > 0
+    assert on_disk["n_laplace_fits"] == 5 * 2  # epochs 2..6, K=2, refit per step (augmentation on)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    hist = read_history(tmp_path / "history.csv")
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5, 6]
+    assert hist[0]["log_marglik"] is None  # burn-in
+    lml = [r["log_marglik"] for r in hist if r["log_marglik"] is not None]
+    assert len(lml) == 5 and all(math.isfinite(v) for v in lml)
+    assert lml[-1] > lml[0]  # the marginal likelihood rises over training
+    assert s["log_marglik"] == max(lml)  # the reported model is the best-marglik checkpoint
+    assert hist[-1]["aug_rotation"] > 0 and hist[-1]["test_acc"] is not None
+
+
+def test_no_augmentation_scalar_prior(tmp_path):
+    cfg = tiny(hyper={"augmentation": False, "prior_structure": "scalar", "steps": 5},
+               curvature={"approx": "expand"}, trainer={"epochs": 3, "final_model": "last"})
+    s = tune(cfg, tmp_path)
+    assert len(s["prior_precision"]) == 1 and s["prior_precision"][0] != 1.0
+    assert all(v == 0 for v in s["augmentation"].values())
+    assert s["approx"] == "expand" and s["final_model"] == "last"
+    # one Laplace fit per update serves all K steps when eta is not learned
+    assert s["n_laplace_fits"] == 2 and s["n_hypersteps"] == 10
+
+
+def test_map_step_does_not_update_eta(tmp_path):
+    cfg = tiny(trainer={"epochs": 2}, hyper={"burn_in": 5})  # no marglik update within the run
+    t = MarglikTuner(cfg, tmp_path)
+    with torch.no_grad():
+        t.aug.eta.fill_(0.3)
+    t.fit()
+    torch.testing.assert_close(t.aug.eta.detach(), torch.full((6,), 0.3))
+
+
+def _interrupt_after(k):
+    def cb(tuner, row):
+        if tuner.epoch == k:
+            raise KeyboardInterrupt
+
+    return cb
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny(trainer={"epochs": 4})
+    ref = MarglikTuner(cfg, tmp_path / "ref")
+    ref_summary = ref.fit()
+
+    with pytest.raises(KeyboardInterrupt):
+        MarglikTuner(cfg, tmp_path / "run", callbacks=[_interrupt_after(2)]).fit()
+    part = read_history(tmp_path / "run" / "history.csv")
+    assert len(part) == 2
+
+    resumed = MarglikTuner(cfg, tmp_path / "run")  # trainer.resume=auto finds checkpoints/last.ckpt
+    assert resumed.resumed_from is not None and resumed.epoch == 2
+    summary = resumed.fit()
+
+    for (n, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert torch.equal(ref.log_prior, resumed.log_prior)
+    assert torch.equal(ref.aug.eta, resumed.aug.eta)
+    assert _strip(ref.history) == _strip(resumed.history)
+    for key in ("test_accuracy", "test_nll", "log_marglik", "prior_precision", "augmentation", "best_epoch"):
+        assert summary[key] == ref_summary[key], key
+    # the optimizers' states and RNG streams continued too: identical next draws
+    assert torch.equal(ref.generators["data"].get_state(), resumed.generators["data"].get_state())
+    assert torch.equal(ref.generators["aug"].get_state(), resumed.generators["aug"].get_state())
+
+
+def test_resume_from_explicit_path_and_config_mismatch(tmp_path):
+    cfg = tiny(trainer={"epochs": 2})
+    tune(cfg, tmp_path / "a")
+    done = MarglikTuner(cfg.replace(trainer={"resume": str(tmp_path / "a")}), tmp_path / "b")
+    assert done.epoch == 2  # explicit run dir
+    with pytest.raises(ValueError, match="hyper.lr"):
+        MarglikTuner(cfg.replace(hyper={"lr": 0.5}), tmp_path / "a")
+    with pytest.raises(FileNotFoundError):
+        MarglikTuner(cfg.replace(trainer={"resume": str(tmp_path / "nope")}), tmp_path / "c")
+    fresh = MarglikTuner(cfg.replace(trainer={"resume": "never"}), tmp_path / "a")
+    assert fresh.epoch == 0
+
+
+def test_nonfinite_loss_rolls_back(tmp_path):
+    t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path)
+    orig = t.map_loss
+    calls = {"n": 0}
+
+    def flaky(x, y):
+        calls["n"] += 1
+        loss, nll, out = orig(x, y)
+        if calls["n"] == 5:  # second batch of epoch 2
+            return loss * float("nan"), nll, out
+        return loss, nll, out
+
+    t.map_loss = flaky
+    s = t.fit()
+    assert len(s["rollbacks"]) == 1
+    ev = s["rollbacks"][0]
+    assert ev["kind"] == "loss" and ev["epoch"] == 2
+    assert t.lr_scale == 0.5
+    assert [r["epoch"] for r in t.history] == [1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert t.history[-1]["rollbacks"] == 1
+
+
+def test_nonfinite_marglik_rolls_back(tmp_path):
+    t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path)
+    orig = t.log_marglik
+    calls = {"n": 0}
+
+    def flaky(la):
+        calls["n"] += 1
+        value = orig(la)
+        return value * float("nan") if calls["n"] == 2 else value
+
+    t.log_marglik = flaky
+    s = t.fit()
+    assert [e["kind"] for e in s["rollbacks"]] == ["marglik"]
+    assert t.hyper_lr_scale == 0.5
+    assert all(math.isfinite(r["log_marglik"]) for r in t.history if r["log_marglik"] is not None)
+    assert json.loads((tmp_path / "summary.json").read_text())["rollbacks"][0]["kind"] == "marglik"
+
+
+def test_gives_up_after_max_rollbacks(tmp_path):
+    t = MarglikTuner(tiny(trainer={"epochs": 3, "max_rollbacks": 2}), tmp_path)
+    t.log_marglik = lambda la: torch.tensor(float("inf"))
+    with pytest.raises(NonFiniteError, match="after 2 rollbacks"):
+        t.fit()
+    assert len(t.events) == 2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown hyper option"):
+        Config.from_dict(hyper={"lrr": 1.0})
+    with pytest.raises(ValueError, match="curvature.approx"):
+        Config.from_dict(curvature={"approx": "full"})
+    with pytest.raises(ValueError, match="prior_structure"):
+        Config.from_dict(hyper={"prior_structure": "diag"})
+    cfg = Config.from_dict(model={"name": "mlp", "hidden": [8]})
+    assert cfg.model.kwargs == {"hidden": [8]}
+
+
+def test_wandb_never_breaks_a_run(tmp_path, monkeypatch):
+    cfg = tiny().to_dict()
+    cfg["logger"]["mode"] = "offline"
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.warns(UserWarning, match="wandb unavailable"):
+        lg = WandbLogger(cfg, str(tmp_path))
+    lg.log({"a": 1.0}, step=1)
+    lg.summary({"b": 2.0, "augmentation": {"rotation": 3.0}})
+    lg.finish()
+
+    class Broken:
+        Settings = dict
+
+        @staticmethod
+        def init(**kw):
+            raise RuntimeError("no network")
+
+    monkeypatch.setitem(sys.modules, "wandb", Broken)
+    with pytest.warns(UserWarning, match="wandb.init failed"):
+        lg = WandbLogger(cfg, str(tmp_path))
+    assert lg.run is None
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert WandbLogger(cfg, str(tmp_path)).mode == "disabled"
+
+
+def test_wandb_group_ignores_approx_and_seed():
+    a = tiny().to_dict()
+    b = tiny(curvature={"approx": "expand"}, trainer={"seed": 3}).to_dict()
+    assert default_group(a) == default_group(b) == "digits-rot30-n48-cnn-aug2-layerwise"
