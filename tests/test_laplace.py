@@ -132,6 +132,19 @@ def test_log_marglik_matches_dense(likelihood, approx, prior_kind):
     torch.testing.assert_close(la.loss, summed_loss(model(X).detach(), y, likelihood))
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+@pytest.mark.parametrize("prior_kind", ["scalar", "layerwise"])
+def test_packed_log_det_ratio_all_regimes(scale, prior_kind):
+    """All blocks in one padded call: curvature tiny (closed-form tail), mixed, dominant (dense)."""
+    model = mixed(3)
+    X, y = data(model, "classification", 9, (2, 5, 5))
+    dk = DecomposedKron(KFAC(model, "classification", approx="expand").fit((X, y)))
+    prior = torch.tensor(0.7, dtype=DT) if prior_kind == "scalar" else torch.rand(dk.n_layers, dtype=DT) + 0.5
+    p = expand_prior(prior, dk.params)
+    ref = torch.linalg.slogdet(scale * dk.kron.to_dense() + torch.diag(p))[1] - p.log().sum()
+    torch.testing.assert_close(dk.logdet_ratio(prior, scale), ref, rtol=1e-10, atol=1e-10)
+
+
 def test_log_marglik_joint_blocks_differ_from_split():
     """Joint weight-bias blocks keep the cross terms; split_bias drops exactly those."""
     model = mlp(3)

@@ -98,6 +98,13 @@ def eigh_psd(M: Tensor) -> Tuple[Tensor, Tensor]:
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
         l, V = torch.linalg.eigh(M + eye)
         l = l - 1.0
+    if not (torch.isfinite(l).all() and torch.isfinite(V).all()):
+        # float32 LAPACK (seen with MKL) can return NaN *without raising* on rank-deficient
+        # factors (dead ReLU units give zero rows); redo those in float64.
+        if not torch.isfinite(M).all():
+            raise FloatingPointError("Kronecker factor contains NaN or Inf")
+        l64, V64 = torch.linalg.eigh(M.double())
+        l, V = l64.to(M.dtype), V64.to(M.dtype)
     return l.clamp_min(0.0), V
 
 
@@ -205,18 +212,21 @@ class _KronLogdetRatio(torch.autograd.Function):
     majority, K-FAC spectra decay fast) are summed in closed form per row ``j`` from float64
     prefix sums of ``l^A_i^m`` (:class:`_Tails`) and the cubic Taylor polynomials of ``log1p(x)``,
     ``x / (1 + x)`` etc. -- truncation error below ``eps / 4`` relative per entry, i.e. exact in
-    floating point -- so one evaluation costs ``O(#(x >= tau) + G db log da)`` instead of
-    ``O(G da db)``. The full array is formed only when the factors need gradients, when
-    ``tails`` is ``None``, or when more than half the entries are above ``tau``.
+    floating point. Because both spectra are ascending, the entries ``>= tau`` of a block form a
+    staircase whose bounding rectangle is evaluated densely, so one evaluation costs
+    ``O(rectangle + G db log da)`` instead of ``O(G da db)``. The full array is formed only when
+    the factors need gradients or ``tails`` is ``None``.
 
     Inputs: ``A (G, da, da)``, ``B (G, db, db)`` (or ``None`` when no factor gradient is wanted),
     ``s`` (0-d), ``d_w (G,)``, ``d_b (G,)`` (or ``None``: constant prior), the decomposition
     ``lA (G, da)`` ascending, ``VA``, ``lB (G, db)``, ``VB`` (``VA``/``VB`` only used for factor
-    gradients), ``w (G, da)`` (joint case) and the :class:`_Tails` of ``(lA, w)`` (or ``None``).
+    gradients), ``w (G, da)`` (joint case), the :class:`_Tails` of ``(lA, w)`` (or ``None``) and
+    ``layout``: ``(r0, r1, na, nb)`` per packed block (rows ``r0:r1``, real sizes; ``None``: one
+    block spanning all rows).
     """
 
     @staticmethod
-    def forward(ctx, A, B, s, dw, db, lA, VA, lB, VB, w, tails):  # noqa: D401
+    def forward(ctx, A, B, s, dw, db, lA, VA, lB, VB, w, tails, layout=None):  # noqa: D401
         rank_one = db is not None
         G, da = lA.shape
         nb = lB.shape[-1]
@@ -224,13 +234,6 @@ class _KronLogdetRatio(torch.autograd.Function):
         cg = (s / dw).unsqueeze(-1)  # (G, 1)
         z = lB * cg  # (G, db): x_gji = z_gj lA_gi
         dense = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or tails is None
-        if not dense:
-            tau = torch.finfo(dtype).eps ** (1.0 / 3.0)
-            thr = torch.where(z > 0, tau / z, torch.full_like(z, float("inf")))
-            k = torch.searchsorted(lA.contiguous(), thr.contiguous())  # (G, db): #tiny per row
-            n_exp = (da - k).reshape(-1)
-            M = int(n_exp.sum())
-            dense = M > (G * nb * da) // 2
         q1 = q2 = q3 = tp = None
         if dense:
             x = (lB.unsqueeze(-1) * lA.unsqueeze(-2)) * cg.unsqueeze(-1)  # (G, db, da)
@@ -245,38 +248,62 @@ class _KronLogdetRatio(torch.autograd.Function):
                 tp = (w3 * (1 + x * (dw / db)[:, None, None]) / (1 + x)).sum(-1)
             ctx.x = x
         else:
+            tau = torch.finfo(dtype).eps ** (1.0 / 3.0)
+            thr = torch.where(z > 0, tau / z, torch.full_like(z, float("inf")))
+            k = torch.searchsorted(lA.contiguous(), thr.contiguous())  # (G, db): #entries < tau per row
+            F = torch.zeros((), dtype=torch.float64, device=lA.device)
+            Wg = torch.zeros(G, dtype=torch.float64, device=lA.device)
+            if rank_one:
+                q1, q2, q3, tp = (torch.zeros(G, nb, dtype=torch.float64, device=lA.device) for _ in range(4))
+            # Explicit part: per block (rows r0:r1, real sizes na x nbb; lA left-, lB right-padded),
+            # the rectangle rows j >= j0 (first row with entries >= tau) x columns i >= c0 (the
+            # smallest split of those rows) is evaluated densely; the columns i < c0 of these rows
+            # and all other rows go to the closed-form tail. Eigenvalues are ascending, so the
+            # entries >= tau form a staircase and the rectangle is tight.
+            ksplit = k.clone()
+            blocks = layout if layout is not None else [(0, G, da, nb)]
+            # per row: first j with entries >= tau (nb if none) and the smallest split; then per block
+            expl = k < da
+            first = torch.where(expl.any(-1), expl.int().argmax(-1), torch.full_like(k[:, 0], nb))
+            kmin = k.min(-1).values
+            if len(blocks) > 1:
+                bid = torch.repeat_interleave(
+                    torch.arange(len(blocks), device=k.device),
+                    torch.tensor([r1 - r0 for r0, r1, _, _ in blocks], device=k.device),
+                )
+                j0s = torch.full((len(blocks),), nb, dtype=k.dtype, device=k.device).scatter_reduce(
+                    0, bid, first, "amin")
+                c0s = torch.full((len(blocks),), da, dtype=k.dtype, device=k.device).scatter_reduce(
+                    0, bid, kmin, "amin")
+            else:
+                j0s, c0s = first.min().reshape(1), kmin.min().reshape(1)
+            for (r0, r1, na, nbb), j0, c0 in zip(blocks, j0s.tolist(), c0s.tolist()):
+                if j0 >= nbb:
+                    continue  # no entry >= tau in this block: all in the tail
+                ksplit[r0:r1, j0:nbb] = c0
+                x = z[r0:r1, j0:nbb, None] * lA[r0:r1, None, c0:]  # (Gb, nj, ni)
+                xr = x / (1 + x)
+                F = F + torch.log1p(x).sum().double()
+                Wg[r0:r1] += xr.sum((-1, -2)).double()
+                if rank_one:
+                    w3 = w[r0:r1, None, c0:]
+                    q1[r0:r1, j0:nbb] += (w3 * xr).sum(-1).double()
+                    q2[r0:r1, j0:nbb] += (w3 * xr / (1 + x)).sum(-1).double()
+                    q3[r0:r1, j0:nbb] += (w3 * xr * xr).sum(-1).double()
+                    rho = (dw[r0:r1] / db[r0:r1])[:, None, None]
+                    tp[r0:r1, j0:nbb] += (w3 * (1 + x * rho) / (1 + x)).sum(-1).double()
             z1 = z.double()
             z2, z3 = z1 * z1, z1 * z1 * z1
-            S = _Tails.at(tails.p1, k)  # (3, G, db)
-            F = (z1 * S[0] - z2 * S[1] / 2 + z3 * S[2] / 3).sum()
-            Wg = (z1 * S[0] - z2 * S[1] + z3 * S[2]).sum(-1)
+            S = _Tails.at(tails.p1, ksplit)  # (3, G, db)
+            F = F + (z1 * S[0] - z2 * S[1] / 2 + z3 * S[2] / 3).sum()
+            Wg = Wg + (z1 * S[0] - z2 * S[1] + z3 * S[2]).sum(-1)
             if rank_one:
-                Su = _Tails.at(tails.pu, k)  # (4, G, db)
+                Su = _Tails.at(tails.pu, ksplit)  # (4, G, db)
                 q1t = z1 * Su[1] - z2 * Su[2] + z3 * Su[3]
-                q1 = q1t
-                q2 = z1 * Su[1] - 2 * z2 * Su[2] + 3 * z3 * Su[3]
-                q3 = z2 * Su[2] - 2 * z3 * Su[3]
-                tp = Su[0] - (1 - (dw / db).double()).unsqueeze(-1) * q1t
-            if M > 0:  # explicit entries x >= tau
-                rows = torch.repeat_interleave(torch.arange(G * nb, device=lA.device), n_exp, output_size=M)
-                starts = n_exp.cumsum(0) - n_exp
-                cols = torch.arange(M, device=lA.device) - starts[rows] + k.reshape(-1)[rows]
-                grp = torch.div(rows, nb, rounding_mode="floor")
-                xe = z.reshape(-1)[rows] * lA[grp, cols]
-                xre = xe / (1 + xe)
-                F = F + torch.log1p(xe).sum().double()
-                Wg = Wg.index_add(0, grp, xre.double())
-                if rank_one:
-                    we = w[grp, cols]
-
-                    def rowsum(v: Tensor) -> Tensor:
-                        return torch.zeros(G * nb, dtype=torch.float64, device=v.device).index_add_(
-                            0, rows, v.double()).view(G, nb)
-
-                    q1 = q1 + rowsum(we * xre)
-                    q2 = q2 + rowsum(we * xre / (1 + xe))
-                    q3 = q3 + rowsum(we * xre * xre)
-                    tp = tp + rowsum(we * (1 + xe * (dw / db)[grp]) / (1 + xe))
+                q1 = q1 + q1t
+                q2 = q2 + z1 * Su[1] - 2 * z2 * Su[2] + 3 * z3 * Su[3]
+                q3 = q3 + z2 * Su[2] - 2 * z3 * Su[3]
+                tp = tp + Su[0] - (1 - (dw / db).double()).unsqueeze(-1) * q1t
             ctx.x = None
         out = F
         t = None
@@ -335,7 +362,7 @@ class _KronLogdetRatio(torch.autograd.Function):
                 u2 = VA[:, -1, :].square().unsqueeze(-2)
                 gam = gam - ccb * (u2 * R * R * lA.unsqueeze(-2)).sum(-1) / tt
             gB = g * _sym(VB, s * gam)
-        return gA, gB, gs, gdw, gdb, None, None, None, None, None, None
+        return gA, gB, gs, gdw, gdb, None, None, None, None, None, None, None
 
 
 class _KronLogdetProjected(torch.autograd.Function):
@@ -547,9 +574,11 @@ class _Pack:
         self.lB = ref.new_zeros(rows, db)
         self.w = ref.new_zeros(rows, da) if joint else None
         wl, bl = [], []
+        self.layout = []
         r = 0
         for e in eigs:
             G, na, nb = e.lA.shape[0], e.lA.shape[-1], e.lB.shape[-1]
+            self.layout.append((r, r + G, na, nb))
             self.lA[r : r + G, da - na :] = e.lA
             self.lB[r : r + G, :nb] = e.lB
             if joint:
@@ -695,7 +724,8 @@ class DecomposedKron:
                     self._packs[key] = _Pack(eigs, joint)
                 pk = self._packs[key]
                 total = total + _KronLogdetRatio.apply(
-                    None, None, s, p[pk.wl], p[pk.bl] if joint else None, pk.lA, None, pk.lB, None, pk.w, pk.tails
+                    None, None, s, p[pk.wl], p[pk.bl] if joint else None, pk.lA, None, pk.lB, None, pk.w, pk.tails,
+                    pk.layout,
                 )
         for e in self.kron_blocks:
             bp = self._block_prior(e, prior, kind)
@@ -708,9 +738,8 @@ class DecomposedKron:
                     blk.A, blk.B, s, bp[1].expand(G), None, e.lA, e.VA, e.lB, e.VB, None, None
                 )
             elif bp[0] == "joint":
-                w = _bias_weights(e.VA)
                 total = total + _KronLogdetRatio.apply(
-                    blk.A, blk.B, s, bp[1].expand(G), bp[2].expand(G), e.lA, e.VA, e.lB, e.VB, w, _Tails(e.lA, w)
+                    blk.A, blk.B, s, bp[1].expand(G), bp[2].expand(G), e.lA, e.VA, e.lB, e.VB, _bias_weights(e.VA), None
                 )
             elif bp[0] == "dense":
                 Delta = bp[1]

@@ -2,7 +2,7 @@
 
 Usage -- one forward pass per step; the factors come from that same forward::
 
-    opt = KFACOptimizer(model, lr=0.05, damping=1e-2, approx="expand")
+    opt = KFACOptimizer(model, lr=0.3, damping=1e-2, kl_clip=2e-3, momentum=0.0, approx="expand")
     for X, y in loader:
         opt.zero_grad()
         with opt.track():                 # records layer inputs/outputs (only when a factor update is due)
@@ -69,6 +69,14 @@ Update of a preconditioned parameter with preconditioned gradient ``u``: optiona
 momentum ``buf <- momentum * buf + u``, decoupled weight decay ``p <- p (1 - lr * weight_decay)``
 and ``p <- p - lr * buf``. ``max_grad_norm`` clips the raw gradients of all parameters (joint
 2-norm) before anything else.
+
+Practical settings (``scripts/bench_optimizer.py``: small ViT on digits, GIN on a graph task, mc
+Fisher): KL clipping is what keeps K-FAC stable early in training -- without it the ViT diverged
+or barely learned, and with ``momentum=0.9`` on top of it the ViT trained slower than AdamW. With
+``kl_clip`` active the clip sets the step length and ``lr`` mainly matters once it stops binding
+(warm-up, schedule tail); ``damping`` 1e-2 and ``kl_clip`` 5e-4..1e-2 with ``momentum=0`` worked
+for both models. ``factor_update_every=5`` roughly halves the per-step overhead at a small cost
+in steps.
 """
 
 from __future__ import annotations
