@@ -24,14 +24,15 @@ Protocol (same for every optimiser):
 2. AdamW baseline: an 8-point learning-rate sweep per task (weight decay 0.01, torch defaults
    otherwise), each point on the two sweep seeds 100 and 101. **Target** = ``--target-frac``
    (default 0.98) x the best validation accuracy any AdamW sweep run reached at any evaluation.
-3. Every optimiser (AdamW included) picks its configuration from its own 8-point sweep by the
-   fewest mean steps to the target over the two sweep seeds (ties: higher best accuracy). K-FAC:
-   mc Fisher (one sampled label), pi-damping, factors every step (EMA 0.95), inverses every
-   10 steps, no momentum, no weight decay, lr 0.3, sweeping ``damping x kl_clip``
-   ({0.01, 0.1} x {5e-4, 2e-3, 8e-3, 3e-2}): with KL clipping active the clip threshold, not
+3. Every optimiser (AdamW included) picks its configuration from its own sweep (AdamW 8 points,
+   K-FAC 9) by the fewest mean steps to the target over the two sweep seeds (ties: higher best
+   accuracy). K-FAC: mc Fisher (one sampled label), pi-damping, factors every step (EMA 0.95),
+   inverses every 10 steps, no momentum, no weight decay, lr 0.3, sweeping ``damping x kl_clip``
+   ({3e-4, 1e-3, 3e-3} x {5e-4, 2e-3, 8e-3}): with KL clipping active the clip threshold, not
    ``lr``, sets the step length (``lr`` then only acts in the warm-up and the cosine tail), so it
-   is K-FAC's effective learning-rate axis. Calibration runs on the ViT (not part of this script)
-   found momentum 0 clearly better than 0.9 under KL clipping.
+   is K-FAC's effective learning-rate axis. Calibration runs (not part of this script) found
+   momentum 0 clearly better than 0.9 under KL clipping, damping 1e-4 unstable and 1e-2 / 1e-1
+   slower, KL clips 2.5e-4 and 3e-2 slower than the grid's edges.
    The ViT's positional embedding -- the only parameter the engine does not cover -- is updated
    by AdamW at the chosen AdamW learning rate.
 4. The chosen configuration of each optimiser runs on fresh seeds 1..``--seeds`` (model init and
@@ -261,6 +262,20 @@ def select(runs: Dict[str, List[RunResult]], target: float) -> str:
     return min(runs, key=score)
 
 
+def grid_edges(log: Dict[str, Any], args) -> List[str]:
+    """Chosen hyperparameters that sit on the edge of their sweep grid (worth extending)."""
+    out = []
+    grids = {"adamw": {"lr": log["settings"]["adamw_lrs"]}}
+    for opt in OPTIMIZERS[1:]:
+        grids[opt] = {"damping": args.kfac_dampings, "kl_clip": args.kfac_kl_clips}
+    for opt, axes in grids.items():
+        cfg = log["summary"][opt]["config"]
+        for key, grid in axes.items():
+            if len(grid) > 1 and cfg[key] in (min(grid), max(grid)):
+                out.append(f"{opt} {key}={cfg[key]:g} (grid {min(grid):g}..{max(grid):g})")
+    return out
+
+
 def median_inf(values: List[float]) -> float:
     return float(statistics.median(values)) if values else math.inf
 
@@ -461,8 +476,11 @@ def write_outputs(logs: Dict[str, Dict[str, Any]], args, out_dir: str, total_tim
         for opt in log["optimizers"][1:]:
             ratio = s[opt]["steps_ratio_vs_adamw"]
             sratio = s[opt]["seconds_ratio_vs_adamw"]
-            if ratio is None:
+            if s[opt]["steps_to_target"] is None:
                 parts.append(f"{opt}: target not reached by the median seed (reached {s[opt]['reached']:.2f})")
+            elif ratio is None:
+                parts.append(f"{opt}: {s[opt]['steps_to_target']:.0f} steps, while AdamW's median seed never "
+                             f"reached the target (AdamW reached {s['adamw']['reached']:.2f})")
             else:
                 inside = PAPER_RANGE[0] <= ratio <= PAPER_RANGE[1]
                 verdict = "inside" if inside else ("below (better than)" if ratio < PAPER_RANGE[0] else "above")
@@ -470,6 +488,17 @@ def write_outputs(logs: Dict[str, Dict[str, Any]], args, out_dir: str, total_tim
                              f"{'-' if sratio is None else f'{sratio:.2f}x'} its seconds, "
                              f"{s[opt]['step_overhead_vs_adamw']:.2f}x its time per step")
         L.append(f"- **{task}**: " + "; ".join(parts) + ".")
+        edges = grid_edges(log, args)
+        if edges:
+            L.append(f"  - chosen at the edge of its sweep grid: {'; '.join(edges)}.")
+    L.append("")
+    L.append("Caveats: validation sets are small (360 / 500 examples: one example = 0.28 / 0.2 points), so "
+             "steps-to-target near a plateau are noisy -- compare the per-seed columns and the sensitivity "
+             "tables rather than single medians. Seconds are from a shared 2-core CPU with one torch "
+             "thread; at this model size K-FAC's overhead is mostly fixed per-layer Python / kernel-launch "
+             "cost of the factor computation, which shrinks relative to the forward/backward on larger "
+             "models and batches. Configurations are chosen on two sweep seeds disjoint from the five "
+             "reported seeds.")
     L.append("")
     with open(os.path.join(out_dir, "optimizer_steps_to_target.md"), "w") as f:
         f.write("\n".join(L))
@@ -523,8 +552,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=None, help="default: per task")
     p.add_argument("--kfac-lr", type=float, default=0.3)
     p.add_argument("--kfac-momentum", type=float, default=0.0)
-    p.add_argument("--kfac-dampings", type=float, nargs="+", default=[1e-2, 1e-1])
-    p.add_argument("--kfac-kl-clips", type=float, nargs="+", default=[5e-4, 2e-3, 8e-3, 3e-2])
+    p.add_argument("--kfac-dampings", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--kfac-kl-clips", type=float, nargs="+", default=[5e-4, 2e-3, 8e-3])
     p.add_argument("--kfac-factor-every", type=int, default=1, help="K-FAC factor_update_every (main runs)")
     p.add_argument("--amortized-every", type=int, default=5,
                    help="also run the chosen K-FAC configurations with factors every this many steps (0: off)")

@@ -63,3 +63,29 @@ def test_factors_equal_curvlinops(model_kind, approx, fisher_type, likelihood, f
         A, B = ref[b.name]
         assert ((b.A[0] - A).norm() / A.norm()).item() < RTOL, b.name
         assert ((b.B[0] - B).norm() / B.norm()).item() < RTOL, b.name
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_wide_layers_equal_curvlinops(approx, float64):
+    """Layers with >= 256 inputs/outputs take the blocked symmetric Gram path (curvature/gram.py)."""
+    torch.manual_seed(3)
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(260, 270), nn.Linear(270, 4)
+
+        def forward(self, x):
+            out = self.l2(torch.tanh(self.l1(x)))
+            return out.mean(1) if approx == "reduce" else out
+
+    model = Wide()
+    X = torch.randn(5, 3, 260)
+    out = model(X)
+    y = torch.randint(0, 4, out.shape[:-1])
+    ref = curvlinops_factors(model, "classification", X, y, approx=approx, fisher_type="type-2")
+    kron = marglik.KFAC(model, "classification", approx=approx).fit((X, y))
+    for b in kron.blocks:
+        A, B = ref[b.name]
+        assert ((b.A[0] - A).norm() / A.norm()).item() < RTOL
+        assert ((b.B[0] - B).norm() / B.norm()).item() < RTOL

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .gram import sym_gram
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum, find_rule
 from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
@@ -481,10 +482,10 @@ def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
     assert isinstance(rule, KroneckerRule)
     if kfac.approx is KFACApprox.EXPAND:
         for c in s.calls:
-            X = rule.expand_inputs(m, c.x)  # (G, M, din)
-            M = X.shape[1]
-            XtX = X.transpose(1, 2) @ X if has_w else None
-            A = _augment_with_bias(XtX, X.sum(1), X.new_tensor(float(M)), has_w, has_b)
+            X = rule.expand_inputs(m, c.x)  # (G, din, M)
+            M = X.shape[2]
+            XtX = sym_gram(X) if has_w else None
+            A = _augment_with_bias(XtX, X.sum(2), X.new_tensor(float(M)), has_w, has_b)
             s.add("A_sum", A)
             s.A_count += M
         return
@@ -509,8 +510,7 @@ def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pe
     rule, m = s.rule, s.module
     if isinstance(rule, KroneckerRule):
         if kfac.approx is KFACApprox.EXPAND:
-            Gm = rule.expand_grads(m, g)  # (G, K*M, dout)
-            s.add("B_sum", Gm.transpose(1, 2) @ Gm)
+            s.add("B_sum", sym_gram(rule.expand_grads(m, g)))  # (G, dout, K*M) -> (G, dout, dout)
             return
         rows = rule.reduce_grads(m, g)  # (K, T, G, dout)
         ex = example_sum(rows, 1, N, c.index, s.name)

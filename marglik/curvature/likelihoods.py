@@ -6,8 +6,9 @@ Every function here works on the model output ``f`` of shape ``(N, C)`` or ``(N,
 ``sum_k S[k] S[k]^T`` (per output position):
 
 * ``type-2``: the exact square root of the loss Hessian,
-  cross-entropy ``diag(sqrt p) - p sqrt(p)^T`` (``K = C``), squared error ``I`` (``K = C``),
-  BCE ``sqrt(s (1 - s))`` (``K = 1``);
+  cross-entropy ``diag(sqrt p) - p sqrt(p)^T`` (``K = C``; ``K = C - 1`` for ``(N, C)`` outputs,
+  see :func:`_ce_sqrt_rank_deficient`), squared error ``I`` (``K = C``), BCE ``sqrt(s (1 - s))``
+  (``K = 1``);
 * ``mc``: gradients of the loss at labels sampled from the model, divided by
   ``sqrt(mc_samples)`` (``K = mc_samples``);
 * ``empirical``: gradients of the loss at the true labels (``K = 1``).
@@ -113,6 +114,8 @@ def curvature_columns(
 
 
 def _hessian_sqrt(likelihood: Likelihood, f: Tensor) -> Tensor:
+    if likelihood is Likelihood.CLASSIFICATION and f.dim() == 2:
+        return _ce_sqrt_rank_deficient(f)
     if likelihood is Likelihood.CLASSIFICATION:
         p = torch.softmax(f, dim=-1)  # (*, C)
         C = f.shape[-1]
@@ -127,6 +130,34 @@ def _hessian_sqrt(likelihood: Likelihood, f: Tensor) -> Tensor:
         return eye.view(C, *([1] * (f.dim() - 1)), C).expand(C, *f.shape)
     s = torch.sigmoid(f)
     return (s * (1 - s)).sqrt().unsqueeze(0)
+
+
+def _ce_sqrt_rank_deficient(f: Tensor) -> Tensor:
+    """``C - 1`` columns ``S`` with ``S S^T = diag(p) - p p^T`` for logits ``f`` of shape ``(N, C)``.
+
+    The cross-entropy Hessian has rank ``C - 1`` (``1`` is in its null space), so one backward
+    column in ``C`` is wasted by the symmetric-looking root ``R = diag(sqrt p) - p sqrt(p)^T``:
+    ``R sqrt(p) = 0``. Rotating by the Householder reflection ``Q`` that maps ``e_m`` to
+    ``sqrt(p)`` (``m = argmin p``, so ``||sqrt(p) - e_m||^2 = 2 - 2 sqrt(p_m) >= 2 - 2/sqrt(C)`` is
+    well away from 0) zeroes column ``m`` of ``R Q``, which is dropped. With one loss term per
+    example the factor ``B = sum_k g_k g_k^T`` does not depend on the root, so this only saves
+    work; outputs with positions keep ``R`` (curvlinops' convention; there the root matters).
+    Returns ``(C - 1, N, C)``.
+    """
+    N, C = f.shape
+    p = torch.softmax(f, dim=-1)
+    sqrt_p = p.clamp_min(0).sqrt()
+    R = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, C, C), columns k
+    m = p.argmin(dim=-1)  # (N,)
+    rows = torch.arange(N, device=f.device)
+    v = sqrt_p.clone()
+    v[rows, m] -= 1
+    Rm = R[rows, :, m]  # (N, C): column m of R; R v = -Rm
+    RQ = R + (2.0 / (v * v).sum(-1)).view(N, 1, 1) * Rm.unsqueeze(-1) * v.unsqueeze(-2)
+    keep = torch.arange(C, device=f.device).expand(N, C)
+    keep = keep[keep != m.unsqueeze(-1)].view(N, C - 1)  # column indices without m
+    S = torch.gather(RQ, 2, keep.unsqueeze(1).expand(N, C, C - 1))  # (N, C, C - 1)
+    return S.permute(2, 0, 1)
 
 
 def _loss_grad(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:

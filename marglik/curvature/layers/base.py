@@ -9,9 +9,9 @@ turns these into the per-row quantities below; the engine maps rows to examples
 Kronecker rules (:class:`KroneckerRule`: Linear, ConvNd) provide, with ``G`` groups,
 ``din`` inputs and ``dout`` outputs per group (bias not included; the engine appends it):
 
-* ``expand_inputs(x)  -> (G, M, din)``: the layer input at every one of the ``M`` positions;
+* ``expand_inputs(x)  -> (G, din, M)``: the layer input at every one of the ``M`` positions;
 * ``reduce_inputs(x)  -> ((T, G, din), P)``: per input row, the *sum* over its ``P`` positions;
-* ``expand_grads(g)   -> (G, K * M, dout)``: output gradients at every position and column;
+* ``expand_grads(g)   -> (G, dout, K * M)``: output gradients at every position and column;
 * ``reduce_grads(g)   -> (K, T, G, dout)``: per row, the sum over positions.
 
 Elementwise rules (:class:`ElementwiseRule`: norm layers, :class:`marglik.nn.Scale` /

@@ -113,7 +113,7 @@ class ConvRule(KroneckerRule):
         G = module.groups
         P = unfold(module, x)  # (T, G*din, L)
         T, _, L = P.shape
-        return P.view(T, G, -1, L).permute(1, 0, 3, 2).reshape(G, T * L, -1)
+        return P.view(T, G, -1, L).permute(1, 2, 0, 3).reshape(G, -1, T * L)
 
     def reduce_inputs(self, module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
         self._check(module, x)
@@ -124,7 +124,7 @@ class ConvRule(KroneckerRule):
         K, T, C = g.shape[:3]
         G = module.groups
         g = g.reshape(K, T, G, C // G, -1)  # (K, T, G, dout, L)
-        return g.permute(2, 0, 1, 4, 3).reshape(G, -1, C // G)
+        return g.permute(2, 3, 0, 1, 4).reshape(G, C // G, -1)
 
     def reduce_grads(self, module: nn.Module, g: Tensor) -> Tensor:
         K, T, C = g.shape[:3]

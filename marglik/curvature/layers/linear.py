@@ -13,7 +13,7 @@ class LinearRule(KroneckerRule):
     module_types = (nn.Linear,)
 
     def expand_inputs(self, module: nn.Linear, x: Tensor) -> Tensor:
-        return x.reshape(1, -1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
 
     def reduce_inputs(self, module: nn.Linear, x: Tensor) -> Tuple[Tensor, int]:
         T, D = x.shape[0], x.shape[-1]
@@ -21,7 +21,7 @@ class LinearRule(KroneckerRule):
         return x.sum(1).unsqueeze(1), x.shape[1]
 
     def expand_grads(self, module: nn.Linear, g: Tensor) -> Tensor:
-        return g.reshape(1, -1, g.shape[-1])
+        return g.reshape(-1, g.shape[-1]).T.unsqueeze(0)
 
     def reduce_grads(self, module: nn.Linear, g: Tensor) -> Tensor:
         K, T, D = g.shape[0], g.shape[1], g.shape[-1]
