@@ -418,7 +418,8 @@ class _Recorder:
             grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
             with grad_ctx:
                 pending: Dict[int, Tensor] = {}
-                for (s, c), g in zip(calls, grads):
+                for i, (s, c) in enumerate(calls):
+                    g, grads[i] = grads[i], None  # drop each gradient as soon as it is used
                     if g is None:
                         g = torch.zeros((cols.shape[0],) + tuple(c.y.shape), dtype=c.y.dtype, device=c.y.device)
                     _add_grad_stats(kfac, s, c, g, N, pending)
@@ -451,6 +452,8 @@ def _column_grads(
         )
         for k in range(K)
     ]
+    if K == 1:  # a view, no copy
+        return [None if g is None else g.unsqueeze(0) for g in per[0]]
     return [
         None if all(p[i] is None for p in per)
         else torch.stack([p[i] if p[i] is not None else torch.zeros_like(outputs[i]) for p in per])
