@@ -34,7 +34,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,18 @@ from .options import FisherType, KFACApprox, Likelihood
 from .sharing import current_example_index
 
 IgnoreSpec = Union[str, type, nn.Module]
+
+
+class CoveredModule(NamedTuple):
+    """A module the engine covers: ``kind`` is ``"kron"`` (Kronecker factors, ``groups`` pairs)
+    or ``"diag"`` (exact per-channel blocks); ``weight`` / ``bias`` are its trainable parameters."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+    groups: int
 
 
 @dataclass
@@ -200,6 +212,17 @@ class KFAC:
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
         states.sort(key=lambda s: min(order[id(p)] for p in (s.weight, s.bias) if p is not None))
         return states
+
+    @property
+    def covered(self) -> List[CoveredModule]:
+        """The covered modules, in :meth:`Kron.to_dense` block order."""
+        return [
+            CoveredModule(
+                s.name, s.module, s.rule.kind, s.weight, s.bias,
+                s.rule.groups(s.module) if isinstance(s.rule, KroneckerRule) else 1,
+            )
+            for s in self._states
+        ]
 
     @property
     def params(self) -> List[nn.Parameter]:
@@ -398,34 +421,97 @@ class _Recorder:
         outputs = [c.y for _, c in calls]
         if not any(o.requires_grad for o in outputs):
             raise RuntimeError("no recorded module output requires grad; are all parameters frozen?")
-        K = S.shape[0]
         batched = kfac.batched_backward
         if batched == "auto":
             batched = out.device.type == "cuda"
+        keep = retain_graph or kfac.differentiable
         if batched:
-            per_column = sum(o.numel() for o in outputs) * out.element_size()
-            chunk = max(1, min(K, kfac.max_grad_memory // max(per_column, 1)))
+            self._backward_batched(out, S, calls, states, N, keep)
         else:
-            chunk = 1  # one column at a time: least memory, and no stacking
+            self._backward_hooked(out, S, calls, states, N, keep)
+
+    def _stats_context(self):
+        return contextlib.nullcontext() if self.kfac.differentiable else torch.no_grad()
+
+    def _backward_hooked(self, out, S, calls, states, N, keep) -> None:
+        """One backward per column; each module output's gradient is consumed by a tensor hook
+        the moment autograd has it, so no gradient outlives its layer's statistics. The backward
+        targets only the *source* outputs (those with no recorded output upstream): every other
+        recorded output lies on a path from the model output to a source, so its hook fires."""
+        kfac = self.kfac
+        pending: Dict[int, Tensor] = {}
+
+        def make_hook(s: _ModuleState, c: _Call):
+            def hook(g: Tensor) -> None:
+                with self._stats_context():
+                    _add_grad_stats(kfac, s, c, g.unsqueeze(0), N, pending)
+
+            return hook
+
+        handles = [c.y.register_hook(make_hook(s, c)) for s, c in calls if c.y.requires_grad]
+        sources = [calls[i][1].y for i in _source_outputs([c.y for _, c in calls])]
+        try:
+            K = S.shape[0]
+            for k in range(K):
+                pending.clear()
+                torch.autograd.grad(
+                    out, sources, S[k], retain_graph=keep or k < K - 1,
+                    create_graph=kfac.differentiable, allow_unused=True,
+                )
+                with self._stats_context():
+                    for s in states:
+                        if id(s) in pending:
+                            _close_reduce_grads(s, pending[id(s)])
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _backward_batched(self, out, S, calls, states, N, keep) -> None:
+        """Columns in chunks through one vmapped backward each (``is_grads_batched``)."""
+        kfac = self.kfac
+        outputs = [c.y for _, c in calls]
+        K = S.shape[0]
+        per_column = sum(o.numel() for o in outputs) * out.element_size()
+        chunk = max(1, min(K, kfac.max_grad_memory // max(per_column, 1)))
         for start in range(0, K, chunk):
             cols = S[start : start + chunk].contiguous()
-            last = start + chunk >= K
             grads = _column_grads(
-                out, outputs, cols, batched=bool(batched),
-                retain_graph=retain_graph or kfac.differentiable or not last,
+                out, outputs, cols, batched=True, retain_graph=keep or start + chunk < K,
                 create_graph=kfac.differentiable,
             )
-            grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
-            with grad_ctx:
+            with self._stats_context():
                 pending: Dict[int, Tensor] = {}
                 for i, (s, c) in enumerate(calls):
                     g, grads[i] = grads[i], None  # drop each gradient as soon as it is used
-                    if g is None:
-                        g = torch.zeros((cols.shape[0],) + tuple(c.y.shape), dtype=c.y.dtype, device=c.y.device)
-                    _add_grad_stats(kfac, s, c, g, N, pending)
+                    if g is not None:
+                        _add_grad_stats(kfac, s, c, g, N, pending)
                 for s in states:
                     if id(s) in pending:
                         _close_reduce_grads(s, pending[id(s)])
+
+
+def _source_outputs(outputs: List[Tensor]) -> List[int]:
+    """Indices of outputs with no other recorded output upstream in the autograd graph."""
+    node_of = {o.grad_fn: i for i, o in enumerate(outputs) if o.grad_fn is not None}
+    sources = []
+    for i, o in enumerate(outputs):
+        if o.grad_fn is None:
+            continue
+        stack = [f for f, _ in o.grad_fn.next_functions if f is not None]
+        seen = set()
+        downstream = False
+        while stack:
+            f = stack.pop()
+            if f in seen:
+                continue
+            seen.add(f)
+            if node_of.get(f, i) != i:
+                downstream = True
+                break
+            stack.extend(g for g, _ in f.next_functions if g is not None)
+        if not downstream:
+            sources.append(i)
+    return sources
 
 
 def _column_grads(

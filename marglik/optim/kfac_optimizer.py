@@ -89,7 +89,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.kfac import KFAC
-from ..curvature.layers import KroneckerRule, UnsupportedModuleError, find_rule
+from ..curvature.layers import UnsupportedModuleError, find_rule
 from ..curvature.options import FisherType, KFACApprox, Likelihood
 
 IgnoreSpec = Union[str, type, nn.Module]
@@ -252,12 +252,9 @@ class KFACOptimizer(torch.optim.Optimizer):
                 "Bias; every other parameter-holding module must go to the first-order fallback via "
                 "ignore_modules (or be one of KFACOptimizer's FIRST_ORDER_TYPES)"
             ) from None
-        self.layers: List[_Layer] = []
-        for s in self.kfac._states:
-            if isinstance(s.rule, KroneckerRule):
-                self.layers.append(_Layer(s.name, s.module, "kron", s.weight, s.bias, s.rule.groups(s.module)))
-            else:
-                self.layers.append(_Layer(s.name, s.module, "diag", s.weight, s.bias, 1))
+        self.layers: List[_Layer] = [
+            _Layer(c.name, c.module, c.kind, c.weight, c.bias, c.groups) for c in self.kfac.covered
+        ]
         covered = {id(p) for layer in self.layers for p in layer.params}
         kfac_params = [p for p in model.parameters() if id(p) in covered]
         fallback_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
