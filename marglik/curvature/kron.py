@@ -29,8 +29,24 @@ import torch
 from torch import Tensor, nn
 
 
+class _WeightBias:
+    """The ``weight`` / ``bias`` pair shared by both block types."""
+
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        """Present trainable parameters, ``[weight, bias]`` order (``to_dense`` order)."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
 @dataclass
-class KronBlock:
+class KronBlock(_WeightBias):
     """Kronecker-factored curvature of one weight-sharing linear layer.
 
     Attributes:
@@ -50,16 +66,8 @@ class KronBlock:
     bias: Optional[nn.Parameter]
 
     @property
-    def params(self) -> List[nn.Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
     def groups(self) -> int:
         return self.A.shape[0]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params)
 
     def dense_index(self) -> Tensor:
         """Map from the Kronecker ordering to the parameter ordering.
@@ -94,7 +102,7 @@ class KronBlock:
 
 
 @dataclass
-class DiagonalBlock:
+class DiagonalBlock(_WeightBias):
     """Exact per-channel blocks of elementwise affine parameters.
 
     Attributes:
@@ -109,14 +117,6 @@ class DiagonalBlock:
     blocks: Tensor
     weight: Optional[nn.Parameter]
     bias: Optional[nn.Parameter]
-
-    @property
-    def params(self) -> List[nn.Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params)
 
     def to_dense(self) -> Tensor:
         """Dense ``(k C, k C)`` matrix over ``[weight.flatten(), bias.flatten()]``."""
