@@ -554,9 +554,13 @@ def _augment_with_bias(XtX: Optional[Tensor], xsum: Tensor, count: Tensor, has_w
         return count.reshape(1, 1, 1).expand(G, 1, 1).clone()
     if not has_bias:
         return XtX
-    top = torch.cat([XtX, xsum.unsqueeze(-1)], dim=-1)
-    bottom = torch.cat([xsum.unsqueeze(-2), count.reshape(1, 1, 1).expand(G, 1, 1)], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
+    d = XtX.shape[-1]
+    A = XtX.new_empty(G, d + 1, d + 1)  # filled in place: no concatenation copies of (d, d)
+    A[:, :d, :d] = XtX
+    A[:, :d, d] = xsum
+    A[:, d, :d] = xsum
+    A[:, d, d] = count
+    return A
 
 
 def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
@@ -587,9 +591,14 @@ def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
         sums = ex if sums is None else sums + ex
         counts = cnt if counts is None else counts + cnt
     mean = sums / counts.clamp_min(1.0).view(N, 1, 1)  # (N, G, din)
-    A_w = torch.einsum("ngi,ngj->gij", mean, mean) if has_w else None
-    present = (counts > 0).to(mean.dtype)
-    A = _augment_with_bias(A_w, torch.einsum("ngi,n->gi", mean, present), present.sum(), has_w, has_b)
+    present = (counts > 0).to(mean.dtype)  # the bias input's mean: 1 where the example was seen
+    if has_w and has_b:
+        mean = torch.cat([mean, present.view(N, 1, 1).expand(N, mean.shape[1], 1)], dim=-1)
+    if has_w:
+        flat = mean.transpose(0, 1)  # (G, N, da)
+        A = flat.transpose(1, 2) @ flat
+    else:
+        A = present.sum().reshape(1, 1, 1).expand(mean.shape[1], 1, 1).clone()
     s.add("A_sum", A)
     s.A_count += N
 
