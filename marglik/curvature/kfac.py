@@ -122,8 +122,9 @@ class KFAC:
         batched_backward: back-propagate the curvature columns in one vmapped backward
             (``torch.autograd.grad(..., is_grads_batched=True)``, in chunks of at most
             ``max_grad_memory`` bytes of output gradients) or one column at a time. ``"auto"``
-            (default) batches on CUDA only: on CPU the vmapped convolution backward measured
-            4-7x slower than the loop on a WRN-16-4 (torch 2.14), see ``results/kfac_speed.md``.
+            (default) batches on CUDA only: on CPU the vmapped convolution backward is slower
+            than the loop (WRN-16-4, torch 2.14: ``results/kfac_speed.md``, row
+            "backward mode").
         max_grad_memory: bytes of output gradients held at once when batching columns.
         distributed: all-reduce the factor sums over ``torch.distributed`` ranks in :meth:`fit`
             (``None``: whenever a process group with more than one rank is initialised). Each rank
@@ -398,8 +399,7 @@ class _Recorder:
                             "(e.g. ReLU(inplace=True)); K-FAC needs its gradient: use out-of-place operations"
                         )
             N = out.shape[0]
-            grad_ctx = contextlib.nullcontext() if kfac.differentiable else torch.no_grad()
-            with grad_ctx:
+            with self._stats_context():
                 loss = summed_nll(kfac.likelihood, out, y)
                 for s in states:
                     _add_input_stats(kfac, s, N)
