@@ -95,6 +95,13 @@ class _MarglikKron:
     approx: KFACApprox
     num_samples: int
 
+    def _setup_kfac(self, approx: str, fisher_type: str, max_grad_memory: int) -> None:
+        """Options shared by both backends; engines are cached per ``(approx, mc_samples)``."""
+        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self._fisher_type = fisher_type
+        self.max_grad_memory = max_grad_memory
+        self._kfacs: Dict[tuple, KFAC] = {}
+
     def _kfac(self, approx: KFACApprox, mc_samples: int) -> KFAC:
         key = (approx, mc_samples)
         if key not in self._kfacs:
@@ -167,10 +174,7 @@ class MarglikGGN(_MarglikKron, GGNInterface):
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
             stochastic=stochastic, num_samples=num_samples,
         )
-        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
-        self._fisher_type = "mc" if stochastic else "type-2"
-        self.max_grad_memory = max_grad_memory
-        self._kfacs: Dict[tuple, KFAC] = {}
+        self._setup_kfac(approx, "mc" if stochastic else "type-2", max_grad_memory)
 
 
 class MarglikEF(_MarglikKron, EFInterface):
@@ -194,8 +198,5 @@ class MarglikEF(_MarglikKron, EFInterface):
         max_grad_memory: int = 2 * 1024**3,
     ) -> None:
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
-        self._fisher_type = "empirical"
         self.num_samples = 1
-        self.max_grad_memory = max_grad_memory
-        self._kfacs: Dict[tuple, KFAC] = {}
+        self._setup_kfac(approx, "empirical", max_grad_memory)

@@ -459,9 +459,7 @@ class _Recorder:
                     create_graph=kfac.differentiable, allow_unused=True,
                 )
                 with self._stats_context():
-                    for s in states:
-                        if id(s) in pending:
-                            _close_reduce_grads(s, pending[id(s)])
+                    _close_pending(states, pending)
         finally:
             for h in handles:
                 h.remove()
@@ -485,9 +483,7 @@ class _Recorder:
                     g, grads[i] = grads[i], None  # drop each gradient as soon as it is used
                     if g is not None:
                         _add_grad_stats(kfac, s, c, g, N, pending)
-                for s in states:
-                    if id(s) in pending:
-                        _close_reduce_grads(s, pending[id(s)])
+                _close_pending(states, pending)
 
 
 def _source_outputs(outputs: List[Tensor]) -> List[int]:
@@ -621,6 +617,13 @@ def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pe
         rows = torch.stack(parts, dim=-1)  # (K, T, C, k)
         ex = example_sum(rows, 1, N, c.index, s.name)
     pending[id(s)] = ex if id(s) not in pending else pending[id(s)] + ex
+
+
+def _close_pending(states: List[_ModuleState], pending: Dict[int, Tensor]) -> None:
+    """Turn one column chunk's per-example gradient sums (summed over calls) into factor sums."""
+    for s in states:
+        if id(s) in pending:
+            _close_reduce_grads(s, pending[id(s)])
 
 
 def _close_reduce_grads(s: _ModuleState, ex: Tensor) -> None:

@@ -410,6 +410,19 @@ def _decompose_pair(A: Tensor, B: Tensor):
     return lA, VA, lB, VB, lam
 
 
+def _grouped_eig(A: Tensor, B: Tensor, eig: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]):
+    """Factors with a leading group axis (added for 2-d input) and their eigendecompositions
+    ``(lA, VA, lB, VB, lam)``, ``lam[g, j, i] = lB[g, j] lA[g, i]``; reuses ``eig`` when given."""
+    if A.dim() == 2:
+        A, B = A.unsqueeze(0), B.unsqueeze(0)
+        if eig is not None:
+            eig = tuple(e.unsqueeze(0) for e in eig)
+    if eig is None:
+        return A, B, _decompose_pair(A, B)
+    lA, VA, lB, VB = eig
+    return A, B, (lA, VA, lB, VB, lB.unsqueeze(-1) * lA.unsqueeze(-2))
+
+
 def kron_logdet(
     A: Tensor,
     B: Tensor,
@@ -436,15 +449,7 @@ def kron_logdet(
 
     Returns a 0-d tensor, differentiable w.r.t. ``A``, ``B``, ``scale``, ``delta``, ``delta_bias``.
     """
-    if A.dim() == 2:
-        A, B = A.unsqueeze(0), B.unsqueeze(0)
-        if eig is not None:
-            eig = tuple(e.unsqueeze(0) for e in eig)
-    if eig is None:
-        lA, VA, lB, VB, lam = _decompose_pair(A, B)
-    else:
-        lA, VA, lB, VB = eig
-        lam = lB.unsqueeze(-1) * lA.unsqueeze(-2)
+    A, B, (lA, VA, lB, VB, lam) = _grouped_eig(A, B, eig)
     s = _as_tensor(scale, lam)
     dw = _as_tensor(delta, lam)
     db = None if delta_bias is None else _as_tensor(delta_bias, lam)
@@ -478,15 +483,8 @@ def kron_logdet_projected(
     space of a rank-deficient factor); by concavity of ``log`` this keeps the upper bound.
     """
     if A.dim() == 2:
-        A, B = A.unsqueeze(0), B.unsqueeze(0)
         prior = prior.reshape(1, B.shape[-1], A.shape[-1])
-        if eig is not None:
-            eig = tuple(e.unsqueeze(0) for e in eig)
-    if eig is None:
-        lA, VA, lB, VB, lam = _decompose_pair(A, B)
-    else:
-        lA, VA, lB, VB = eig
-        lam = lB.unsqueeze(-1) * lA.unsqueeze(-2)
+    A, B, (lA, VA, lB, VB, lam) = _grouped_eig(A, B, eig)
     s = _as_tensor(scale, lam)
     cA, cB = eigen_clusters(lA), eigen_clusters(lB)
     return _KronLogdetProjected.apply(A, B, s, prior.to(lam.dtype), lA, VA, lB, VB, lam, cA, cB)
