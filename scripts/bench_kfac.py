@@ -7,6 +7,10 @@ checked against curvlinops' (expand and reduce). Peak memory of expand vs reduce
 fresh child processes (CPU: increase of the peak resident set size over the process holding
 only the model and data; GPU: ``torch.cuda.max_memory_allocated``).
 
+Ablations, timed in the same process: marglik with ``channels_last=False`` (the input's layout
+kept), both libraries on a channels-last input (the layout-equal comparison), and K-FAC-expand
+with the unfolded instead of the shifted-correlation convolution input Gram.
+
 Usage::
 
     python scripts/bench_kfac.py                 # writes results/kfac_speed.{md,json}
@@ -16,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import platform
@@ -68,10 +73,22 @@ def plain_step(model, X, y):
     F.cross_entropy(model(X), y, reduction="sum").backward()
 
 
-def marglik_kfac(model, X, y, approx, fisher_type, batched_backward="auto"):
-    kfac = marglik.KFAC(model, "classification", approx=approx, fisher_type=fisher_type, mc_samples=1,
-                        batched_backward=batched_backward)
+def marglik_kfac(model, X, y, approx, fisher_type, **options):
+    kfac = marglik.KFAC(model, "classification", approx=approx, fisher_type=fisher_type, mc_samples=1, **options)
     return kfac.fit((X, y))
+
+
+@contextlib.contextmanager
+def unfolded_conv_gram():
+    """Ablation: K-FAC-expand's convolution input factors from the unfolded patch matrix."""
+    from marglik.curvature.layers import conv
+
+    saved = conv._LAG_GRAM_MAX_COST
+    conv._LAG_GRAM_MAX_COST = 0.0
+    try:
+        yield
+    finally:
+        conv._LAG_GRAM_MAX_COST = saved
 
 
 def curvlinops_kfac(model, X, y, approx, fisher_type):
@@ -221,6 +238,23 @@ def main(argv=None) -> dict:
     times["marglik_reduce_type-2_other_backward"] = timed(
         lambda: marglik_kfac(model, X, y, "reduce", "type-2", batched_backward=other), args.repeats, device
     )
+    # where the speed comes from: each of the engine's layout / algorithm choices switched off,
+    # and both libraries given a channels-last input (the layout-equal comparison)
+    X_cl = X.contiguous(memory_format=torch.channels_last)
+    for approx in ("expand", "reduce"):
+        times[f"marglik_{approx}_type-2_input_layout_kept"] = timed(
+            lambda: marglik_kfac(model, X, y, approx, "type-2", channels_last=False), args.repeats, device
+        )
+        times[f"marglik_{approx}_type-2_channels_last_input"] = timed(
+            lambda: marglik_kfac(model, X_cl, y, approx, "type-2"), args.repeats, device
+        )
+        times[f"curvlinops_{approx}_type-2_channels_last_input"] = timed(
+            lambda: curvlinops_kfac(model, X_cl, y, approx, "type-2"), args.repeats, device
+        )
+    with unfolded_conv_gram():
+        times["marglik_expand_type-2_unfolded_conv_gram"] = timed(
+            lambda: marglik_kfac(model, X, y, "expand", "type-2"), args.repeats, device
+        )
     try:
         times["laplace_asdl_ggn_kron"] = timed(lambda: laplace_asdl_kron(model, X, y), args.repeats, device)
     except Exception as err:  # report, do not hide, a peer that fails
@@ -241,6 +275,16 @@ def main(argv=None) -> dict:
     )
     ratios["marglik expand type-2 / laplace AsdlGGN kron (expand type-2)"] = (
         times["marglik_expand_type-2"] / times["laplace_asdl_ggn_kron"]
+    )
+    for approx in ("expand", "reduce"):
+        ratios[f"marglik/curvlinops {approx} type-2, both on a channels-last input"] = (
+            times[f"marglik_{approx}_type-2_channels_last_input"] / times[f"curvlinops_{approx}_type-2_channels_last_input"]
+        )
+        ratios[f"marglik/curvlinops {approx} type-2, marglik with channels_last=False"] = (
+            times[f"marglik_{approx}_type-2_input_layout_kept"] / times[f"curvlinops_{approx}_type-2"]
+        )
+    ratios["marglik expand type-2: unfolded / shifted-correlation conv input Gram"] = (
+        times["marglik_expand_type-2_unfolded_conv_gram"] / times["marglik_expand_type-2"]
     )
 
     memory = {}

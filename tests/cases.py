@@ -42,6 +42,7 @@ _CONV_OPTS = {
     "dilation_same_reflect": dict(dilation=2, padding="same", padding_mode="reflect"),
     "circular_stride": dict(padding=2, padding_mode="circular", stride=2),
     "replicate_nobias": dict(padding=1, padding_mode="replicate", bias=False),
+    "same_zeros_dilation": dict(padding="same", dilation=2),
 }
 _SPATIAL = {1: (9,), 2: (6, 7), 3: (5, 5, 4)}
 

@@ -217,3 +217,62 @@ def test_batched_backward_equals_column_loop(approx, differentiable, float64):
     loop = marglik.KFAC(model, "classification", batched_backward=False, **kw).fit((X, y)).to_dense()
     vmap = marglik.KFAC(model, "classification", batched_backward=True, max_grad_memory=2000, **kw).fit((X, y))
     assert rel_err(vmap.to_dense(), loop) < RTOL
+
+
+class _ViewsConvOutput(nn.Module):
+    """Conv -> BatchNorm (train mode) -> ``.view`` of a spatial map: fails on channels-last input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3 * 16, 2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).relu()
+        return self.head(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_channels_last_forward_gives_the_same_factors(approx, float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    X, y = torch.randn(5, 2, 6, 6), torch.randint(0, 2, (5,))
+    dense = {
+        cl: marglik.KFAC(model, approx=approx, channels_last=cl).fit((X, y)).to_dense() for cl in (True, False)
+    }
+    assert rel_err(dense[True], dense[False]) < 1e-12
+    assert X.is_contiguous()  # the caller's tensor is not modified
+
+
+def test_channels_last_auto_falls_back_without_side_effects(float64):
+    torch.manual_seed(0)
+    model = _ViewsConvOutput()
+    X, y = torch.randn(4, 2, 4, 4), torch.randint(0, 2, (4,))
+    reference_model = _ViewsConvOutput()
+    reference_model.load_state_dict(model.state_dict())
+    ref = marglik.KFAC(reference_model, channels_last=False).fit((X, y)).to_dense()
+    kfac = marglik.KFAC(model)  # "auto": tries channels-last on the first batch
+    with pytest.warns(UserWarning, match="channels-last"):
+        dense = kfac.fit((X, y)).to_dense()
+    assert torch.equal(dense, ref)
+    # BatchNorm statistics were updated once, as without the attempt
+    assert torch.equal(model.bn.running_mean, reference_model.bn.running_mean)
+    assert model.bn.num_batches_tracked.item() == reference_model.bn.num_batches_tracked.item() == 1
+    with _no_warning():
+        kfac.fit((X, y))  # remembered: no second attempt
+    with pytest.raises(RuntimeError, match="view"):
+        marglik.KFAC(model, channels_last=True).fit((X, y))
+    with pytest.raises(ValueError, match="channels_last"):
+        marglik.KFAC(model, channels_last="yes")
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

@@ -10,8 +10,12 @@ Kronecker rules (:class:`KroneckerRule`: Linear, ConvNd) provide, with ``G`` gro
 ``din`` inputs and ``dout`` outputs per group (bias not included; the engine appends it):
 
 * ``expand_inputs(x)  -> (G, din, M)``: the layer input at every one of the ``M`` positions;
+* ``expand_input_stats(x) -> (sum a a^T (G, din, din) or None, sum a (G, din), M)``: what
+  K-FAC-expand needs of them; the default forms ``expand_inputs`` and its Gram, a rule may
+  compute the sums without the ``(din, M)`` matrix (stride-1 convolutions do);
 * ``reduce_inputs(x)  -> ((T, G, din), P)``: per input row, the *sum* over its ``P`` positions;
 * ``expand_grads(g)   -> (G, dout, K * M)``: output gradients at every position and column;
+* ``expand_grad_gram(g) -> (G, dout, dout)``: their Gram (default: of ``expand_grads``);
 * ``reduce_grads(g)   -> (K, T, G, dout)``: per row, the sum over positions.
 
 Elementwise rules (:class:`ElementwiseRule`: norm layers, :class:`marglik.nn.Scale` /
@@ -22,6 +26,8 @@ Elementwise rules (:class:`ElementwiseRule`: norm layers, :class:`marglik.nn.Sca
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
+
+from ..gram import sym_gram
 
 import torch
 from torch import Tensor, nn
@@ -75,11 +81,18 @@ class KroneckerRule(Rule):
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def expand_input_stats(self, module: nn.Module, x: Tensor, gram: bool = True) -> Tuple[Optional[Tensor], Tensor, int]:
+        X = self.expand_inputs(module, x)
+        return (sym_gram(X) if gram else None), X.sum(2), X.shape[2]
+
     def reduce_inputs(self, module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
         raise NotImplementedError
 
     def expand_grads(self, module: nn.Module, g: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def expand_grad_gram(self, module: nn.Module, g: Tensor) -> Tensor:
+        return sym_gram(self.expand_grads(module, g))
 
     def reduce_grads(self, module: nn.Module, g: Tensor) -> Tensor:
         raise NotImplementedError

@@ -5,6 +5,10 @@ Groups: each of the ``G`` groups gets its own factor pair (``din = C_in / G * pr
 ``dout = C_out / G``); couplings between groups are dropped -- an extra block-diagonal
 approximation on top of K-FAC (the exact GGN has such couplings through the loss).
 
+``expand`` does not unfold stride-1 zero-padded convolutions either when the shifted-correlation
+Gram of :mod:`.conv_gram` costs less than the unfolded one (it does for 3x3 kernels on images
+down to 8x8); other convolutions are unfolded.
+
 ``reduce`` never unfolds: the sum of the patches over all output positions is a strided box sum
 of the padded input, separable over spatial dimensions, computed as one small matrix product per
 dimension with the 0/1 matrix ``M[k, h] = [h = o * stride + k * dilation for some output o]``.
@@ -21,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..gram import sym_gram
 from .base import KroneckerRule
+from .conv_gram import lag_gram_applies, lag_gram_cost, lag_patch_gram, unfold_gram_cost
+
+_LAG_GRAM_MAX_COST = 0.8  # use the shifted-correlation Gram below this fraction of the unfolded cost
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -79,20 +87,47 @@ def unfold(module: nn.Module, x: Tensor) -> Tensor:
     return patches.reshape(x.shape[0], -1, math.prod(outs))
 
 
+def _tap_indicator(module: nn.Module, spatial, pad_left, outs, dtype, device) -> Tensor:
+    """``(prod(spatial), K)``: 1 where input position ``h`` is read by tap ``k`` of some output."""
+    ind = None
+    for n, k, s, dil, pl, o in zip(spatial, module.kernel_size, module.stride, module.dilation, pad_left, outs):
+        pos = torch.arange(o, device=device) * s - pl  # tap 0's input position of each output
+        hits = (pos.view(1, -1) + torch.arange(k, device=device).view(-1, 1) * dil)  # (k, o)
+        d = torch.zeros(k, n + 1, dtype=dtype, device=device)  # column n collects the padding
+        d.scatter_(1, torch.where((hits >= 0) & (hits < n), hits, n), 1.0)
+        d = d[:, :n].T  # (n, k)
+        ind = d if ind is None else _kron_cols(ind, d)
+    return ind
+
+
+def _kron_cols(a: Tensor, b: Tensor) -> Tensor:
+    """Row-major product of two indicators: ``(n1, k1), (n2, k2) -> (n1 n2, k1 k2)``."""
+    return (a.view(a.shape[0], 1, a.shape[1], 1) * b.view(1, b.shape[0], 1, b.shape[1])).reshape(
+        a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+
+
 def patch_sums(module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
-    """Sum of the patches over output positions, ``(T, C_in * prod(kernel))``, and ``L``."""
-    xp = padded_input(module, x)
-    outs = _out_sizes(module, xp.shape[2:])
-    t = xp
-    for i, (n, k, s, dil, o) in enumerate(
-        zip(xp.shape[2:], module.kernel_size, module.stride, module.dilation, outs)
-    ):
-        ind = torch.zeros(k, n, dtype=x.dtype, device=x.device)
-        pos = torch.arange(o, device=x.device) * s
-        for kk in range(k):
-            ind[kk, pos + kk * dil] = 1
-        t = torch.movedim(torch.movedim(t, 2 + i, -1) @ ind.T, -1, 2 + i)
-    return t.reshape(x.shape[0], -1), math.prod(outs)
+    """Sum of the patches over output positions, ``(T, C_in * prod(kernel))``, and ``L``.
+
+    One product of the input with the 0/1 tap indicator ``(prod(spatial), K)``; zero padding is
+    folded into the indicator (no padded copy), other padding modes pad first. A channels-last
+    input is read in its own layout.
+    """
+    spec = _pad_spec(module)
+    if module.padding_mode == "zeros":
+        xs, pad_left = x, [lo for lo, _ in spec]
+        outs = _out_sizes(module, [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec)])
+    else:
+        xs = padded_input(module, x)
+        pad_left = [0] * len(spec)
+        outs = _out_sizes(module, xs.shape[2:])
+    T, C = xs.shape[:2]
+    ind = _tap_indicator(module, xs.shape[2:], pad_left, outs, x.dtype, x.device)  # (S, K)
+    if xs.dim() == 4 and not xs.is_contiguous() and xs.is_contiguous(memory_format=torch.channels_last):
+        sums = (ind.T @ xs.permute(0, 2, 3, 1).reshape(T, -1, C)).transpose(1, 2)  # (T, C, K)
+    else:
+        sums = xs.reshape(T, C, -1) @ ind
+    return sums.reshape(T, -1), math.prod(outs)
 
 
 class ConvRule(KroneckerRule):
@@ -115,6 +150,18 @@ class ConvRule(KroneckerRule):
         T, _, L = P.shape
         return P.view(T, G, -1, L).permute(1, 2, 0, 3).reshape(G, -1, T * L)
 
+    def expand_input_stats(self, module: nn.Module, x: Tensor, gram: bool = True):
+        self._check(module, x)
+        if gram and lag_gram_applies(module):
+            pad_left = [lo for lo, _ in _pad_spec(module)]
+            padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], _pad_spec(module))]
+            outs = _out_sizes(module, padded)
+            if lag_gram_cost(module, x.shape[2:], pad_left, outs) < _LAG_GRAM_MAX_COST * unfold_gram_cost(module, outs):
+                sums, L = patch_sums(module, x)
+                xsum = sums.sum(0).view(module.groups, -1)
+                return lag_patch_gram(module, x, pad_left, outs), xsum, x.shape[0] * L
+        return super().expand_input_stats(module, x, gram)
+
     def reduce_inputs(self, module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
         self._check(module, x)
         sums, L = patch_sums(module, x)
@@ -125,6 +172,12 @@ class ConvRule(KroneckerRule):
         G = module.groups
         g = g.reshape(K, T, G, C // G, -1)  # (K, T, G, dout, L)
         return g.permute(2, 3, 0, 1, 4).reshape(G, C // G, -1)
+
+    def expand_grad_gram(self, module: nn.Module, g: Tensor) -> Tensor:
+        rows = g.movedim(2, -1)  # (K, T, *spatial, C)
+        if module.groups == 1 and rows.is_contiguous():  # channels-last gradients: no transpose copy
+            return sym_gram(rows.reshape(-1, g.shape[2]).T.unsqueeze(0))
+        return super().expand_grad_gram(module, g)
 
     def reduce_grads(self, module: nn.Module, g: Tensor) -> Tensor:
         K, T, C = g.shape[:3]
