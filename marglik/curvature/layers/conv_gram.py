@@ -22,7 +22,12 @@ slices of a flat channels-last copy of the input with ``dil * (k - 1)`` zeros af
 row (a flat shift then never pairs positions of different rows or images: the pairs it wraps
 around land on those zeros). Cost: ``(#lags) C^2 T prod(n + frame)`` plus the strips, e.g. 2.7x
 fewer multiply-adds than the unfolded Gram for 3x3 on 32x32 and 1.6x on 8x8, and no patch matrix.
-:func:`lag_gram_cost` / :func:`unfold_gram_cost` let the rule pick the cheaper path.
+:func:`lag_gram_cost` / :func:`unfold_gram_cost` let the rule pick the cheaper path. Measured
+(2 CPU threads, batch 32, float32): 3.9x faster than unfold + Gram for 64 channels on 32x32, 2.7x
+for 128 on 16x16, 1.8x for 256 on 8x8; K-FAC-expand on WRN-16-4 1.5x faster overall
+(``results/kfac_speed.md``). The subtraction rounds differently from the unfolded sum: in
+float32 the WRN-16-4 factors agree with curvlinops' to 3e-6 relative (4e-7 unfolded); float64
+tests agree to 1e-13.
 
 Shapes: ``x`` is ``(T, C_in, *spatial)``; the result is ``(G, din, din)`` with
 ``din = C_in / G * K`` in the order of ``weight.flatten(1)`` (channel-major, taps row-major).
@@ -30,6 +35,7 @@ Shapes: ``x`` is ``(T, C_in, *spatial)``; the result is ``(G, din, din)`` with
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import List, Sequence, Tuple
@@ -49,14 +55,19 @@ def _taps(module: nn.Module) -> List[Tuple[int, ...]]:
 
 def _geometry(module: nn.Module, spatial: Sequence[int], pad_left: Sequence[int], out: Sequence[int]):
     """Per tap, the input offsets (flat within one framed image) it never reads; and the frame."""
-    dil = module.dilation
-    frame = [dl * (k - 1) for dl, k in zip(dil, module.kernel_size)]
+    return _cached_geometry(tuple(module.kernel_size), tuple(module.dilation), tuple(spatial), tuple(pad_left),
+                            tuple(out))
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_geometry(kernel_size, dil, spatial, pad_left, out):
+    frame = [dl * (k - 1) for dl, k in zip(dil, kernel_size)]
     framed = [n + f for n, f in zip(spatial, frame)]
     strides = [math.prod(framed[i + 1 :]) for i in range(len(framed))]
     grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
     flat = sum(g * s for g, s in zip(grids, strides))
     missing = []
-    for tap in _taps(module):
+    for tap in itertools.product(*[range(k) for k in kernel_size]):
         inside = torch.ones(spatial, dtype=torch.bool)
         for g, t, dl, pl, o in zip(grids, tap, dil, pad_left, out):
             lo = t * dl - pl
