@@ -67,6 +67,10 @@ def test_rule_chooses_the_cheaper_gram():
     assert lag_gram_cost(wide, [32, 32], [1, 1], [32, 32]) < 0.5 * unfold_gram_cost(wide, [32, 32])
     pointwise = nn.Conv2d(64, 64, 1)
     assert lag_gram_cost(pointwise, [32, 32], [0, 0], [32, 32]) > unfold_gram_cost(pointwise, [32, 32])
+    depthwise = nn.Conv2d(96, 96, 7, padding=3, groups=96)  # memory passes per lag dominate
+    assert lag_gram_cost(depthwise, [56, 56], [3, 3], [56, 56]) > unfold_gram_cost(depthwise, [56, 56])
+    grouped = nn.Conv2d(64, 64, 3, padding=1, groups=4)
+    assert lag_gram_cost(grouped, [32, 32], [1, 1], [32, 32]) < 0.8 * unfold_gram_cost(grouped, [32, 32])
     assert not lag_gram_applies(nn.Conv2d(4, 4, 3, stride=2, padding=1))
     assert not lag_gram_applies(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
 

@@ -22,7 +22,9 @@ slices of a flat channels-last copy of the input with ``dil * (k - 1)`` zeros af
 row (a flat shift then never pairs positions of different rows or images: the pairs it wraps
 around land on those zeros). Cost: ``(#lags) C^2 T prod(n + frame)`` plus the strips, e.g. 2.7x
 fewer multiply-adds than the unfolded Gram for 3x3 on 32x32 and 1.6x on 8x8, and no patch matrix.
-:func:`lag_gram_cost` / :func:`unfold_gram_cost` let the rule pick the cheaper path. Measured
+:func:`lag_gram_cost` / :func:`unfold_gram_cost` let the rule pick the cheaper path (they count
+copy passes too: for depthwise convolutions, one channel per group, the memory passes per lag
+dominate and unfolding wins, e.g. 7x7 depthwise on 56x56 takes 0.37 s unfolded vs 0.71 s). Measured
 (2 CPU threads, batch 32, float32): 3.9x faster than unfold + Gram for 64 channels on 32x32, 2.7x
 for 128 on 16x16, 1.8x for 256 on 8x8; K-FAC-expand on WRN-16-4 1.5x faster overall
 (``results/kfac_speed.md``). The subtraction rounds differently from the unfolded sum: in
@@ -80,19 +82,29 @@ def _lag_offset(a: Sequence[int], b: Sequence[int], dil: Sequence[int], strides:
     return sum((j - i) * dl * s for i, j, dl, s in zip(a, b, dil, strides))
 
 
+# Work model, in multiply-adds per element: a copy pass (unfold, transposes, the batched-group
+# einsum's operand permutes) and a GEMM reading strided operands in place. Calibrated on 2 CPU
+# threads: 3x3 convs of 1..256 channels on 8x8..32x32 and a 7x7 depthwise conv pick the faster path.
+_COPY_PASS = 32.0
+_IN_PLACE_READ = 4.0
+
+
 def lag_gram_cost(module: nn.Module, spatial: Sequence[int], pad_left: Sequence[int], out: Sequence[int]) -> float:
-    """Multiply-adds per row per ``(C_in / G)^2`` of :func:`lag_patch_gram`."""
+    """Estimated work per input row of :func:`lag_patch_gram` (multiply-adds plus copy passes)."""
+    cg, G = module.in_channels // module.groups, module.groups
     frame, framed, strides, missing = _geometry(module, spatial, pad_left, out)
     taps = _taps(module)
     lags = {_lag_offset(taps[i], taps[j], module.dilation, strides) for i in range(len(taps)) for j in range(i, len(taps))}
     strips = sum(m.numel() * (len(taps) - i) for i, m in enumerate(missing))
-    return len(lags) * math.prod(framed) + strips
+    per_element = cg + (_IN_PLACE_READ if G == 1 else _COPY_PASS)
+    return G * cg * (len(lags) * math.prod(framed) + strips) * per_element
 
 
 def unfold_gram_cost(module: nn.Module, out: Sequence[int]) -> float:
-    """Multiply-adds per row per ``(C_in / G)^2`` of the (symmetric, blocked) unfolded Gram."""
-    K = math.prod(module.kernel_size)
-    return 0.56 * K * K * math.prod(out)
+    """Estimated work per input row of the unfolded patch matrix and its symmetric blocked Gram."""
+    cg, G = module.in_channels // module.groups, module.groups
+    K, L = math.prod(module.kernel_size), math.prod(out)
+    return G * cg * K * L * (0.56 * K * cg + _COPY_PASS)
 
 
 def lag_patch_gram(module: nn.Module, x: Tensor, pad_left: Sequence[int], out: Sequence[int]) -> Tensor:
@@ -112,8 +124,11 @@ def lag_patch_gram(module: nn.Module, x: Tensor, pad_left: Sequence[int], out: S
     framed_view[(slice(None),) + tuple(slice(0, n) for n in spatial)] = x.movedim(1, -1)
     Zg = Z.view(-1, G, cg)
 
-    def rows(start: int, g: int) -> Tensor:  # (body, cg) rows of group g from flat offset start
-        return Zg[pad + start : pad + start + body, g]
+    def lag_product(s: int) -> Tensor:  # F(lag) over the whole flat input: (G, cg, cg)
+        lo, hi = Zg[pad : pad + body], Zg[pad + s : pad + s + body]  # (body, G, cg)
+        if G == 1:
+            return (lo[:, 0].T @ hi[:, 0]).unsqueeze(0)
+        return torch.einsum("lga,lgb->gab", lo, hi)
 
     base = (torch.arange(T, device=x.device) * img + pad).view(T, 1)
     A = x.new_empty(G, cg, K, cg, K)  # channel-major, taps row-major: weight.flatten(1) order
@@ -130,7 +145,7 @@ def lag_patch_gram(module: nn.Module, x: Tensor, pad_left: Sequence[int], out: S
         for jj, s in enumerate(offs):
             j = i + jj
             if s not in full:
-                full[s] = torch.stack([rows(0, g).T @ rows(s, g) for g in range(G)])  # (G, cg, cg)
+                full[s] = lag_product(s)
             blk = full[s] if strips is None else full[s] - strips[jj]
             if j == i:
                 blk = 0.5 * (blk + blk.transpose(-1, -2))
