@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-from ..gram import sym_gram
-
 import torch
 from torch import Tensor, nn
+
+from ..gram import sym_gram
 
 
 class UnsupportedModuleError(TypeError):

@@ -5,14 +5,14 @@ Groups: each of the ``G`` groups gets its own factor pair (``din = C_in / G * pr
 ``dout = C_out / G``); couplings between groups are dropped -- an extra block-diagonal
 approximation on top of K-FAC (the exact GGN has such couplings through the loss).
 
-``expand`` does not unfold stride-1 zero-padded convolutions either when the shifted-correlation
-Gram of :mod:`.conv_gram` costs less than the unfolded one (it does for 3x3 kernels on images
-down to 8x8); other convolutions are unfolded.
+``expand`` skips the unfold for stride-1 zero-padded convolutions whenever the
+shifted-correlation Gram of :mod:`.conv_gram` costs less than the unfolded one (3x3 kernels on
+images down to 8x8 do, depthwise convolutions do not); other convolutions are unfolded.
 
-``reduce`` never unfolds: the sum of the patches over all output positions is a strided box sum
-of the padded input, separable over spatial dimensions, computed as one small matrix product per
-dimension with the 0/1 matrix ``M[k, h] = [h = o * stride + k * dilation for some output o]``.
-Memory is that of the input; cost ``O(T C_in prod(spatial) * kernel)``.
+``reduce`` never unfolds: the sum of the patches over all output positions is one product of the
+input with the 0/1 tap indicator ``(prod(spatial), K)`` (the row-major Kronecker product of the
+per-dimension ``M[h, k] = [h = o * stride + k * dilation - pad for some output o]``), so zero
+padding costs no copy. Memory is that of the input; cost ``O(T C_in prod(spatial) K)``.
 """
 
 from __future__ import annotations
