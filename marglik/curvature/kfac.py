@@ -141,12 +141,12 @@ class KFAC:
             1.10-1.11x faster on CPU (``results/kfac_speed.md``). ``"auto"`` (default): on CPU when
             the model has a covered ``nn.Conv2d``; if that first forward raises a ``RuntimeError``
             (model code calling ``.view`` on a convolution output, say), the module buffers and the
-            random number generator are restored, the batch is rerun in the input's own layout and channels-last
-            stays off for this instance (with a warning). ``True`` / ``False`` force it on / off.
-            The model and the caller's tensors are never modified; :meth:`capture` (a forward you
-            run yourself) is not affected. Code that reinterprets memory assuming contiguity
-            (``as_strided``, raw ``data_ptr`` kernels) without failing would compute on wrong
-            values under channels-last: pass ``channels_last=False`` for such models.
+            random number generator are restored, the batch is rerun in the input's own layout and
+            channels-last stays off for this instance (with a warning). ``True`` / ``False`` force
+            it on / off. The model and the caller's tensors are never modified; :meth:`capture` (a
+            forward you run yourself) is not affected. Code that reinterprets memory assuming
+            contiguity (``as_strided``, raw ``data_ptr`` kernels) without failing would compute on
+            wrong values under channels-last: pass ``channels_last=False`` for such models.
 
     A module called several times in one forward pass (weight tying) shares its weight across the
     calls: the calls' positions are concatenated along the shared axis.
