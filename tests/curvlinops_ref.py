@@ -139,10 +139,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-try:
-    from reference import canonical_likelihood
-except ImportError:  # tests/ imported as a package
-    from tests.reference import canonical_likelihood
+from reference import canonical_likelihood
 
 
 class _ClassDimSecond(nn.Module):

@@ -84,25 +84,17 @@ def test_run_in_process(tmp_path):
 def test_python_m_marglik_from_another_directory(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "marglik", "trainer.epochs=1", "data.train_size=32", "model=mlp",
-         "model.hidden=[16]", "hyper.burn_in=0", "hyper.n_samples=2", "curvature.approx=expand",
-         "trainer.device=cpu", "trainer.seed=1", "trainer.num_threads=1", "logger.mode=disabled",
-         f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    cmd = [sys.executable, "-m", "marglik", "trainer.epochs=1", "data.train_size=32", "model=mlp",
+           "model.hidden=[16]", "hyper.burn_in=0", "hyper.n_samples=2", "curvature.approx=expand",
+           "trainer.device=cpu", "trainer.seed=1", "trainer.num_threads=1", "logger.mode=disabled",
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["approx"] == "expand" and s["epochs"] == 1 and s["seed"] == 1
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "curves.png").is_file()
     assert "summary.json" in proc.stderr
     # re-running into the same directory resumes (here: nothing left to do) instead of starting over
-    proc2 = subprocess.run(
-        [sys.executable, "-m", "marglik", "trainer.epochs=1", "data.train_size=32", "model=mlp",
-         "model.hidden=[16]", "hyper.burn_in=0", "hyper.n_samples=2", "curvature.approx=expand",
-         "trainer.device=cpu", "trainer.seed=1", "trainer.num_threads=1", "logger.mode=disabled",
-         f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "resumed from" in proc2.stdout + proc2.stderr

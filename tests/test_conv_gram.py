@@ -9,7 +9,7 @@ from torch import nn
 import marglik
 from cases import CASES
 from marglik.curvature.layers import conv as conv_rule
-from marglik.curvature.layers.conv import ConvRule, _out_sizes, _pad_spec, padded_input, unfold
+from marglik.curvature.layers.conv import ConvRule, unfold, zero_pad_geometry
 from marglik.curvature.layers.conv_gram import lag_gram_applies, lag_gram_cost, lag_patch_gram, unfold_gram_cost
 from reference import block_diagonal_mask, exact_ggn
 
@@ -37,8 +37,7 @@ def _unfolded_gram(m, x):
 
 
 def _lag_gram(m, x):
-    xp = padded_input(m, x)
-    return lag_patch_gram(m, x, [lo for lo, _ in _pad_spec(m)], _out_sizes(m, xp.shape[2:]))
+    return lag_patch_gram(m, x, *zero_pad_geometry(m, x.shape[2:]))
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))

@@ -14,32 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from curvlinops_ref import curvlinops_factors
-    from reference import (
-        ConvExpand,
-        ConvReduce,
-        DeepLinearExpand,
-        DeepLinearReduce,
-        canonical_likelihood,
-        exact_ggn,
-        kron_to_param_order,
-        make_targets,
-        module_indices,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.curvlinops_ref import curvlinops_factors
-    from tests.reference import (
-        ConvExpand,
-        ConvReduce,
-        DeepLinearExpand,
-        DeepLinearReduce,
-        canonical_likelihood,
-        exact_ggn,
-        kron_to_param_order,
-        make_targets,
-        module_indices,
-    )
+from curvlinops_ref import curvlinops_factors
+from reference import (
+    ConvExpand,
+    ConvReduce,
+    DeepLinearExpand,
+    DeepLinearReduce,
+    canonical_likelihood,
+    exact_ggn,
+    kron_to_param_order,
+    make_targets,
+    module_indices,
+)
 
 DT = torch.float64
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -258,21 +260,11 @@ def test_channels_last_auto_falls_back_without_side_effects(float64):
     # BatchNorm statistics were updated once, as without the attempt
     assert torch.equal(model.bn.running_mean, reference_model.bn.running_mean)
     assert model.bn.num_batches_tracked.item() == reference_model.bn.num_batches_tracked.item() == 1
-    with _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         kfac.fit((X, y))  # remembered: no second attempt
     with pytest.raises(RuntimeError, match="view"):
         marglik.KFAC(model, channels_last=True).fit((X, y))
     with pytest.raises(ValueError, match="channels_last"):
         marglik.KFAC(model, channels_last="yes")
 
-
-class _no_warning:
-    def __enter__(self):
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)

@@ -6,34 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-try:
-    from reference import (
-        ConvExpand,
-        ConvReduce,
-        DeepLinearExpand,
-        DeepLinearReduce,
-        exact_empirical_fisher,
-        exact_ggn,
-        exact_hessian,
-        kron_to_param_order,
-        make_targets,
-        module_indices,
-        summed_loss,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.reference import (
-        ConvExpand,
-        ConvReduce,
-        DeepLinearExpand,
-        DeepLinearReduce,
-        exact_empirical_fisher,
-        exact_ggn,
-        exact_hessian,
-        kron_to_param_order,
-        make_targets,
-        module_indices,
-        summed_loss,
-    )
+from reference import (
+    ConvExpand,
+    ConvReduce,
+    DeepLinearExpand,
+    DeepLinearReduce,
+    exact_empirical_fisher,
+    exact_ggn,
+    exact_hessian,
+    kron_to_param_order,
+    make_targets,
+    module_indices,
+    summed_loss,
+)
 
 DT = torch.float64
 

@@ -65,6 +65,12 @@ def _out_sizes(module: nn.Module, padded_shape) -> List[int]:
     ]
 
 
+def zero_pad_geometry(module: nn.Module, spatial) -> Tuple[List[int], List[int]]:
+    """Left padding and output sizes per spatial dimension, for the unpadded input sizes."""
+    spec = _pad_spec(module)
+    return [lo for lo, _ in spec], _out_sizes(module, [n + lo + hi for n, (lo, hi) in zip(spatial, spec)])
+
+
 def unfold(module: nn.Module, x: Tensor) -> Tensor:
     """Patches ``(T, C_in * prod(kernel), L)`` in the order of ``weight.flatten(1)``."""
     xp = padded_input(module, x)
@@ -113,13 +119,12 @@ def patch_sums(module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
     folded into the indicator (no padded copy), other padding modes pad first. A channels-last
     input is read in its own layout.
     """
-    spec = _pad_spec(module)
     if module.padding_mode == "zeros":
-        xs, pad_left = x, [lo for lo, _ in spec]
-        outs = _out_sizes(module, [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec)])
+        xs = x
+        pad_left, outs = zero_pad_geometry(module, x.shape[2:])
     else:
         xs = padded_input(module, x)
-        pad_left = [0] * len(spec)
+        pad_left = [0] * (x.dim() - 2)
         outs = _out_sizes(module, xs.shape[2:])
     T, C = xs.shape[:2]
     ind = _tap_indicator(module, xs.shape[2:], pad_left, outs, x.dtype, x.device)  # (S, K)
@@ -153,9 +158,7 @@ class ConvRule(KroneckerRule):
     def expand_input_stats(self, module: nn.Module, x: Tensor, gram: bool = True):
         self._check(module, x)
         if gram and lag_gram_applies(module):
-            pad_left = [lo for lo, _ in _pad_spec(module)]
-            padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], _pad_spec(module))]
-            outs = _out_sizes(module, padded)
+            pad_left, outs = zero_pad_geometry(module, x.shape[2:])
             if lag_gram_cost(module, x.shape[2:], pad_left, outs) < _LAG_GRAM_MAX_COST * unfold_gram_cost(module, outs):
                 sums, L = patch_sums(module, x)
                 xsum = sums.sum(0).view(module.groups, -1)

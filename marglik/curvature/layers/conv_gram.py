@@ -51,8 +51,9 @@ def lag_gram_applies(module: nn.Module) -> bool:
     return all(s == 1 for s in module.stride) and module.padding_mode == "zeros"
 
 
-def _taps(module: nn.Module) -> List[Tuple[int, ...]]:
-    return list(itertools.product(*[range(k) for k in module.kernel_size]))
+def _taps(kernel_size: Sequence[int]) -> List[Tuple[int, ...]]:
+    """Kernel offsets in row-major order (the order of ``weight.flatten(1)``'s taps)."""
+    return list(itertools.product(*[range(k) for k in kernel_size]))
 
 
 def _geometry(module: nn.Module, spatial: Sequence[int], pad_left: Sequence[int], out: Sequence[int]):
@@ -69,7 +70,7 @@ def _cached_geometry(kernel_size, dil, spatial, pad_left, out):
     grids = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
     flat = sum(g * s for g, s in zip(grids, strides))
     missing = []
-    for tap in itertools.product(*[range(k) for k in kernel_size]):
+    for tap in _taps(kernel_size):
         inside = torch.ones(spatial, dtype=torch.bool)
         for g, t, dl, pl, o in zip(grids, tap, dil, pad_left, out):
             lo = t * dl - pl
@@ -93,7 +94,7 @@ def lag_gram_cost(module: nn.Module, spatial: Sequence[int], pad_left: Sequence[
     """Estimated work per input row of :func:`lag_patch_gram` (multiply-adds plus copy passes)."""
     cg, G = module.in_channels // module.groups, module.groups
     frame, framed, strides, missing = _geometry(module, spatial, pad_left, out)
-    taps = _taps(module)
+    taps = _taps(module.kernel_size)
     lags = {_lag_offset(taps[i], taps[j], module.dilation, strides) for i in range(len(taps)) for j in range(i, len(taps))}
     strips = sum(m.numel() * (len(taps) - i) for i, m in enumerate(missing))
     per_element = cg + (_IN_PLACE_READ if G == 1 else _COPY_PASS)
@@ -113,7 +114,7 @@ def lag_patch_gram(module: nn.Module, x: Tensor, pad_left: Sequence[int], out: S
     spatial = list(x.shape[2:])
     G = module.groups
     cg = C // G
-    taps = _taps(module)
+    taps = _taps(module.kernel_size)
     K = len(taps)
     frame, framed, strides, missing = _geometry(module, spatial, pad_left, out)
     img = math.prod(framed)
