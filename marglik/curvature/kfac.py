@@ -138,7 +138,7 @@ class KFAC:
         channels_last: run :meth:`fit`'s forward pass on a channels-last copy of a 4-D input, so
             every convolution and all their curvature backward passes use oneDNN's channels-last
             kernels (same values, other strides): on WRN-16-4, K-FAC-reduce 1.11-1.19x and expand
-            1.10-1.11x faster on CPU (``results/kfac_speed.md``). ``"auto"`` (default): on CPU when
+            1.10-1.24x faster on CPU (``results/kfac_speed.md``). ``"auto"`` (default): on CPU when
             the model has a covered ``nn.Conv2d``; if that first forward raises a ``RuntimeError``
             (model code calling ``.view`` on a convolution output, say), the module buffers and the
             random number generator are restored, the batch is rerun in the input's own layout and
