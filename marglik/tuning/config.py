@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from ..augment import ALL_GENERATORS
+from .backends import check_curvature_config
 
 
 @dataclass
@@ -43,6 +44,8 @@ class CurvatureConfig:
     approx: str = "reduce"  #: expand | reduce
     fisher_type: str = "type-2"  #: type-2 | mc | empirical
     mc_samples: int = 1
+    backend: str = "marglik"  #: marglik | curvlinops | asdl | backpack (peers via laplace-torch; see tuning.backends)
+    structure: str = "kron"  #: kron | diag (diag: peers only)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Config:
         check(h.prior_prec_init > 0, "hyper.prior_prec_init must be positive")
         check(0 < t.rollback_lr_factor <= 1, "trainer.rollback_lr_factor must be in (0, 1]")
         check(t.epochs >= 0 and t.batch_size >= 1, "trainer.epochs >= 0 and trainer.batch_size >= 1")
+        check_curvature_config(c, h.augmentation)
         unknown = [g for g in h.generators if g not in ALL_GENERATORS]
         check(not unknown, f"unknown hyper.generators {unknown}; choose from {list(ALL_GENERATORS)}")
 

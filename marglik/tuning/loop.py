@@ -69,6 +69,7 @@ from ..augment import AffineAugmentation
 from ..data import load_dataset
 from ..models import get_model
 from . import checkpoint as ckpt
+from .backends import build_laplace, check_backend_runs
 from .config import Config
 from .reporting import plot_curves, write_history, write_json
 from .wandb_logger import WandbLogger
@@ -148,6 +149,7 @@ class MarglikTuner:
             c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        check_backend_runs(c.curvature, self.model, (self.X[:2], self.y[:2]))  # a peer fails here, not mid-run
         self.aug_on = bool(c.hyper.augmentation)
         self.aug = AffineAugmentation(c.hyper.n_samples, generators=c.hyper.generators).to(self.device)
         self.aug_test = AffineAugmentation(
@@ -340,18 +342,9 @@ class MarglikTuner:
         return [(self._augment(self.X[i]), self.y[i]) for i in idx.split(bs)]
 
     def make_laplace(self):
-        from ..laplace import KronLaplace
-
-        c = self.cfg.curvature
-        return KronLaplace(
-            self.model,
-            likelihood="classification",
-            approx=c.approx,
-            fisher_type=c.fisher_type,
-            mc_samples=c.mc_samples,
-            prior_precision=self.prior_precision().detach(),
-            differentiable=self.aug_on,
-        )
+        """marglik's :class:`KronLaplace`, or a laplace-torch peer (``curvature.backend``, see
+        :mod:`marglik.tuning.backends`)."""
+        return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
 
     def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
         la = self.make_laplace()
@@ -607,6 +600,8 @@ class MarglikTuner:
             "prior_precision": self.log_prior.detach().exp().tolist(),
             "augmentation": self.ranges(),
             "approx": c.curvature.approx,
+            "backend": c.curvature.backend,
+            "structure": c.curvature.structure,
             "seconds": self.timing["elapsed"],
             "seconds_per_marglik_step": float(np.mean(steps)) if steps else None,
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
