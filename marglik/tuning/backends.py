@@ -337,10 +337,12 @@ def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Te
     label = curvature_label({"backend": curvature.backend, "structure": curvature.structure,
                              "approx": curvature.approx})
     was_training = model.training
-    try:
-        la = build_laplace(curvature, model, torch.ones((), device=batch[0].device), differentiable=False)
-        la.fit([batch])
-        value = la.log_marginal_likelihood()
+    device = batch[0].device
+    try:  # fork_rng: an MC Fisher's sampling must not shift the run's random stream
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            la = build_laplace(curvature, model, torch.ones((), device=device), differentiable=False)
+            la.fit([batch])
+            value = la.log_marginal_likelihood()
     except ValueError:
         raise
     except Exception as e:
