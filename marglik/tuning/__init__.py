@@ -3,6 +3,8 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
 
 * :class:`Config` -- the run configuration (the Hydra CLI's config groups, as dataclasses).
 * :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
+* :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
+  (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
 """
 
 from .config import (
@@ -14,6 +16,7 @@ from .config import (
     ModelConfig,
     TrainerConfig,
 )
+from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
 from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [
@@ -28,4 +31,7 @@ __all__ = [
     "NonFiniteError",
     "tune",
     "resolve_device",
+    "CurvatureBackend",
+    "CurvatureStructure",
+    "PeerLaplace",
 ]
