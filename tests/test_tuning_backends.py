@@ -203,3 +203,23 @@ def test_wandb_labels_name_backend_and_structure():
     assert curvature_tags({"backend": "backpack", "structure": "diag", "approx": "expand"}) == [
         "backend:backpack", "structure:diag"]
     assert curvature_tags({"approx": "expand"}) == ["backend:marglik", "structure:kron", "approx:expand"]
+
+
+@pytest.mark.parametrize("backend, structure", [("curvlinops", "kron"), ("curvlinops", "diag"), ("asdl", "kron"),
+                                                ("asdl", "diag"), ("backpack", "kron"), ("backpack", "diag")])
+def test_peer_mc_and_empirical_fishers_run(backend, structure):
+    """MC Fisher and empirical Fisher through every peer that has them (BackPACK: no Kronecker EF)."""
+    model, data = _mlp(), _batches()
+    for fisher_type in ("mc", "empirical"):
+        if backend == "backpack" and structure == "kron" and fisher_type == "empirical":
+            continue
+        la = PeerLaplace(copy.deepcopy(model), backend, structure, fisher_type=fisher_type,
+                         prior_precision=_prior(model)).fit(data, num_data=N_TOTAL)
+        assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_backpack_after_asdl_on_one_model_says_why():
+    model, data = _mlp(), _batches()
+    PeerLaplace(model, "asdl", "kron").fit(data)
+    with pytest.raises(RuntimeError, match="BackPACK cannot hook a model on which ASDL has run"):
+        PeerLaplace(model, "backpack", "kron").fit(data)

@@ -273,6 +273,14 @@ class PeerLaplace:
             raise ValueError("the training data is empty")
         try:
             self.la.fit(loader)
+        except RuntimeError as e:
+            if "regular backward hooks and full backward hooks" not in str(e):
+                raise
+            raise RuntimeError(
+                "BackPACK cannot hook a model on which ASDL has run (ASDL registers torch's legacy backward hooks, "
+                "and torch then refuses full backward hooks on those modules): give each backend its own copy of "
+                "the model (copy.deepcopy)"
+            ) from e
         finally:
             if self.backend is CurvatureBackend.BACKPACK:
                 _remove_backpack_hooks(self.model)
