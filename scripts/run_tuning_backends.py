@@ -69,7 +69,6 @@ def config(model: str, backend: str, structure: str, approx: str, args) -> Dict[
 
 
 def run_all(args) -> List[Dict[str, Any]]:
-    from marglik.curvature.likelihoods import Likelihood  # noqa: F401  (import torch & marglik up front)
     from marglik.tuning import Config, MarglikTuner
     from marglik.tuning.backends import curvature_label
 
