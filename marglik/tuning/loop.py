@@ -70,7 +70,7 @@ from ..data import load_dataset
 from ..models import get_model
 from . import checkpoint as ckpt
 from .config import Config
-from .reporting import plot_curves, write_history, write_json
+from .reporting import plot_curves, summary_record, write_history, write_json
 from .wandb_logger import WandbLogger
 
 log = logging.getLogger("marglik.tuning")
@@ -531,6 +531,8 @@ class MarglikTuner:
         self.wandb_id = self.logger.run_id or self.wandb_id
         if self.resumed_from is not None:
             self._report(f"resumed from {self.resumed_from} at epoch {self.epoch}/{c.trainer.epochs}")
+        for msg in c.warnings():  # e.g. epochs <= burn-in: say so before training starts
+            self._report(msg)
         from tqdm.auto import tqdm
 
         pbar = tqdm(
@@ -599,7 +601,7 @@ class MarglikTuner:
             lml = self.last_log_marglik
         steps = self.timing["marglik_step_seconds"]
         cached = self.timing["cached_step_seconds"]
-        summary = {
+        summary = summary_record({
             "test_accuracy": metrics["test_acc"],
             "test_nll": metrics["test_nll"],
             "log_marglik": lml,
@@ -612,6 +614,7 @@ class MarglikTuner:
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
             "n_laplace_fits": self.timing["n_fits"],
             "n_hypersteps": len(steps) + len(cached),
+            "marglik_updates": sum(row.get("log_marglik") is not None for row in self.history),
             "fisher_type": c.curvature.fisher_type,
             "prior_structure": c.hyper.prior_structure,
             "augmentation_learned": self.aug_on,
@@ -632,13 +635,15 @@ class MarglikTuner:
             "num_params": sum(p.numel() for p in self.params),
             "seed": c.trainer.seed,
             "device": str(self.device),
-            "rollbacks": self.events,
+            "rollbacks": len(self.events),
+            "rollback_events": self.events,
             "marglik_estimator": (
                 "whole training set" if c.hyper.marglik_batches is None else
                 f"stochastic: {c.hyper.marglik_batches} random batches of "
                 f"{c.hyper.marglik_batch_size or c.trainer.batch_size} per fit, rescaled to N={self.N}"
             ),
-        }
+            "warnings": c.warnings(),
+        })
         write_json(summary, self.run_dir / "summary.json")
         write_history(self.history, self.run_dir / "history.csv")
         if self.history:
@@ -647,6 +652,9 @@ class MarglikTuner:
                     self.history, self.run_dir / "curves.png",
                     title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx} "
                           f"aug={'on' if self.aug_on else 'off'}",
+                    burn_in=c.hyper.burn_in,
+                    reported_epoch=summary["best_epoch"] if use_best else self.epoch,
+                    reported_label="reported (best marglik)" if use_best else "reported (last)",
                 )
             except Exception as e:  # plotting must never lose a finished run
                 self._report(f"could not write curves.png: {e}")
