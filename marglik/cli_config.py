@@ -18,6 +18,7 @@ from .tuning.config import (
     describe_type,
     field_type,
     show_value,
+    type_problem,
     unknown_key_error,
 )
 
@@ -67,8 +68,7 @@ def _compose_error(err: BaseException, overrides: Sequence[Any]) -> ConfigError:
             return unknown_key_error(full_key, value, known, full_key.rsplit(".", 1)[0] or "the config")
         if name in known:
             tp = field_type(klass, name)
-            problem = "not a valid choice" if "one of" in describe_type(tp) else "wrong type"
-            return ConfigError(full_key, value, problem, describe_type(tp))
+            return ConfigError(full_key, value, type_problem(tp), describe_type(tp))
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError("override", " ".join(o.input_line for o in overrides) or "(none)", first,
                        "KEY=VALUE overrides, see marglik --help")

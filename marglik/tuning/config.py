@@ -359,6 +359,14 @@ def describe_type(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+def type_problem(tp: Any) -> str:
+    """The problem of a value that does not fit a field of type ``tp``."""
+    text = describe_type(tp)
+    if text.startswith("true or false"):
+        return "not a boolean"
+    return "not a valid choice" if text.startswith("one of") else "wrong type"
+
+
 def _resolved_types(klass: Type[Any]) -> Dict[str, Any]:
     return typing.get_type_hints(klass)
 
@@ -410,7 +418,8 @@ def _typed(klass: Type[Any], raw: Dict[str, Any], prefix: str, where: str) -> An
         key = str(getattr(err, "full_key", None) or getattr(err, "key", "") or "").split(".")[0]
         if key in known:
             value = raw.get(key, getattr(err, "value", None))
-            raise ConfigError(prefix + key, value, "wrong type", describe_type(field_type(klass, key))) from None
+            tp = field_type(klass, key)
+            raise ConfigError(prefix + key, value, type_problem(tp), describe_type(tp)) from None
         raise ConfigError(prefix.rstrip(".") or "config", raw, str(err).splitlines()[0], f"the fields of {where}") from None
 
 
