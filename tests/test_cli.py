@@ -102,9 +102,9 @@ def test_python_m_marglik_from_another_directory(tmp_path):
 
 # --------------------------------------------------------------------------- the real entry point
 def _marglik(args, cwd, **env_extra):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra}
-    env.pop("HYDRA_FULL_ERROR", None) if "HYDRA_FULL_ERROR" not in env_extra else None
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra})
     return subprocess.run([sys.executable, "-m", "marglik", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
