@@ -39,9 +39,10 @@ update (the fit does not depend on the prior precision).
 Safety: a non-finite training loss or log marginal likelihood rolls the run back to the last
 good state (model, optimizers, hyperparameters and history as at the end of the previous epoch),
 scales the offending learning rate by ``trainer.rollback_lr_factor`` (default 0.5; MAP lr for the
-loss, hyper lrs for the marglik), records the event in ``summary.json['rollback_events']`` (their
-number in ``rollbacks``) and the log, and retries the epoch. The random streams are *not* rewound,
-so the retry sees a fresh data order, marglik subset and augmentation noise (a failure tied to one unlucky draw does not repeat deterministically). After
+loss, hyper lrs for the marglik), records the
+event in ``summary.json['rollback_events']`` and the log, and retries the epoch. The random streams are
+*not* rewound, so the retry sees a fresh data order, marglik subset and augmentation noise (a
+failure tied to one unlucky draw does not repeat deterministically). After
 ``trainer.max_rollbacks`` rollbacks it raises :class:`NonFiniteError`.
 
 Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point) and
