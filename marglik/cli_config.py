@@ -26,12 +26,18 @@ CONFIG_MODULE = "marglik.conf"
 GROUPS = ("data", "model", "experiment")
 
 
-def experiments() -> List[str]:
-    """Names of the ``+experiment=...`` YAML variants shipped in ``marglik/conf/experiment``."""
+def yaml_variants(group: str) -> List[str]:
+    """Names of the YAML variants shipped in ``marglik/conf/<group>`` (e.g. ``experiment``)."""
     from importlib.resources import files
 
-    folder = files(CONFIG_MODULE) / "experiment"
+    folder = files(CONFIG_MODULE) / group
+    if not folder.is_dir():
+        return []
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def experiments() -> List[str]:
+    return yaml_variants("experiment")
 
 
 def _override_value(override: Any) -> Any:
@@ -182,7 +188,8 @@ def help_text() -> str:
         "",
         "Groups:",
         f"  data={'|'.join(DataName.values())}  (default digits)",
-        f"  model={'|'.join(MODEL_SCHEMAS)}  (default cnn; each model has its own model.* options)",
+        f"  model={'|'.join(list(MODEL_SCHEMAS) + yaml_variants('model'))}  (default cnn; each model has its own"
+        " model.* options)",
         f"  +experiment={'|'.join(experiments())}",
         "",
         "Main options (default; allowed):",

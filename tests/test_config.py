@@ -86,8 +86,21 @@ def test_each_model_has_a_config_with_only_its_own_options():
         check_overrides(["model.name=mlp"])
     with pytest.raises(ConfigError, match="model.width=3: unknown key"):
         check_overrides(["model=mlp", "model.width=3"])
-    with pytest.raises(ConfigError, match="model=resnet: unknown model option; allowed: one of cnn, mlp, vit, wrn16_4"):
+    with pytest.raises(ConfigError, match="model=resnet: unknown model option; allowed: one of cnn, cnn_wide, mlp, vit, wrn16_4"):
         check_overrides(["model=resnet"])
+
+
+def test_every_yaml_variant_composes_and_validates():
+    from marglik.cli_config import yaml_variants
+
+    assert "cifar10_wrn16_4" in yaml_variants("experiment")
+    for name in yaml_variants("experiment"):
+        check_overrides([f"+experiment={name}"])
+    for name in yaml_variants("model"):
+        cfg = check_overrides([f"model={name}"])
+        get_model(str(cfg.model.name), 1, 10, 8, **cfg.model.kwargs)
+    wide = check_overrides(["model=cnn_wide", "model.hidden=32"])
+    assert wide.model.name == "cnn" and wide.model.kwargs == {"width": 64, "hidden": 32}
 
 
 def test_compose_errors_name_key_value_and_allowed():
@@ -117,5 +130,5 @@ def test_help_examples_are_valid_commands():
     assert text.count("\n  marglik ") == 3
     for cmd, _ in EXAMPLES:
         check_overrides(cmd.split()[1:])
-    for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp"):
+    for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp|wrn16_4|vit|cnn_wide"):
         assert key in text
