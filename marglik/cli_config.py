@@ -152,7 +152,7 @@ MAIN_OPTIONS = (
     ("trainer.epochs", "training epochs"),
     ("trainer.batch_size", "MAP batch size"),
     ("trainer.lr", "MAP learning rate"),
-    ("trainer.device", "where to train"),
+    ("trainer.device", "where to train: auto, cpu, cuda, cuda:<index>, mps"),
     ("trainer.seed", "training seed"),
     ("trainer.resume", "auto | never | <run dir or .ckpt>"),
     ("logger.mode", "Weights & Biases mode (WANDB_MODE wins)"),
