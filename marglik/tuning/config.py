@@ -322,13 +322,8 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={show_value(value)}: {problem}; allowed: {allowed}")
 
 
-_MISSING = object()
-
-
 def show_value(value: Any) -> str:
     """A value as it would be written on the command line (``null``, ``true``, ``[a, b]``)."""
-    if value is _MISSING:
-        return "<missing>"
     if value is None:
         return "null"
     if isinstance(value, bool):
