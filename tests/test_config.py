@@ -43,6 +43,8 @@ def test_enums_compare_as_strings_and_serialise_plainly():
     ({"trainer": {"epochs": True}}, "trainer.epochs=true: wrong type; allowed: an integer"),
     ({"data": {"rotation": "abc"}}, "data.rotation=abc: wrong type; allowed: a number"),
     ({"curvature": {"approx": "full"}}, "curvature.approx=full: not a valid choice; allowed: one of expand, reduce"),
+    ({"hyper": {"generators": ["rotation", "foo"]}},
+     "hyper.generators=[rotation, foo]: wrong type; allowed: a list of values from translation_x"),
     ({"trainer": {"epoch": 3}}, "trainer.epoch=3: unknown key (did you mean trainer.epochs?)"),
     ({"hyper": {"steps": 0}}, "hyper.steps=0: invalid value; allowed: an integer >= 1"),
     ({"trainer": {"device": "gpu"}}, "trainer.device=gpu: invalid value"),

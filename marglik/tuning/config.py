@@ -410,12 +410,13 @@ def _typed(klass: Type[Any], raw: Dict[str, Any], prefix: str, where: str) -> An
         node = OmegaConf.merge(OmegaConf.structured(klass), raw)
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", None) or getattr(err, "key", "") or "").split(".")[0]
+        key = str(getattr(err, "full_key", None) or getattr(err, "key", "") or "").split(".")[0].split("[")[0]
         if key in known:
             value = raw.get(key, getattr(err, "value", None))
             tp = field_type(klass, key)
             raise ConfigError(prefix + key, value, type_problem(tp), describe_type(tp)) from None
-        raise ConfigError(prefix.rstrip(".") or "config", raw, str(err).splitlines()[0], f"the fields of {where}") from None
+        problem = str(err).splitlines()[0]
+        raise ConfigError(prefix.rstrip(".") or "config", raw, problem, f"the fields of {where}") from None
 
 
 def plain(value: Any) -> Any:
