@@ -134,3 +134,14 @@ def test_help_examples_are_valid_commands():
         check_overrides(cmd.split()[1:])
     for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp|wrn16_4|vit|cnn_wide"):
         assert key in text
+
+
+def test_choice_member_names_equal_values():
+    """OmegaConf parses a string into an enum by member *name*; the value is what users read."""
+    from marglik.tuning import config as C
+
+    choices = [v for v in vars(C).values() if isinstance(v, type) and issubclass(v, C.Choice) and v is not C.Choice]
+    assert len(choices) >= 10
+    for enum_type in choices:
+        for name, member in enum_type.__members__.items():
+            assert name == member.value, (enum_type, name)
