@@ -1,7 +1,8 @@
 """Marginal-likelihood hyperparameter tuning (Immer et al. 2021, Algorithm 1) with learned
 data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the estimator.
 
-* :class:`Config` -- the run configuration (the Hydra CLI's config groups, as dataclasses).
+* :class:`Config` -- the run configuration (the typed schema of the Hydra CLI, as dataclasses);
+  :class:`ConfigError` -- a bad key, type or value, as one line.
 * :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
 * :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
   (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
@@ -9,6 +10,7 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
 
 from .config import (
     Config,
+    ConfigError,
     CurvatureConfig,
     DataConfig,
     HyperConfig,
@@ -21,6 +23,7 @@ from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [
     "Config",
+    "ConfigError",
     "DataConfig",
     "ModelConfig",
     "CurvatureConfig",

@@ -42,11 +42,12 @@ marglik computes: a peer with ``hyper.augmentation=true`` is a configuration err
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .choices import Choice
 
 __all__ = [
     "CurvatureBackend",
@@ -60,20 +61,20 @@ __all__ = [
 ]
 
 
-class CurvatureBackend(str, Enum):
+class CurvatureBackend(Choice):
     """``curvature.backend``."""
 
-    MARGLIK = "marglik"
-    CURVLINOPS = "curvlinops"
-    ASDL = "asdl"
-    BACKPACK = "backpack"
+    marglik = "marglik"
+    curvlinops = "curvlinops"
+    asdl = "asdl"
+    backpack = "backpack"
 
 
-class CurvatureStructure(str, Enum):
+class CurvatureStructure(Choice):
     """``curvature.structure``."""
 
-    KRON = "kron"
-    DIAG = "diag"
+    kron = "kron"
+    diag = "diag"
 
 
 def _parse(enum: type, value: Any, what: str) -> Any:
@@ -97,8 +98,8 @@ def check_curvature_config(curvature: Any, augmentation: bool) -> None:
     backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
     structure = _parse(CurvatureStructure, curvature.structure, "curvature.structure")
     b = backend.value
-    if backend is CurvatureBackend.MARGLIK:
-        if structure is CurvatureStructure.DIAG:
+    if backend is CurvatureBackend.marglik:
+        if structure is CurvatureStructure.diag:
             raise ValueError(
                 "curvature.structure=diag is not offered by backend=marglik (its engine computes Kronecker "
                 "factors only); use curvature.backend=curvlinops|asdl|backpack for a diagonal GGN"
@@ -109,22 +110,22 @@ def check_curvature_config(curvature: Any, augmentation: bool) -> None:
             f"hyper.augmentation=true needs curvature factors differentiable w.r.t. the augmentation, which only "
             f"curvature.backend=marglik computes; set hyper.augmentation=false to use backend={b}"
         )
-    kron = structure is CurvatureStructure.KRON
-    if kron and curvature.approx == "reduce" and backend in (CurvatureBackend.ASDL, CurvatureBackend.BACKPACK):
-        why = ("ASDL implements only K-FAC-expand" if backend is CurvatureBackend.ASDL else
+    kron = structure is CurvatureStructure.kron
+    if kron and curvature.approx == "reduce" and backend in (CurvatureBackend.asdl, CurvatureBackend.backpack):
+        why = ("ASDL implements only K-FAC-expand" if backend is CurvatureBackend.asdl else
                "BackPACK's KFLR/KFAC have one fixed convention (expand on linear layers; (R A_expand) x B_reduce "
                "on convolutions)")
         raise ValueError(
             f"curvature.backend={b} has no K-FAC-reduce ({why}); set curvature.approx=expand, or use "
             "backend=marglik|curvlinops for reduce"
         )
-    if kron and backend is CurvatureBackend.BACKPACK and curvature.fisher_type == "empirical":
+    if kron and backend is CurvatureBackend.backpack and curvature.fisher_type == "empirical":
         raise ValueError(
             "curvature.backend=backpack has no Kronecker-factored empirical Fisher (laplace-torch's BackPackEF.kron "
             "is unavailable); use fisher_type=type-2|mc or structure=diag"
         )
     if curvature.fisher_type == "mc" and curvature.mc_samples != 1 and not (
-        kron and backend is CurvatureBackend.CURVLINOPS
+        kron and backend is CurvatureBackend.curvlinops
     ):
         raise ValueError(
             f"curvature.mc_samples={curvature.mc_samples}: laplace-torch's {b} {structure.value} backend draws one "
@@ -227,13 +228,13 @@ class PeerLaplace:
 
         self.backend = _parse(CurvatureBackend, backend, "backend")
         self.structure = _parse(CurvatureStructure, structure, "structure")
-        if self.backend is CurvatureBackend.MARGLIK:
+        if self.backend is CurvatureBackend.marglik:
             raise ValueError("PeerLaplace runs the peers; backend=marglik is marglik.KronLaplace")
-        self.model = sequential_view(model) if self.backend is CurvatureBackend.BACKPACK else model
+        self.model = sequential_view(model) if self.backend is CurvatureBackend.backpack else model
         _check_peer_layers(self.model, self.backend.value)
         self._backend_cls, backend_kwargs = self._backend_class(fisher_type)
         fisher_kwargs: Dict[str, Any] = {}
-        if self.backend is CurvatureBackend.CURVLINOPS and self.structure is CurvatureStructure.KRON:
+        if self.backend is CurvatureBackend.curvlinops and self.structure is CurvatureStructure.kron:
             fisher_kwargs["kfac_approx"] = approx
             if fisher_type == "mc":
                 fisher_kwargs["mc_samples"] = int(mc_samples)
@@ -249,9 +250,9 @@ class PeerLaplace:
         from laplace import curvature as lc
 
         classes = {
-            CurvatureBackend.CURVLINOPS: (lc.CurvlinopsGGN, lc.CurvlinopsEF),
-            CurvatureBackend.ASDL: (lc.AsdlGGN, lc.AsdlEF),
-            CurvatureBackend.BACKPACK: (lc.BackPackGGN, lc.BackPackEF),
+            CurvatureBackend.curvlinops: (lc.CurvlinopsGGN, lc.CurvlinopsEF),
+            CurvatureBackend.asdl: (lc.AsdlGGN, lc.AsdlEF),
+            CurvatureBackend.backpack: (lc.BackPackGGN, lc.BackPackEF),
         }[self.backend]
         if fisher_type == "empirical":
             return classes[1], {}
@@ -282,14 +283,14 @@ class PeerLaplace:
                 "the model (copy.deepcopy)"
             ) from e
         finally:
-            if self.backend is CurvatureBackend.BACKPACK:
+            if self.backend is CurvatureBackend.backpack:
                 _remove_backpack_hooks(self.model)
         N = seen if num_data is None else int(num_data)
         scale = N / seen
         la = self.la
         if scale != 1.0:
             la.loss = la.loss * scale
-            if self.structure is CurvatureStructure.KRON:
+            if self.structure is CurvatureStructure.kron:
                 for factors in la.H_facs.kfacs:
                     factors[0] = factors[0] * scale  # B of [B, A], or the single factor of a 1-d block
                 la.H = la.H_facs.decompose(damping=la.damping)
@@ -320,7 +321,7 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
     """The Laplace approximation the tuning loop fits: :class:`marglik.KronLaplace` for
     ``backend=marglik``, else a :class:`PeerLaplace`."""
     backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
-    if backend is CurvatureBackend.MARGLIK:
+    if backend is CurvatureBackend.marglik:
         from ..laplace import KronLaplace
 
         return KronLaplace(
@@ -340,7 +341,7 @@ def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Te
     Raises:
         ValueError: the peer cannot build or fit a Laplace approximation of ``model``.
     """
-    if _parse(CurvatureBackend, curvature.backend, "curvature.backend") is CurvatureBackend.MARGLIK:
+    if _parse(CurvatureBackend, curvature.backend, "curvature.backend") is CurvatureBackend.marglik:
         return
     label = curvature_label({"backend": curvature.backend, "structure": curvature.structure,
                              "approx": curvature.approx})

@@ -40,7 +40,7 @@ Safety: a non-finite training loss or log marginal likelihood rolls the run back
 good state (model, optimizers, hyperparameters and history as at the end of the previous epoch),
 scales the offending learning rate by ``trainer.rollback_lr_factor`` (default 0.5; MAP lr for the
 loss, hyper lrs for the marglik), records the
-event in ``summary.json['rollbacks']`` and the log, and retries the epoch. The random streams are
+event in ``summary.json['rollback_events']`` and the log, and retries the epoch. The random streams are
 *not* rewound, so the retry sees a fresh data order, marglik subset and augmentation noise (a
 failure tied to one unlucky draw does not repeat deterministically). After
 ``trainer.max_rollbacks`` rollbacks it raises :class:`NonFiniteError`.
@@ -71,7 +71,7 @@ from ..models import get_model
 from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs
 from .config import Config
-from .reporting import plot_curves, write_history, write_json
+from .reporting import plot_curves, summary_record, write_history, write_json
 from .wandb_logger import WandbLogger
 
 log = logging.getLogger("marglik.tuning")
@@ -524,6 +524,8 @@ class MarglikTuner:
         self.wandb_id = self.logger.run_id or self.wandb_id
         if self.resumed_from is not None:
             self._report(f"resumed from {self.resumed_from} at epoch {self.epoch}/{c.trainer.epochs}")
+        for msg in c.warnings():  # e.g. epochs <= burn-in: say so before training starts
+            self._report(msg)
         from tqdm.auto import tqdm
 
         pbar = tqdm(
@@ -592,7 +594,7 @@ class MarglikTuner:
             lml = self.last_log_marglik
         steps = self.timing["marglik_step_seconds"]
         cached = self.timing["cached_step_seconds"]
-        summary = {
+        summary = summary_record({
             "test_accuracy": metrics["test_acc"],
             "test_nll": metrics["test_nll"],
             "log_marglik": lml,
@@ -607,6 +609,7 @@ class MarglikTuner:
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
             "n_laplace_fits": self.timing["n_fits"],
             "n_hypersteps": len(steps) + len(cached),
+            "marglik_updates": sum(row.get("log_marglik") is not None for row in self.history),
             "fisher_type": c.curvature.fisher_type,
             "prior_structure": c.hyper.prior_structure,
             "augmentation_learned": self.aug_on,
@@ -627,13 +630,15 @@ class MarglikTuner:
             "num_params": sum(p.numel() for p in self.params),
             "seed": c.trainer.seed,
             "device": str(self.device),
-            "rollbacks": self.events,
+            "rollbacks": len(self.events),
+            "rollback_events": self.events,
             "marglik_estimator": (
                 "whole training set" if c.hyper.marglik_batches is None else
                 f"stochastic: {c.hyper.marglik_batches} random batches of "
                 f"{c.hyper.marglik_batch_size or c.trainer.batch_size} per fit, rescaled to N={self.N}"
             ),
-        }
+            "warnings": c.warnings(),
+        })
         write_json(summary, self.run_dir / "summary.json")
         write_history(self.history, self.run_dir / "history.csv")
         if self.history:
@@ -642,6 +647,9 @@ class MarglikTuner:
                     self.history, self.run_dir / "curves.png",
                     title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx} "
                           f"aug={'on' if self.aug_on else 'off'}",
+                    burn_in=c.hyper.burn_in,
+                    reported_epoch=summary["best_epoch"] if use_best else self.epoch,
+                    reported_label="reported (best marglik)" if use_best else "reported (last)",
                 )
             except Exception as e:  # plotting must never lose a finished run
                 self._report(f"could not write curves.png: {e}")
