@@ -602,6 +602,7 @@ class MarglikTuner:
             "prior_precision": self.log_prior.detach().exp().tolist(),
             "augmentation": self.ranges(),
             "approx": c.curvature.approx,
+            "copies_approx": c.curvature.copies_approx,
             "backend": c.curvature.backend,
             "structure": c.curvature.structure,
             "seconds": self.timing["elapsed"],

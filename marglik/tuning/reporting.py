@@ -41,7 +41,10 @@ class RunSummary:
     log_marglik_per_example: Optional[float]
     prior_precision: List[float]  #: current (last) prior precision: 1 entry (scalar) or one per tensor
     augmentation: Dict[str, float]  #: learned ranges of the reported model (see augmentation_units)
-    approx: str
+    approx: str  #: curvature.approx (positions)
+    copies_approx: Optional[str]  #: curvature.copies_approx (augmented copies; null: as approx)
+    backend: str  #: curvature.backend (marglik or a laplace-torch peer)
+    structure: str  #: curvature.structure (kron | diag)
     seconds: float
     seconds_per_marglik_step: Optional[float]
     seconds_per_cached_hyperstep: Optional[float]
