@@ -30,6 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .launch import is_main_process, prepare_overrides
 from .tuning import Config, tune
 
 log = logging.getLogger("marglik")
@@ -52,13 +53,15 @@ def _hydra_main(cfg: DictConfig) -> Any:
                                      "seconds_per_marglik_step")}
     short["augmentation"] = {k: round(v, 3) for k, v in summary["augmentation"].items()}
     log.info("summary: %s", json.dumps(short))
-    print(f"marglik: wrote summary.json, history.csv, curves.png to {run_dir}", file=sys.stderr)
-    print(json.dumps(short, indent=1), file=sys.stderr)
+    if is_main_process():
+        print(f"marglik: wrote summary.json, history.csv, curves.png to {run_dir}", file=sys.stderr)
+        print(json.dumps(short, indent=1), file=sys.stderr)
     return summary["log_marglik"]  # objective for Hydra sweepers
 
 
 def main() -> None:
     """Console script ``marglik``."""
+    sys.argv[1:] = prepare_overrides(sys.argv[1:])  # resume dir, ranks, writable run dir
     _hydra_main()
 
 

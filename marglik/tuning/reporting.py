@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
@@ -27,17 +28,23 @@ def write_json(obj: Dict[str, Any], path: Union[str, Path]) -> None:
 
 
 def write_history(history: Sequence[Dict[str, Any]], path: Union[str, Path]) -> None:
-    """CSV with the union of the rows' keys as columns (first-seen order); missing cells empty."""
+    """CSV with the union of the rows' keys as columns (first-seen order); missing cells empty.
+
+    Written to a temporary file and renamed over ``path``: a kill mid-write leaves the previous
+    complete file."""
     cols: List[str] = []
     for row in history:
         for k in row:
             if k not in cols:
                 cols.append(k)
-    with open(path, "w", newline="") as f:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+    os.replace(tmp, path)
 
 
 def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:

@@ -7,14 +7,21 @@
   setting appear side by side in one dashboard group; ``job_type`` is the approximation.
 * If wandb is not installed, or ``wandb.init`` / ``log`` fails (no network, no API key, ...), a
   warning is printed once and the run continues without it.
+* Run names are unique: the default is ``<approx>-s<seed>-<run id>``; the id is chosen by the
+  tuner and kept in its checkpoint, so a resumed run continues the same W&B run
+  (``resume="allow"``).
+* :meth:`WandbLogger.finish` returns, for an offline run, where its files are and the
+  ``wandb sync`` command that uploads them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import warnings
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +44,14 @@ def default_group(cfg: Dict[str, Any]) -> str:
 class WandbLogger:
     """Thin wrapper: ``log(metrics, step)``, ``summary(dict)``, ``finish()``; all no-ops when off."""
 
-    def __init__(self, cfg: Dict[str, Any], run_dir: str, resume_id: Optional[str] = None) -> None:
+    def __init__(
+        self, cfg: Dict[str, Any], run_dir: str, resume_id: Optional[str] = None, mode: Optional[str] = None
+    ) -> None:
         self.run = None
+        self.run_dir = run_dir
+        self.offline_dirs: list = []
         lc = cfg["logger"]
-        mode = os.environ.get("WANDB_MODE") or lc.get("mode", "offline")
+        mode = mode or os.environ.get("WANDB_MODE") or lc.get("mode", "offline")
         if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
             mode = "disabled"
         mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
@@ -59,7 +70,7 @@ class WandbLogger:
                 entity=lc.get("entity"),
                 group=lc.get("group") or default_group(cfg),
                 job_type=cfg["curvature"]["approx"],
-                name=lc.get("name") or f"{cfg['curvature']['approx']}-s{cfg['trainer']['seed']}",
+                name=lc.get("name") or default_name(cfg, resume_id),
                 tags=list(lc.get("tags") or []),
                 config=cfg,
                 dir=run_dir,
@@ -111,11 +122,35 @@ class WandbLogger:
         except Exception as e:
             warnings.warn(f"wandb image upload failed ({e})")
 
-    def finish(self) -> None:
+    def finish(self) -> Optional[str]:
+        """Close the run; for an offline run return a line naming its folder(s) and the
+        ``wandb sync`` command (``None`` otherwise)."""
         if self.run is None:
-            return
+            return None
+        run_id = self.run_id
+        offline = self.mode == "offline"
         try:
             self.run.finish()
         except Exception as e:
             warnings.warn(f"wandb.finish failed ({e})")
         self.run = None
+        if not offline or not run_id:
+            return None
+        self.offline_dirs = offline_run_dirs(self.run_dir, run_id)
+        if not self.offline_dirs:
+            return None
+        where = " ".join(shlex.quote(str(d)) for d in self.offline_dirs)
+        return (f"W&B offline run {run_id} saved in {where}; upload it with: wandb sync {where}")
+
+
+def default_name(cfg: Dict[str, Any], run_id: Optional[str]) -> str:
+    """``<approx>-s<seed>-<run id>``: unique per run, same for a resumed run."""
+    base = f"{cfg['curvature']['approx']}-s{cfg['trainer']['seed']}"
+    return f"{base}-{run_id}" if run_id else base
+
+
+def offline_run_dirs(run_dir: str, run_id: str) -> List[Path]:
+    """The offline run folders of run ``run_id`` under ``<run_dir>/wandb`` (one per resumed
+    segment), oldest first."""
+    root = Path(run_dir) / "wandb"
+    return sorted(p for p in root.glob(f"offline-run-*-{run_id}") if p.is_dir())
