@@ -63,7 +63,7 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
         scratch = tempfile.mkdtemp(prefix=f"marglik-rank{env_rank()}-")
         atexit.register(shutil.rmtree, scratch, True)
         return [o for o in out if not o.lstrip("+").startswith("hydra.run.dir=")] + [
-            f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+            f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
         ]
     if run_dir is not None and "${" in run_dir:  # interpolated (e.g. ${now:...}): probe the fixed folder
         prefix = run_dir.split("${")[0]

@@ -209,6 +209,14 @@ class MarglikTuner:
                     f"cannot resume from {path}: the configuration differs from the checkpoint's:\n  "
                     + "\n  ".join(diff) + "\n(use trainer.resume=never, or a fresh run directory)"
                 )
+            before = state["config"]["trainer"]["epochs"]
+            if before != t.epochs:
+                self._report(
+                    f"trainer.epochs changed from {before} to {t.epochs} since the checkpoint: "
+                    + (f"extending the run by {t.epochs - state['epoch']} epochs"
+                       if t.epochs > state["epoch"] else "nothing left to train")
+                    + ("; the cosine lr schedule is stretched to the new length" if t.schedule == "cosine" else "")
+                )
             self.load_state_dict(state)
             self.resumed_from = Path(path)
             self._saved_ckpt = (self.resumed_from, self.epoch)
