@@ -48,6 +48,7 @@ class WandbLogger:
         self, cfg: Dict[str, Any], run_dir: str, resume_id: Optional[str] = None, mode: Optional[str] = None
     ) -> None:
         self.run = None
+        self.name = None
         self.run_dir = run_dir
         self.offline_dirs: list = []
         lc = cfg["logger"]
@@ -83,6 +84,7 @@ class WandbLogger:
         except Exception as e:
             warnings.warn(f"wandb.init failed in mode {mode!r} ({type(e).__name__}: {e}); continuing without it")
             self.run = None
+        self.name: Optional[str] = getattr(self.run, "name", None)  #: the W&B run name (None: no run)
 
     @property
     def run_id(self) -> Optional[str]:
