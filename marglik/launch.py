@@ -49,9 +49,9 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
     """The overrides to hand to Hydra (see the module docstring); exits with status 2 and one
     line naming the folder if the run directory is not writable."""
     out = list(overrides)
-    if any(o in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg") or o.startswith("--cfg")
-           for o in overrides):
-        return out
+    if any(o in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "-m", "--multirun")
+           or o.startswith(("--cfg", "--info")) for o in overrides):
+        return out  # no run directory of ours (help, config printing, Hydra sweeps)
     run_dir = _value(out, "hydra.run.dir")
     resume = _value(out, "trainer.resume")
     if run_dir is None and resume is not None:

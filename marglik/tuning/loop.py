@@ -315,6 +315,8 @@ class MarglikTuner:
         )
 
     def _report(self, msg: str) -> None:
+        if not self.is_main:  # one voice per job: rank 0
+            return
         if logging.getLogger().handlers or log.handlers:  # e.g. Hydra's console + file handlers
             log.warning(msg)
         else:  # plain Python use: print above the progress bar
@@ -473,6 +475,8 @@ class MarglikTuner:
             else:
                 loss_value, nll_value, hits_value = loss.item(), nll.item(), hits.item()
             if not math.isfinite(loss_value):
+                if self.dist.enabled:  # DDP needs the backward of every forward; the grads are discarded
+                    loss.backward()
                 self._rollback("loss", loss_value, f"MAP step, batch {b + 1}/{self.batches_per_epoch}")
                 return None
             self.map_opt.zero_grad(set_to_none=True)
