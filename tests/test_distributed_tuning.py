@@ -82,3 +82,40 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     _close(rows, ref_rows, "history")
     assert rows[-1]["aug_rotation"] > 0 and rows[-1]["log_marglik"] is not None  # eta and the marglik moved
+
+
+def _rollback_worker(rank, init_file, out_dir):
+    import torch.distributed as dist_
+
+    from test_tuning import tiny
+
+    dist_.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    t = MarglikTuner(tiny(trainer={"epochs": 3}), f"{out_dir}/rank{rank}")  # the tuner joins this group
+    orig, calls = t.map_loss, {"n": 0}
+
+    def flaky(x, y, n_global=None):
+        calls["n"] += 1
+        loss, nll, out = orig(x, y, n_global=n_global)
+        if calls["n"] == 5 and rank == 0:  # a non-finite loss on one rank only
+            loss = loss * float("nan")
+        return loss, nll, out
+
+    t.map_loss = flaky
+    s = t.fit()
+    torch.save({"rollbacks": s["rollbacks"], "log_prior": t.log_prior.detach(), "eta": t.aug.eta.detach(),
+                "world_size": s["world_size"]}, f"{out_dir}/rank{rank}.pt")
+    if dist_.is_initialized():
+        dist_.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_rollback_on_one_rank_is_taken_by_all(tmp_path):
+    """A non-finite loss on rank 0 only: both ranks roll back together (no hang, no divergence)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rollback_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world_size"] == 2 and len(r0["rollbacks"]) == len(r1["rollbacks"]) == 1
+    assert r0["rollbacks"][0]["where"] == "MAP step, batch 2/3"
+    assert torch.equal(r0["log_prior"], r1["log_prior"]) and torch.equal(r0["eta"], r1["eta"])
+    assert not (tmp_path / "rank1").exists()  # rank 1 writes nothing

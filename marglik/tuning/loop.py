@@ -469,9 +469,10 @@ class MarglikTuner:
             loss, nll, out = self.map_loss(xb, yb, n_global=n) if self.dist.enabled else self.map_loss(xb, yb)
             hits = (out.argmax(-1) == yb).sum()
             if self.dist.enabled:  # global batch NLL and hits, so every rank takes the same decision
-                stats = self.dist.sum_(torch.stack([nll.detach().double(), hits.double()]))
+                bad = (~torch.isfinite(loss.detach())).double()
+                stats = self.dist.sum_(torch.stack([nll.detach().double(), hits.double(), bad]))
                 nll_value, hits_value = stats[0].item(), stats[1].item()
-                loss_value = (stats[0] + self._prior_term().detach().double()).item()
+                loss_value = (stats[0] + self._prior_term().detach().double()).item() if stats[2] == 0 else math.nan
             else:
                 loss_value, nll_value, hits_value = loss.item(), nll.item(), hits.item()
             if not math.isfinite(loss_value):
