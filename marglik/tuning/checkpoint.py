@@ -6,6 +6,10 @@ lr scales, the epoch, the history, every random number generator (torch CPU/CUDA
 Python, and the run's own ``torch.Generator`` streams) and the resolved config. Resuming from the
 file therefore continues the run exactly as if it had not been interrupted (on the same device
 type; CUDA kernels may be nondeterministic).
+
+Faults: a run keeps its last two epoch checkpoints (``last.ckpt``, ``prev.ckpt``); an unreadable
+one is reported by path and the next older one is used (:func:`load_resume_state`), and the run
+and checkpoint folders are probed for writing before training (:func:`check_writable`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import copy
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -91,16 +95,17 @@ def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = Fa
     os.replace(tmp, path)
 
 
-def load(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read a run checkpoint; :class:`CheckpointError` naming ``path`` if it is truncated, corrupt
-    or not a run checkpoint (missing one of :data:`REQUIRED_KEYS`)."""
+def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+    """Read a checkpoint; :class:`CheckpointError` naming ``path`` if it is truncated, corrupt or
+    lacks one of the ``required`` keys (default: a run checkpoint; ``()`` for ``best.ckpt``)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, bad pickle, I/O error
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing keys)")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
     return state
 
 

@@ -45,9 +45,13 @@ event in ``summary.json['rollbacks']`` and the log, and retries the epoch. The r
 failure tied to one unlucky draw does not repeat deterministically). After
 ``trainer.max_rollbacks`` rollbacks it raises :class:`NonFiniteError`.
 
-Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point) and
+Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point; the one it
+replaces is kept as ``prev.ckpt``, the fallback if ``last.ckpt`` is unreadable) and
 ``best.ckpt`` whenever the log marglik improves (the model the summary reports by default,
-``trainer.final_model=best``, as in Algorithm 1).
+``trainer.final_model=best``, as in Algorithm 1). A resumed run continues in its run directory
+(``history.csv`` rewritten from the checkpoint, the same W&B run); see :meth:`MarglikTuner.fit`.
+
+Data parallel (``torchrun``): see :mod:`marglik.tuning.distributed`.
 """
 
 from __future__ import annotations
