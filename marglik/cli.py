@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any, Optional
 
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .launch import is_main_process, prepare_overrides
 from .tuning import Config, tune
+from .tuning.checkpoint import CheckpointError
 
 log = logging.getLogger("marglik")
 
@@ -48,7 +50,13 @@ def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
-    summary = run_from_config(cfg, run_dir)
+    try:
+        summary = run_from_config(cfg, run_dir)
+    except (PermissionError, CheckpointError) as e:  # a folder or file named in one line
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"marglik: error: {e}", file=sys.stderr)
+        sys.exit(2)
     short = {k: summary[k] for k in ("test_accuracy", "test_nll", "log_marglik", "approx", "seconds",
                                      "seconds_per_marglik_step")}
     short["augmentation"] = {k: round(v, 3) for k, v in summary["augmentation"].items()}

@@ -111,3 +111,14 @@ def test_cli_unwritable_run_dir_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(blocker / "run") in lines[0], proc.stderr
+
+
+def test_cli_unwritable_checkpoint_dir_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    proc = _cli([f"hydra.run.dir={run}", "trainer.epochs=1", "logger.mode=disabled"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"checkpoint directory {run / 'checkpoints'} is not writable" in proc.stderr
+    assert not (run / "history.csv").exists()  # failed before training

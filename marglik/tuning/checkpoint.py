@@ -183,7 +183,8 @@ def check_writable(path: Union[str, Path], what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
         raise PermissionError(
-            f"the {what} {path} is not writable ({e.strerror or e}); choose another one "
+            f"the {what} {path} is not writable ({why}); choose another one "
             f"(hydra.run.dir=... on the command line, run_dir in Python)"
         ) from e
