@@ -56,6 +56,10 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
     resume = _value(out, "trainer.resume")
     if run_dir is None and resume is not None:
         target = resume_run_dir(resume)
+        if target is not None and not Path(resume).expanduser().exists():
+            print(f"marglik: error: trainer.resume={resume}: no such run directory or checkpoint file",
+                  file=sys.stderr)
+            raise SystemExit(2)
         if target is not None:
             run_dir = str(target)
             out.append(f"hydra.run.dir={run_dir}")

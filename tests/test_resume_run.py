@@ -158,3 +158,31 @@ def test_interrupt_message_names_an_existing_checkpoint(tmp_path, caplog):
     ck = tmp_path / "checkpoints" / "last.ckpt"
     assert ck.is_file() and f"the checkpoint {ck} holds epoch 2/3" in caplog.text
     assert f"trainer.resume={tmp_path}" in caplog.text
+
+
+def test_launch_overrides(tmp_path, monkeypatch):
+    from marglik.launch import prepare_overrides
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    # resuming a run directory, or a checkpoint inside it, continues in that directory
+    assert prepare_overrides([f"trainer.resume={run}"])[-1] == f"hydra.run.dir={run}"
+    assert prepare_overrides([f"trainer.resume={run}/checkpoints/last.ckpt"])[-1] == f"hydra.run.dir={run}"
+    # an explicit hydra.run.dir wins; auto / never leave Hydra's default
+    assert prepare_overrides([f"hydra.run.dir={tmp_path}/x", f"trainer.resume={run}"]) == [
+        f"hydra.run.dir={tmp_path}/x", f"trainer.resume={run}"]
+    monkeypatch.chdir(tmp_path)
+    assert prepare_overrides(["trainer.resume=never"]) == ["trainer.resume=never"]
+    with pytest.raises(SystemExit) as e:
+        prepare_overrides([f"trainer.resume={tmp_path}/missing"])
+    assert e.value.code == 2 and not (tmp_path / "missing").exists()
+    assert prepare_overrides(["--help"]) == ["--help"]
+    # torchrun: ranks other than 0 get a scratch run directory, no .hydra folder, no log file
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = prepare_overrides([f"hydra.run.dir={run}"])
+    assert f"hydra.run.dir={run}" not in out and "hydra.output_subdir=null" in out
+    assert "hydra/job_logging=disabled" in out
