@@ -581,7 +581,8 @@ class MarglikTuner:
             nll += F.cross_entropy(out, yb, reduction="sum").item()
             correct += (out.argmax(-1) == yb).sum().item()
         if self.dist.enabled:
-            nll, correct = self.dist.sum_(torch.tensor([nll, correct], dtype=torch.float64, device=self.device)).tolist()
+            totals = torch.tensor([nll, correct], dtype=torch.float64, device=self.device)
+            nll, correct = self.dist.sum_(totals).tolist()
         self.model.train(was_training)
         return {"test_acc": correct / len(X), "test_nll": nll / len(X)}
 
