@@ -2,7 +2,8 @@
 data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the estimator.
 
 * :class:`Config` -- the run configuration (the Hydra CLI's config groups, as dataclasses).
-* :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
+* :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs; data
+  parallel under ``torchrun`` (:mod:`marglik.tuning.distributed`).
 """
 
 from .config import (
@@ -14,6 +15,7 @@ from .config import (
     ModelConfig,
     TrainerConfig,
 )
+from .checkpoint import CheckpointError
 from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "LoggerConfig",
     "MarglikTuner",
     "NonFiniteError",
+    "CheckpointError",
     "tune",
     "resolve_device",
 ]
