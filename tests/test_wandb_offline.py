@@ -53,3 +53,19 @@ def test_offline_run_location_sync_command_and_unique_names(offline, capsys):
     capsys.readouterr()
     assert a.wandb_id != b.wandb_id
     assert a.logger.name == f"reduce-s0-{a.wandb_id}" and b.logger.name == f"reduce-s0-{b.wandb_id}"
+
+
+def test_offline_resume_continues_the_same_run(offline, capsys):
+    from test_tuning import _interrupt_after
+
+    cfg = tiny(trainer={"epochs": 2}, hyper={"burn_in": 0, "steps": 1}, logger={"mode": "offline"})
+    with pytest.raises(KeyboardInterrupt):
+        MarglikTuner(cfg, offline / "r", callbacks=[_interrupt_after(1)]).fit()
+    first = capsys.readouterr().err
+    if "wandb sync" not in first:
+        pytest.skip("wandb cannot run offline here")
+    t = _run(cfg, offline / "r")
+    err = capsys.readouterr().err
+    m = re.search(r"upload it with: wandb sync (.+)$", err, re.M)
+    dirs = [Path(p) for p in shlex.split(m.group(1))]
+    assert len(dirs) == 2 and all(d.name.endswith(t.wandb_id) for d in dirs)  # one run, two segments
