@@ -38,8 +38,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .launch import is_main_process, prepare_overrides
 from .tuning import Config, tune
 from .tuning.config import ConfigError
+from .tuning.checkpoint import CheckpointError
 
 log = logging.getLogger("marglik")
 
@@ -53,11 +55,14 @@ def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
     return tune(config, run_dir)
 
 
-def _config_error(err: ConfigError) -> NoReturn:
-    """One line on stderr and exit status 2 (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
+def _config_error(err: Exception) -> NoReturn:
+    """One line on stderr and exit status 2 (the traceback only with ``HYDRA_FULL_ERROR=1``):
+    ``marglik: config error: ...`` for a :class:`ConfigError`, ``marglik: error: ...`` for a folder
+    or checkpoint problem."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
-    print(f"marglik: config error: {err}", file=sys.stderr)
+    kind = "config error" if isinstance(err, ConfigError) else "error"
+    print(f"marglik: {kind}: {err}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -66,15 +71,16 @@ def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = run_from_config(cfg, run_dir)
-    except ConfigError as err:  # e.g. a multirun job, whose overrides are not checked up front
-        _config_error(err)
+    except (ConfigError, PermissionError, CheckpointError) as err:  # named in one line; a ConfigError here
+        _config_error(err)  # is e.g. a multirun job's, whose overrides are not checked up front
     short = {k: summary[k] for k in ("test_accuracy", "test_nll", "log_marglik", "approx", "seconds",
                                      "seconds_per_marglik_step")}
     short["augmentation"] = {k: round(v, 3) for k, v in summary["augmentation"].items()}
     log.info("summary: %s", json.dumps(short))
-    written = [f for f in ("summary.json", "history.csv", "curves.png") if (Path(run_dir) / f).is_file()]
-    print(f"marglik: wrote {', '.join(written)} to {run_dir}", file=sys.stderr)
-    print(json.dumps(short, indent=1), file=sys.stderr)
+    if is_main_process():
+        written = [f for f in ("summary.json", "history.csv", "curves.png") if (Path(run_dir) / f).is_file()]
+        print(f"marglik: wrote {', '.join(written)} to {run_dir}", file=sys.stderr)
+        print(json.dumps(short, indent=1), file=sys.stderr)
     return summary["log_marglik"]  # objective for Hydra sweepers
 
 
@@ -105,7 +111,8 @@ def main() -> None:
 
         print(help_text())
         return
-    _precheck(argv)
+    _precheck(argv)  # config errors first: nothing is created for a bad config
+    sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
     _hydra_main()
 
 

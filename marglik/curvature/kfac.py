@@ -397,7 +397,7 @@ class KFAC:
             for attr in ("A_sum", "B_sum", "D_sum"):
                 t = getattr(s, attr)
                 if t is not None:
-                    dist.all_reduce(t)
+                    setattr(s, attr, _all_reduce_sum(t))
             if isinstance(s.rule, KroneckerRule):
                 c = torch.tensor([s.A_count], dtype=torch.float64, device=self._device())
                 dist.all_reduce(c)
@@ -406,8 +406,33 @@ class KFAC:
         dist.all_reduce(n)
         self._num_seen = int(n.item())
         if self._loss is not None:
-            dist.all_reduce(self._loss)
+            self._loss = _all_reduce_sum(self._loss)
         self._reduced = True  # once per accumulation: result() may be called again
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the all-reduced sum. Backward: the incoming gradient, to this rank's own term."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        total = t.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over all ranks. With ``differentiable=True`` (``t`` has autograd history)
+    the gradient flows to this rank's own ``t`` only (identity backward): each rank then
+    back-propagates into its own shard, and summing a data-dependent gradient (e.g. of
+    augmentation parameters) over ranks gives the gradient of the global quantity."""
+    if not t.requires_grad:
+        dist.all_reduce(t)
+        return t
+    return _SumOverRanks.apply(t)
 
 
 def _to(X: Any, device: torch.device) -> Any:

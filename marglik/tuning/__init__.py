@@ -3,7 +3,8 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
 
 * :class:`Config` -- the run configuration (the typed schema of the Hydra CLI, as dataclasses);
   :class:`ConfigError` -- a bad key, type or value, as one line.
-* :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
+* :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs; data
+  parallel under ``torchrun`` (:mod:`marglik.tuning.distributed`).
 * :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
   (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
 """
@@ -19,6 +20,7 @@ from .config import (
     TrainerConfig,
 )
 from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
+from .checkpoint import CheckpointError
 from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "LoggerConfig",
     "MarglikTuner",
     "NonFiniteError",
+    "CheckpointError",
     "tune",
     "resolve_device",
     "CurvatureBackend",

@@ -6,6 +6,10 @@ lr scales, the epoch, the history, every random number generator (torch CPU/CUDA
 Python, and the run's own ``torch.Generator`` streams) and the resolved config. Resuming from the
 file therefore continues the run exactly as if it had not been interrupted (on the same device
 type; CUDA kernels may be nondeterministic).
+
+Faults: a run keeps its last two epoch checkpoints (``last.ckpt``, ``prev.ckpt``); an unreadable
+one is reported by path and the next older one is used (:func:`load_resume_state`), and the run
+and checkpoint folders are probed for writing before training (:func:`check_writable`).
 """
 
 from __future__ import annotations
@@ -14,14 +18,21 @@ import copy
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 LAST = "last.ckpt"
+PREV = "prev.ckpt"  #: the good checkpoint before ``last.ckpt`` (the fallback if ``last`` is corrupt)
 BEST = "best.ckpt"
 CKPT_DIR = "checkpoints"
+#: keys every run checkpoint has; a file without them is not a usable resume point
+REQUIRED_KEYS = ("epoch", "model", "history", "rng", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a run checkpoint)."""
 
 
 def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
@@ -64,40 +75,116 @@ def detach_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def save(state: Dict[str, Any], path: Union[str, Path]) -> None:
-    """``torch.save`` to a temporary file, then an atomic rename: a crash mid-write never leaves a
-    truncated checkpoint behind."""
+def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = False) -> None:
+    """``torch.save`` to ``<path>.tmp`` (flushed to disk), then an atomic rename: a crash mid-write
+    never leaves a truncated checkpoint behind.
+
+    With ``keep_previous`` the file being replaced is first renamed to ``prev.ckpt`` in the same
+    folder, so the last two good checkpoints survive (a crash between the two renames leaves
+    ``prev.ckpt`` and ``last.ckpt.tmp``; :func:`resume_candidates` then falls back to ``prev``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.is_file():
+        os.replace(path, path.with_name(PREV))
     os.replace(tmp, path)
 
 
-def load(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
-    return torch.load(Path(path), map_location=map_location, weights_only=False)
+def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+    """Read a checkpoint; :class:`CheckpointError` naming ``path`` if it is truncated, corrupt or
+    lacks one of the ``required`` keys (default: a run checkpoint; ``()`` for ``best.ckpt``)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, I/O error
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e})") from e
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
+    return state
+
+
+def _is_off(spec: Optional[str]) -> bool:
+    return spec is None or str(spec).lower() in ("never", "none", "false", "")
+
+
+def resume_candidates(spec: Optional[str], run_dir: Union[str, Path]) -> List[Path]:
+    """Checkpoint files to try for ``trainer.resume``, newest first (the caller loads the first good one).
+
+    * ``None`` / ``"never"``: none (start fresh).
+    * ``"auto"``: ``<run_dir>/checkpoints/last.ckpt`` then ``prev.ckpt``, those that exist
+      (re-running into the same ``hydra.run.dir`` resumes); none: start fresh.
+    * a run directory: its ``checkpoints/last.ckpt`` then ``prev.ckpt`` (``FileNotFoundError`` if
+      it has neither).
+    * a checkpoint file: that file, then ``prev.ckpt`` beside it if the file is ``last.ckpt``.
+    """
+    if _is_off(spec):
+        return []
+    if str(spec).lower() == "auto":
+        d = Path(run_dir) / CKPT_DIR
+        return [p for p in (d / LAST, d / PREV) if p.is_file()]
+    p = Path(str(spec)).expanduser()
+    if p.is_dir():
+        for d in (p / CKPT_DIR, p):
+            found = [c for c in (d / LAST, d / PREV) if c.is_file()]
+            if found:
+                return found
+        raise FileNotFoundError(f"trainer.resume={spec!r}: no {CKPT_DIR}/{LAST} or {CKPT_DIR}/{PREV} in that directory")
+    if not p.is_file():
+        raise FileNotFoundError(f"trainer.resume={spec!r}: no such checkpoint file or run directory")
+    prev = p.with_name(PREV)
+    return [p, prev] if p.name == LAST and prev.is_file() else [p]
 
 
 def find_checkpoint(spec: Optional[str], run_dir: Union[str, Path]) -> Optional[Path]:
-    """Resolve ``trainer.resume``.
+    """The newest candidate of :func:`resume_candidates` (without reading it), or ``None``."""
+    cands = resume_candidates(spec, run_dir)
+    return cands[0] if cands else None
 
-    * ``None`` / ``"never"``: no resumption.
-    * ``"auto"``: ``<run_dir>/checkpoints/last.ckpt`` if it exists (re-running into the same
-      ``hydra.run.dir`` resumes), else start fresh.
-    * a path to a checkpoint file, or to a run directory holding ``checkpoints/last.ckpt``: that
-      checkpoint (an error if missing).
+
+def load_resume_state(
+    spec: Optional[str], run_dir: Union[str, Path], report: Callable[[str], None]
+) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
+    """Load the newest good checkpoint for ``trainer.resume``: ``(state, path)`` or ``(None, None)``.
+
+    A candidate that cannot be read is reported (by path) through ``report`` and the next one is
+    tried; if none is good the run starts fresh, saying so (``resume=auto``), or, for an explicit
+    ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed.
     """
-    if spec is None or str(spec).lower() in ("never", "none", "false", ""):
-        return None
-    if str(spec).lower() == "auto":
-        cand = Path(run_dir) / CKPT_DIR / LAST
-        return cand if cand.is_file() else None
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        for cand in (p / CKPT_DIR / LAST, p / LAST):
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"trainer.resume={spec!r}: no {CKPT_DIR}/{LAST} in that directory")
-    if not p.is_file():
-        raise FileNotFoundError(f"trainer.resume={spec!r}: no such checkpoint file or run directory")
-    return p
+    cands = resume_candidates(spec, run_dir)
+    failed = []
+    for i, path in enumerate(cands):
+        try:
+            return load(path, map_location="cpu"), path  # RNG states must stay on the CPU
+        except CheckpointError as e:
+            failed.append(str(e))
+            nxt = f"falling back to {cands[i + 1]}" if i + 1 < len(cands) else "no older good checkpoint"
+            report(f"{e}; {nxt}")
+    if failed and str(spec).lower() != "auto":
+        raise CheckpointError("cannot resume: " + "; ".join(failed))
+    if failed:
+        report(f"no readable checkpoint in {Path(run_dir) / CKPT_DIR}: starting this run from epoch 0")
+    return None, None
+
+
+def check_writable(path: Union[str, Path], what: str) -> None:
+    """Create folder ``path`` if needed and write/delete a probe file in it; ``PermissionError``
+    naming ``path`` (and ``what`` it is for) otherwise. Run before training, so an unwritable
+    output folder fails at once instead of after the first epoch."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+        raise PermissionError(
+            f"the {what} {path} is not writable ({why}); choose another one "
+            f"(hydra.run.dir=... on the command line, run_dir in Python)"
+        ) from e

@@ -554,9 +554,10 @@ class Config:
             )
         return out
 
-    # settings that may differ between an interrupted run and its resumption
+    # settings that may differ between an interrupted run and its resumption (trainer.epochs:
+    # extending a finished run; the cosine schedules then stretch to the new length)
     RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.progress", "trainer.num_threads",
-                   "trainer.max_rollbacks", "trainer.rollback_lr_factor", "logger")
+                   "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger")
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
         """Dotted keys whose values differ from ``other`` (a saved ``to_dict()``), ignoring

@@ -45,9 +45,13 @@ event in ``summary.json['rollback_events']`` and the log, and retries the epoch.
 failure tied to one unlucky draw does not repeat deterministically). After
 ``trainer.max_rollbacks`` rollbacks it raises :class:`NonFiniteError`.
 
-Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point) and
+Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point; the one it
+replaces is kept as ``prev.ckpt``, the fallback if ``last.ckpt`` is unreadable) and
 ``best.ckpt`` whenever the log marglik improves (the model the summary reports by default,
-``trainer.final_model=best``, as in Algorithm 1).
+``trainer.final_model=best``, as in Algorithm 1). A resumed run continues in its run directory
+(``history.csv`` rewritten from the checkpoint, the same W&B run); see :meth:`MarglikTuner.fit`.
+
+Data parallel (``torchrun``): see :mod:`marglik.tuning.distributed`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ from ..models import get_model
 from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs
 from .config import Config
+from .config import ConfigError
+from .distributed import DistContext
 from .reporting import plot_curves, summary_record, write_history, write_json
 from .wandb_logger import WandbLogger
 
@@ -127,12 +133,17 @@ class MarglikTuner:
     ) -> None:
         self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.callbacks = list(callbacks)
         c = self.cfg
         if c.trainer.num_threads:
             torch.set_num_threads(int(c.trainer.num_threads))
-        self.device = resolve_device(c.trainer.device)
+        self.dist = DistContext.setup(c.trainer.device)
+        self.is_main = self.dist.is_main  # rank 0 alone writes files, checkpoints and W&B
+        self.device = self.dist.device(resolve_device(c.trainer.device))
+        if self.is_main:  # fail before any training, naming the folder
+            ckpt.check_writable(self.run_dir, "run directory")
+            ckpt.check_writable(self.run_dir / ckpt.CKPT_DIR, "checkpoint directory")
+        self.run_dir = Path(self.dist.broadcast_object(str(self.run_dir)))
 
         d = c.data
         train, test, info = datasets or load_dataset(
@@ -150,6 +161,10 @@ class MarglikTuner:
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         check_backend_runs(c.curvature, self.model, (self.X[:2], self.y[:2]))  # a peer fails here, not mid-run
+        if self.dist.world_size > 1 and c.curvature.backend != "marglik":
+            raise ConfigError("curvature.backend", c.curvature.backend, "laplace-torch's peer backends do not "
+                              "all-reduce their curvature over torchrun ranks", "marglik under torchrun (or run the "
+                              "peer in one process)")
         self.aug_on = bool(c.hyper.augmentation)
         self.aug = AffineAugmentation(c.hyper.n_samples, generators=c.hyper.generators).to(self.device)
         self.aug_test = AffineAugmentation(
@@ -177,6 +192,8 @@ class MarglikTuner:
             "hyper": torch.Generator().manual_seed(seed * 7919 + 3),
         }
         self.batches_per_epoch = math.ceil(self.N / t.batch_size)
+        if self.dist.enabled:
+            self._check_shards()
 
         # run state (everything below is in the checkpoint)
         self.epoch = 0
@@ -191,18 +208,50 @@ class MarglikTuner:
         self.last_log_marglik = float("nan")
 
         self.resumed_from: Optional[Path] = None
-        path = ckpt.find_checkpoint(t.resume, self.run_dir)
-        if path is not None:
-            state = ckpt.load(path, map_location="cpu")  # RNG states must stay on the CPU
+        self._saved_ckpt: Optional[Tuple[Path, int]] = None  # newest checkpoint on disk, its epoch
+        # rank 0 reads the checkpoint (falling back to prev.ckpt if last.ckpt is unreadable) and
+        # sends it to the other ranks, which need no access to the run directory
+        state, path = ckpt.load_resume_state(t.resume, self.run_dir, self._report) if self.is_main else (None, None)
+        state, path = self.dist.broadcast_object((state, path))
+        if state is not None:
             diff = self.cfg.resume_diff(state["config"])
             if diff:
                 raise ValueError(
                     f"cannot resume from {path}: the configuration differs from the checkpoint's:\n  "
                     + "\n  ".join(diff) + "\n(use trainer.resume=never, or a fresh run directory)"
                 )
+            before = state["config"]["trainer"]["epochs"]
+            if before != t.epochs:
+                self._report(
+                    f"trainer.epochs changed from {before} to {t.epochs} since the checkpoint: "
+                    + (f"extending the run by {t.epochs - state['epoch']} epochs"
+                       if t.epochs > state["epoch"] else "nothing left to train")
+                    + ("; the cosine lr schedule is stretched to the new length" if t.schedule == "cosine" else "")
+                )
             self.load_state_dict(state)
-            self.resumed_from = path
+            self.resumed_from = Path(path)
+            self._saved_ckpt = (self.resumed_from, self.epoch)
         self._snapshot = self.state_dict()
+        self.net: nn.Module = self.model  # what the MAP steps call: the model, or its DDP wrapper
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def _check_shards(self) -> None:
+        """Every global batch must give each rank at least one example."""
+        c, k = self.cfg, self.dist.world_size
+        mb = c.hyper.marglik_batch_size or c.trainer.batch_size
+        m_total = self.N if c.hyper.marglik_batches is None else min(self.N, c.hyper.marglik_batches * mb)
+        sizes = {"trainer.batch_size": (c.trainer.batch_size, self.N % c.trainer.batch_size),
+                 "hyper.marglik_batch_size": (mb, m_total % mb)}
+        for key, (full, rest) in sizes.items():
+            if full < k or 0 < rest < k:
+                raise ValueError(
+                    f"{key}={full} with {self.N} training examples gives a batch of fewer than "
+                    f"world_size={k} examples (sharded over ranks, each rank needs at least one)"
+                )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -277,6 +326,8 @@ class MarglikTuner:
         )
 
     def _report(self, msg: str) -> None:
+        if not self.is_main:  # one voice per job: rank 0
+            return
         if logging.getLogger().handlers or log.handlers:  # e.g. Hydra's console + file handlers
             log.warning(msg)
         else:  # plain Python use: print above the progress bar
@@ -311,22 +362,49 @@ class MarglikTuner:
             g["lr"] = g["base_lr"] * factor
         return lr
 
-    def _augment(self, x: Tensor, aug: Optional[AffineAugmentation] = None, generator=None) -> Tensor:
+    def _augment(
+        self, x: Tensor, aug: Optional[AffineAugmentation] = None, generator=None, shard: bool = False
+    ) -> Tensor:
+        """Augmented copies ``(n, S, C, H, W)`` of ``x (n, C, H, W)`` (``x`` itself without augmentation).
+
+        ``shard=True`` (data parallel): ``x`` is a global batch; the noise is drawn for all of it,
+        as a single process would, and this rank's shard of the augmented batch is returned.
+        """
+        gen = generator if generator is not None else self.generators["aug"]
+        if shard and self.dist.enabled:
+            part = self.dist.shard(len(x))
+            if not self.aug_on:
+                return x[part]
+            aug = aug or self.aug
+            return aug(x[part], eps=aug.sample_eps(len(x), gen)[part])
         if not self.aug_on:
             return x
         aug = aug or self.aug
-        return aug(x, generator=generator if generator is not None else self.generators["aug"])
+        return aug(x, generator=gen)
 
-    def map_loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Negative log joint / N on one batch: ``(loss, mean nll, logits)``."""
-        out = self.model(x)
-        nll = F.cross_entropy(out, y)
+    def map_loss(self, x: Tensor, y: Tensor, n_global: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Negative log joint / N on one batch: ``(loss, mean nll, logits)``.
+
+        Data parallel: ``x``, ``y`` are this rank's shard of a global batch of ``n_global``
+        examples; ``nll`` is then the shard's share of the global mean (its summed NLL /
+        ``n_global``) and ``loss`` is ``world_size * nll`` plus the prior term, whose average
+        over ranks (DDP's gradient reduction) is the global batch's loss.
+        """
+        out = self.net(x)
+        if n_global is None:
+            nll = F.cross_entropy(out, y)
+            return nll + self._prior_term(), nll, out
+        nll = F.cross_entropy(out, y, reduction="sum") / n_global
+        return nll * self.dist.world_size + self._prior_term(), nll, out
+
+    def _prior_term(self) -> Tensor:
+        """``delta ||theta||^2 / (2 N)``: the negative log prior divided by ``N`` (no gradient to ``delta``)."""
         delta = self.log_prior.detach().exp()
         if delta.numel() == 1:
             reg = delta[0] * sum((p * p).sum() for p in self.params)
         else:
             reg = sum(d * (p * p).sum() for d, p in zip(delta, self.params))
-        return nll + 0.5 * reg / self.N, nll, out
+        return 0.5 * reg / self.N
 
     def _marglik_data(self) -> List[Tuple[Tensor, Tensor]]:
         """Batches for one Laplace fit: all data, or ``marglik_batches`` random batches; augmented
@@ -339,6 +417,8 @@ class MarglikTuner:
             perm = torch.randperm(self.N, generator=self.generators["hyper"])
             idx = perm[: min(self.N, h.marglik_batches * bs)]
         idx = idx.to(self.device)
+        if self.dist.enabled:  # this rank's shard of every batch; the fit all-reduces the sums
+            return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in idx.split(bs)]
         return [(self._augment(self.X[i]), self.y[i]) for i in idx.split(bs)]
 
     def make_laplace(self):
@@ -351,7 +431,7 @@ class MarglikTuner:
         seen = sum(len(yb) for _, yb in data)
         kwargs = {}
         params = inspect.signature(la.fit).parameters
-        if seen != self.N:
+        if seen != self.N or self.dist.enabled:  # a shard: the global count is reduced in the fit
             if "num_data" in params:
                 kwargs["num_data"] = self.N
             elif "N" in params:
@@ -377,22 +457,38 @@ class MarglikTuner:
         tot_loss = tot_nll = correct = 0.0
         lr = float("nan")
         for b, idx in enumerate(perm.split(t.batch_size)):
-            xb, yb = self.X[idx], self.y[idx]
-            with torch.no_grad():
-                xb = self._augment(xb)
+            n = len(idx)
+            if self.dist.enabled:
+                part = self.dist.shard(n)
+                xb, yb = self.X[idx], self.y[idx][part]
+                with torch.no_grad():
+                    xb = self._augment(xb, shard=True)
+            else:
+                xb, yb = self.X[idx], self.y[idx]
+                with torch.no_grad():
+                    xb = self._augment(xb)
             lr = self._set_lrs()
-            loss, nll, out = self.map_loss(xb, yb)
-            if not torch.isfinite(loss):
-                self._rollback("loss", loss.item(), f"MAP step, batch {b + 1}/{self.batches_per_epoch}")
+            loss, nll, out = self.map_loss(xb, yb, n_global=n) if self.dist.enabled else self.map_loss(xb, yb)
+            hits = (out.argmax(-1) == yb).sum()
+            if self.dist.enabled:  # global batch NLL and hits, so every rank takes the same decision
+                bad = (~torch.isfinite(loss.detach())).double()
+                stats = self.dist.sum_(torch.stack([nll.detach().double(), hits.double(), bad]))
+                nll_value, hits_value = stats[0].item(), stats[1].item()
+                loss_value = (stats[0] + self._prior_term().detach().double()).item() if stats[2] == 0 else math.nan
+            else:
+                loss_value, nll_value, hits_value = loss.item(), nll.item(), hits.item()
+            if not math.isfinite(loss_value):
+                if self.dist.enabled:  # DDP needs the backward of every forward; the grads are discarded
+                    loss.backward()
+                self._rollback("loss", loss_value, f"MAP step, batch {b + 1}/{self.batches_per_epoch}")
                 return None
             self.map_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.map_opt.step()
             self.global_step += 1
-            n = len(yb)
-            tot_loss += loss.item() * n
-            tot_nll += nll.item() * n
-            correct += (out.argmax(-1) == yb).sum().item()
+            tot_loss += loss_value * n
+            tot_nll += nll_value * n
+            correct += hits_value
         return {"lr": lr, "train_loss": tot_loss / self.N, "train_nll": tot_nll / self.N, "train_acc": correct / self.N}
 
     def _hyper_update(self) -> Optional[Dict[str, float]]:
@@ -424,6 +520,11 @@ class MarglikTuner:
                     self._rollback("marglik", lml.item(), f"hyperstep {k + 1}/{h.steps}")
                     return None
                 grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
+                if self.dist.enabled and self.aug_on:
+                    # eta acts through each rank's own shard: its gradient is the sum over ranks.
+                    # The prior precision acts through the all-reduced factors only: same on all ranks.
+                    grads = (grads[0], self.dist.sum_(torch.zeros_like(self.aug.eta) if grads[1] is None
+                                                      else grads[1].detach().clone()))
                 pre = (lml.item(), self.log_prior.detach().clone(), self.aug.eta.detach().clone())
                 bad = [g for g in grads if g is not None and not torch.isfinite(g).all()]
                 if bad:
@@ -433,6 +534,9 @@ class MarglikTuner:
                     p.grad = torch.zeros_like(p) if g is None else g
                 self.hyper_opt.step()
                 self.hyper_opt.zero_grad(set_to_none=True)
+                if self.dist.enabled:  # identical hyperparameters on every rank, whatever the hardware
+                    for p in hyper_params:
+                        self.dist.broadcast_(p.data)
                 _sync(self.device)
                 dt = time.perf_counter() - t0
                 self.timing["marglik_step_seconds" if fitted else "cached_step_seconds"].append(dt)
@@ -447,7 +551,8 @@ class MarglikTuner:
                 "log_marglik": value, "epoch": self.epoch + 1, "model": self.model.state_dict(),
                 "log_prior": log_prior, "eta": eta,
             })
-            ckpt.save({**self.best, "config": self.cfg.to_dict()}, self.run_dir / ckpt.CKPT_DIR / ckpt.BEST)
+            if self.is_main:
+                ckpt.save({**self.best, "config": self.cfg.to_dict()}, self.run_dir / ckpt.CKPT_DIR / ckpt.BEST)
         return {"log_marglik": value, "log_marglik_first": values[0]}
 
     @torch.no_grad()
@@ -463,10 +568,19 @@ class MarglikTuner:
         nll = correct = 0.0
         bs = self.cfg.trainer.eval_batch_size
         for i in range(0, len(X), bs):
-            xb = self._augment(X[i : i + bs], self.aug_test, gen)
+            yb = y[i : i + bs]
+            if self.dist.enabled:  # each rank evaluates its shard of every batch
+                xb, yb = self._augment(X[i : i + bs], self.aug_test, gen, shard=True), yb[self.dist.shard(len(yb))]
+                if len(yb) == 0:
+                    continue
+            else:
+                xb = self._augment(X[i : i + bs], self.aug_test, gen)
             out = self.model(xb)
-            nll += F.cross_entropy(out, y[i : i + bs], reduction="sum").item()
-            correct += (out.argmax(-1) == y[i : i + bs]).sum().item()
+            nll += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(-1) == yb).sum().item()
+        if self.dist.enabled:
+            totals = torch.tensor([nll, correct], dtype=torch.float64, device=self.device)
+            nll, correct = self.dist.sum_(totals).tolist()
         self.model.train(was_training)
         return {"test_acc": correct / len(X), "test_nll": nll / len(X)}
 
@@ -516,20 +630,36 @@ class MarglikTuner:
 
     # ------------------------------------------------------------------ main
     def fit(self) -> Dict[str, Any]:
-        """Run (or resume) the whole schedule, then evaluate and write the outputs; returns the summary."""
+        """Run (or resume) the whole schedule, then evaluate and write the outputs; returns the summary.
+
+        Every completed epoch is checkpointed (``last.ckpt``, the previous one kept as
+        ``prev.ckpt``), then appended to ``history.csv``, then logged to W&B, so a ``kill -9``
+        loses at most the epoch in flight. A resumed run rewrites ``history.csv`` from the
+        checkpoint's history (no lost or duplicated epoch) and logs the checkpoint's last epoch to
+        its W&B run again (same id, ``resume="allow"``), in case the kill came between the two.
+        """
         c = self.cfg
         cfg_dict = c.to_dict()
-        write_json({**cfg_dict, "data_info": self.info}, self.run_dir / "config.json")
-        self.logger = WandbLogger(cfg_dict, str(self.run_dir), resume_id=self.wandb_id)
-        self.wandb_id = self.logger.run_id or self.wandb_id
+        if self.wandb_id is None:  # unique per run, kept in the checkpoint: a resume continues it
+            import secrets
+
+            self.wandb_id = secrets.token_hex(4)  # not the seeded RNGs: resume stays bit-exact
+        self.logger = (WandbLogger(cfg_dict, str(self.run_dir), resume_id=self.wandb_id) if self.is_main
+                       else WandbLogger(cfg_dict, str(self.run_dir), mode="disabled"))
+        if self.is_main:
+            write_json({**cfg_dict, "data_info": self.info}, self.run_dir / "config.json")
+            if self.history:
+                write_history(self.history, self.run_dir / "history.csv")
         if self.resumed_from is not None:
             self._report(f"resumed from {self.resumed_from} at epoch {self.epoch}/{c.trainer.epochs}")
+            if self.history:
+                self._log_row(self.history[-1])
         for msg in c.warnings():  # e.g. epochs <= burn-in: say so before training starts
             self._report(msg)
         from tqdm.auto import tqdm
 
         pbar = tqdm(
-            total=c.trainer.epochs, initial=self.epoch, disable=not c.trainer.progress,
+            total=c.trainer.epochs, initial=self.epoch, disable=not (c.trainer.progress and self.is_main),
             desc=f"marglik {c.data.name} {c.curvature.approx}", unit="ep", dynamic_ncols=True,
         )
         start = time.perf_counter()
@@ -545,9 +675,12 @@ class MarglikTuner:
                 self.history.append(row)
                 self.timing["elapsed"] = base_elapsed + time.perf_counter() - start
                 self._snapshot = self.state_dict()
-                ckpt.save(self._snapshot, self.run_dir / ckpt.CKPT_DIR / ckpt.LAST)
-                write_history(self.history, self.run_dir / "history.csv")
-                self.logger.log({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
+                if self.is_main:
+                    path = self.run_dir / ckpt.CKPT_DIR / ckpt.LAST
+                    ckpt.save(self._snapshot, path, keep_previous=True)
+                    self._saved_ckpt = (path, self.epoch)
+                    write_history(self.history, self.run_dir / "history.csv")
+                self._log_row(row)
                 pbar.update(1)
                 post = {"loss": f"{row['train_loss']:.3f}", "acc": f"{row['train_acc']:.3f}"}
                 if row.get("test_acc") is not None:
@@ -561,19 +694,42 @@ class MarglikTuner:
                     cb(self, row)
         except BaseException:
             pbar.close()
-            if self.epoch > 0:
-                self._report(
-                    f"interrupted after epoch {self.epoch}; resume with trainer.resume={self.run_dir} "
-                    f"(or re-run into the same hydra.run.dir)"
-                )
-            self.logger.finish()
+            self._report_interrupt()
+            self._finish_logger()
+            self.dist.close()
             raise
         pbar.close()
         summary = self.finalize()
         self.logger.summary(summary)
-        self.logger.save(str(self.run_dir / "curves.png"))
-        self.logger.finish()
+        if self.is_main:
+            self.logger.save(str(self.run_dir / "curves.png"))
+        self._finish_logger()
+        self.dist.close()
         return summary
+
+    def _log_row(self, row: Dict[str, Any]) -> None:
+        self.logger.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    def _finish_logger(self) -> None:
+        """Close the W&B run; for an offline run, say where it is and how to upload it."""
+        hint = self.logger.finish()
+        if hint and self.is_main:
+            print(f"marglik: {hint}", file=sys.stderr)
+
+    def _report_interrupt(self) -> None:
+        """How to continue after an exception: only from a checkpoint that exists on disk."""
+        if not self.is_main:
+            return
+        saved = self._saved_ckpt
+        if saved is not None and saved[0].is_file():
+            path, epoch = saved
+            how = (f"trainer.resume={self.run_dir} (continues in this run directory)"
+                   if path.parent == self.run_dir / ckpt.CKPT_DIR else f"trainer.resume={path}")
+            self._report(f"stopped; the checkpoint {path} holds epoch {epoch}/{self.cfg.trainer.epochs}: "
+                         f"resume with {how}")
+        else:
+            self._report("stopped before any checkpoint was written: nothing to resume from "
+                         "(a re-run starts at epoch 0)")
 
     def finalize(self) -> Dict[str, Any]:
         """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``."""
@@ -631,6 +787,7 @@ class MarglikTuner:
             "num_params": sum(p.numel() for p in self.params),
             "seed": c.trainer.seed,
             "device": str(self.device),
+            "world_size": self.dist.world_size,
             "rollbacks": len(self.events),
             "rollback_events": self.events,
             "marglik_estimator": (
@@ -640,6 +797,8 @@ class MarglikTuner:
             ),
             "warnings": c.warnings(),
         })
+        if not self.is_main:
+            return summary
         write_json(summary, self.run_dir / "summary.json")
         write_history(self.history, self.run_dir / "history.csv")
         if self.history:

@@ -14,6 +14,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -45,6 +46,7 @@ class RunSummary:
     copies_approx: Optional[str]  #: curvature.copies_approx (augmented copies; null: as approx)
     backend: str  #: curvature.backend (marglik or a laplace-torch peer)
     structure: str  #: curvature.structure (kron | diag)
+    world_size: int  #: processes of a data-parallel (torchrun) run; 1 otherwise
     seconds: float
     seconds_per_marglik_step: Optional[float]
     seconds_per_cached_hyperstep: Optional[float]
@@ -117,17 +119,23 @@ def write_json(obj: Dict[str, Any], path: Union[str, Path]) -> None:
 
 
 def write_history(history: Sequence[Dict[str, Any]], path: Union[str, Path]) -> None:
-    """CSV with the union of the rows' keys as columns (first-seen order); missing cells empty."""
+    """CSV with the union of the rows' keys as columns (first-seen order); missing cells empty.
+
+    Written to a temporary file and renamed over ``path``: a kill mid-write leaves the previous
+    complete file."""
     cols: List[str] = []
     for row in history:
         for k in row:
             if k not in cols:
                 cols.append(k)
-    with open(path, "w", newline="") as f:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k)) for k in cols})
+    os.replace(tmp, path)
 
 
 def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:

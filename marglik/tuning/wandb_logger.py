@@ -9,13 +9,20 @@
   ``backpack-diag``, ...) and the tags ``backend:``/``structure:``/``approx:`` its parts.
 * If wandb is not installed, or ``wandb.init`` / ``log`` fails (no network, no API key, ...), a
   warning is printed once and the run continues without it.
+* Run names are unique: the default is ``<approx>-s<seed>-<run id>``; the id is chosen by the
+  tuner and kept in its checkpoint, so a resumed run continues the same W&B run
+  (``resume="allow"``).
+* :meth:`WandbLogger.finish` returns, for an offline run, where its files are and the
+  ``wandb sync`` command that uploads them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .backends import curvature_label
@@ -49,10 +56,15 @@ def default_group(cfg: Dict[str, Any]) -> str:
 class WandbLogger:
     """Thin wrapper: ``log(metrics, step)``, ``summary(dict)``, ``finish()``; all no-ops when off."""
 
-    def __init__(self, cfg: Dict[str, Any], run_dir: str, resume_id: Optional[str] = None) -> None:
+    def __init__(
+        self, cfg: Dict[str, Any], run_dir: str, resume_id: Optional[str] = None, mode: Optional[str] = None
+    ) -> None:
         self.run = None
+        self.name = None
+        self.run_dir = run_dir
+        self.offline_dirs: list = []
         lc = cfg["logger"]
-        mode = os.environ.get("WANDB_MODE") or lc.get("mode", "offline")
+        mode = mode or os.environ.get("WANDB_MODE") or lc.get("mode", "offline")
         if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
             mode = "disabled"
         mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
@@ -71,7 +83,7 @@ class WandbLogger:
                 entity=lc.get("entity"),
                 group=lc.get("group") or default_group(cfg),
                 job_type=curvature_label(cfg["curvature"]),
-                name=lc.get("name") or f"{curvature_label(cfg['curvature'])}-s{cfg['trainer']['seed']}",
+                name=lc.get("name") or default_name(cfg, resume_id),
                 tags=list(lc.get("tags") or []) + curvature_tags(cfg["curvature"]),
                 config=cfg,
                 dir=run_dir,
@@ -84,6 +96,7 @@ class WandbLogger:
         except Exception as e:
             warnings.warn(f"wandb.init failed in mode {mode!r} ({type(e).__name__}: {e}); continuing without it")
             self.run = None
+        self.name: Optional[str] = getattr(self.run, "name", None)  #: the W&B run name (None: no run)
 
     @property
     def run_id(self) -> Optional[str]:
@@ -123,11 +136,36 @@ class WandbLogger:
         except Exception as e:
             warnings.warn(f"wandb image upload failed ({e})")
 
-    def finish(self) -> None:
+    def finish(self) -> Optional[str]:
+        """Close the run; for an offline run return a line naming its folder(s) and the
+        ``wandb sync`` command (``None`` otherwise)."""
         if self.run is None:
-            return
+            return None
+        run_id = self.run_id
+        offline = self.mode == "offline"
         try:
             self.run.finish()
         except Exception as e:
             warnings.warn(f"wandb.finish failed ({e})")
         self.run = None
+        if not offline or not run_id:
+            return None
+        self.offline_dirs = offline_run_dirs(self.run_dir, run_id)
+        if not self.offline_dirs:
+            return None
+        where = " ".join(shlex.quote(str(d)) for d in self.offline_dirs)
+        return (f"W&B offline run {run_id} saved in {where}; upload it with: wandb sync {where}")
+
+
+def default_name(cfg: Dict[str, Any], run_id: Optional[str]) -> str:
+    """``<curvature label>-s<seed>-<run id>`` (e.g. ``marglik-reduce-s0-1a2b3c4d``): unique per run,
+    the same for a resumed run."""
+    base = f"{curvature_label(cfg['curvature'])}-s{cfg['trainer']['seed']}"
+    return f"{base}-{run_id}" if run_id else base
+
+
+def offline_run_dirs(run_dir: str, run_id: str) -> List[Path]:
+    """The offline run folders of run ``run_id`` under ``<run_dir>/wandb`` (one per resumed
+    segment), oldest first."""
+    root = Path(run_dir) / "wandb"
+    return sorted(p for p in root.glob(f"offline-run-*-{run_id}") if p.is_dir())

@@ -1,0 +1,124 @@
+"""Checkpoints that survive faults: the last two are kept, a corrupt one is reported by path and
+skipped, unwritable folders fail before training, and no advice names a missing checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marglik.tuning import MarglikTuner, tune
+from marglik.tuning import checkpoint as ckpt
+from marglik.tuning.reporting import read_history
+from test_tuning import _interrupt_after, _strip, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_last_two_checkpoints_kept(tmp_path):
+    tune(tiny(trainer={"epochs": 3}), tmp_path)
+    last = ckpt.load(tmp_path / "checkpoints" / "last.ckpt")
+    prev = ckpt.load(tmp_path / "checkpoints" / "prev.ckpt")
+    assert (last["epoch"], prev["epoch"]) == (3, 2)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_truncated_last_falls_back_to_prev_and_stays_exact(tmp_path, caplog):
+    cfg = tiny(trainer={"epochs": 4})
+    ref = MarglikTuner(cfg, tmp_path / "ref")
+    ref.fit()
+    with pytest.raises(KeyboardInterrupt):  # last = epoch 3, prev = epoch 2
+        MarglikTuner(cfg, tmp_path / "run", callbacks=[_interrupt_after(3)]).fit()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _truncate(last)
+    with caplog.at_level(logging.WARNING, logger="marglik.tuning"):
+        t = MarglikTuner(cfg, tmp_path / "run")
+    assert t.resumed_from == tmp_path / "run" / "checkpoints" / "prev.ckpt" and t.epoch == 2
+    assert str(last) in caplog.text and "falling back" in caplog.text
+    t.fit()
+    assert _strip(t.history) == _strip(ref.history)  # the fallback resume is still exact
+    assert [r["epoch"] for r in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3, 4]
+
+
+def test_no_readable_checkpoint_starts_fresh_saying_so(tmp_path, caplog):
+    cfg = tiny(trainer={"epochs": 2})
+    tune(cfg, tmp_path)
+    for name in ("last.ckpt", "prev.ckpt"):
+        _truncate(tmp_path / "checkpoints" / name)
+    with caplog.at_level(logging.WARNING, logger="marglik.tuning"):
+        t = MarglikTuner(cfg, tmp_path)
+    assert t.epoch == 0 and t.resumed_from is None
+    assert "prev.ckpt" in caplog.text and "starting this run from epoch 0" in caplog.text
+    # an explicitly requested checkpoint that is unreadable is an error naming it
+    with pytest.raises(ckpt.CheckpointError, match="last.ckpt"):
+        MarglikTuner(cfg.replace(trainer={"resume": str(tmp_path / "checkpoints" / "last.ckpt")}), tmp_path / "b")
+
+
+def test_unwritable_folders_fail_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match=str(blocker / "run")):
+        MarglikTuner(tiny(), blocker / "run", datasets=())  # fails before the (empty) data is touched
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(PermissionError, match="checkpoint directory .*checkpoints"):
+        MarglikTuner(tiny(), run, datasets=())
+
+
+def test_never_advises_a_missing_checkpoint(tmp_path, monkeypatch, caplog):
+    def broken_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save", broken_save)
+    with caplog.at_level(logging.WARNING, logger="marglik.tuning"), pytest.raises(OSError):
+        MarglikTuner(tiny(trainer={"epochs": 2}), tmp_path).fit()
+    assert "nothing to resume from" in caplog.text
+    assert "resume with" not in caplog.text
+
+
+def _cli(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "marglik", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_unwritable_run_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = _cli([f"hydra.run.dir={blocker}/run", "trainer.epochs=1", "logger.mode=disabled"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Unable to configure handler" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(blocker / "run") in lines[0], proc.stderr
+
+
+def test_cli_unwritable_checkpoint_dir_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    proc = _cli([f"hydra.run.dir={run}", "trainer.epochs=1", "logger.mode=disabled"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"checkpoint directory {run / 'checkpoints'} is not writable" in proc.stderr
+    assert not (run / "history.csv").exists()  # failed before training
