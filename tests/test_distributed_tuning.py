@@ -103,7 +103,8 @@ def _rollback_worker(rank, init_file, out_dir):
 
     t.map_loss = flaky
     s = t.fit()
-    torch.save({"rollbacks": s["rollbacks"], "log_prior": t.log_prior.detach(), "eta": t.aug.eta.detach(),
+    torch.save({"rollbacks": s["rollbacks"], "rollback_events": s["rollback_events"], "log_prior": t.log_prior.detach(),
+                "eta": t.aug.eta.detach(),
                 "world_size": s["world_size"]}, f"{out_dir}/rank{rank}.pt")
     if dist_.is_initialized():
         dist_.destroy_process_group()
@@ -116,7 +117,8 @@ def test_rollback_on_one_rank_is_taken_by_all(tmp_path):
 
     mp.spawn(_rollback_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["world_size"] == 2 and len(r0["rollbacks"]) == len(r1["rollbacks"]) == 1
-    assert r0["rollbacks"][0]["where"] == "MAP step, batch 2/3"
+    assert r0["world_size"] == 2 and r0["rollbacks"] == r1["rollbacks"] == 1
+    assert len(r0["rollback_events"]) == len(r1["rollback_events"]) == 1
+    assert r0["rollback_events"][0]["where"] == "MAP step, batch 2/3"
     assert torch.equal(r0["log_prior"], r1["log_prior"]) and torch.equal(r0["eta"], r1["eta"])
     assert not (tmp_path / "rank1").exists()  # rank 1 writes nothing

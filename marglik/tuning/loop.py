@@ -74,8 +74,7 @@ from ..data import load_dataset
 from ..models import get_model
 from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs
-from .config import Config
-from .config import ConfigError
+from .config import Config, ConfigError
 from .distributed import DistContext
 from .reporting import plot_curves, summary_record, write_history, write_json
 from .wandb_logger import WandbLogger
