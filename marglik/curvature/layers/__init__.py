@@ -6,12 +6,13 @@ from typing import List, Optional
 
 from torch import nn
 
-from .base import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
+from .attention import MultiheadAttentionRule
+from .base import Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .linear import LinearRule
 
-RULES: List[Rule] = [LinearRule(), ConvRule(), ChannelFirstNormRule(), TrailingNormRule(), ScaleBiasRule()]
+RULES: List[Rule] = [LinearRule(), MultiheadAttentionRule(), ConvRule(), ChannelFirstNormRule(), TrailingNormRule(), ScaleBiasRule()]
 
 
 def find_rule(module: nn.Module) -> Optional[Rule]:
@@ -26,6 +27,7 @@ __all__ = [
     "RULES",
     "find_rule",
     "Rule",
+    "Binding",
     "KroneckerRule",
     "ElementwiseRule",
     "UnsupportedModuleError",
