@@ -10,9 +10,18 @@ from .attention import MultiheadAttentionRule
 from .base import Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
+from .leaf import LEAF_DENSE_MAX, LeafParameterRule
 from .linear import LinearRule
 
-RULES: List[Rule] = [LinearRule(), MultiheadAttentionRule(), ConvRule(), ChannelFirstNormRule(), TrailingNormRule(), ScaleBiasRule()]
+RULES: List[Rule] = [
+    LinearRule(),
+    MultiheadAttentionRule(),
+    ConvRule(),
+    ChannelFirstNormRule(),
+    TrailingNormRule(),
+    ScaleBiasRule(),
+    LeafParameterRule(),
+]
 
 
 def find_rule(module: nn.Module) -> Optional[Rule]:
@@ -32,4 +41,5 @@ __all__ = [
     "ElementwiseRule",
     "UnsupportedModuleError",
     "example_sum",
+    "LEAF_DENSE_MAX",
 ]
