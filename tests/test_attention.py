@@ -317,3 +317,17 @@ def test_decoder_layer_records_in_train_and_eval(float64):
     cross = _blocks(k_train)["dec.multihead_attn"]
     assert not torch.allclose(cross.A[0], cross.A[1])
     torch.testing.assert_close(cross.A[1], cross.A[2], **TOL)
+
+
+def test_ignored_or_frozen_attention(float64):
+    ours, twin = _pair()
+    X = torch.randn(3, 5, 3)
+    y = torch.randint(0, 4, (3, 5))
+    names = [b.name for b in KFAC(ours, ignore_modules=[nn.MultiheadAttention]).fit((X, y)).blocks]
+    assert names == ["emb_q", "head"]  # out_proj goes with its attention
+    ours.attn.in_proj_weight.requires_grad_(False)
+    ours.attn.in_proj_bias.requires_grad_(False)
+    twin.attn.q_proj.requires_grad_(False), twin.attn.k_proj.requires_grad_(False), twin.attn.v_proj.requires_grad_(False)
+    ko, kt = KFAC(ours).fit((X, y)), KFAC(twin).fit((X, y))
+    assert [b.name for b in ko.blocks] == ["emb_q", "attn.out_proj", "head"]
+    torch.testing.assert_close(ko.to_dense(), kt.to_dense(), **TOL)

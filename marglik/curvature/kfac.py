@@ -209,9 +209,14 @@ class KFAC:
     def _discover(self) -> List[_ModuleState]:
         states: List[_ModuleState] = []
         owner: Dict[int, str] = {}
+        # an ignored nn.MultiheadAttention takes its out_proj with it: it never calls it as a module
+        inside_ignored = {
+            id(sub) for name, m in self.model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and self._ignored(name, m) for sub in m.modules()
+        }
         for name, module in self.model.named_modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own or self._ignored(name, module):
+            if not own or self._ignored(name, module) or id(module) in inside_ignored:
                 continue
             rule = find_rule(module)
             if rule is None:
@@ -344,6 +349,9 @@ class KFAC:
         by_module: Dict[int, List[_ModuleState]] = {}
         for s in self._states:
             by_module.setdefault(id(s.module), []).append(s)
+        for m in self.model.modules():  # attention whose own projections are frozen still has to call
+            if isinstance(m, nn.MultiheadAttention) and id(m) not in by_module and id(m.out_proj) in by_module:
+                by_module[id(m)] = []  # out_proj as a module for it to be recorded
         handles = []
         # PyTorch's fused transformer fast paths (nn.TransformerEncoderLayer / nn.MultiheadAttention
         # in eval mode) bypass submodule forwards; they are already off while grad is enabled and
@@ -351,8 +359,12 @@ class KFAC:
         fastpath = _mha_fastpath_enabled()
         _set_mha_fastpath(False)
         try:
-            for states in by_module.values():
-                handles += states[0].rule.attach(states[0].module, states, rec)
+            for key, states in by_module.items():
+                if states:
+                    handles += states[0].rule.attach(states[0].module, states, rec)
+                else:
+                    mha = next(m for m in self.model.modules() if id(m) == key)
+                    handles += find_rule(mha).attach(mha, states, rec)
             yield rec
         finally:
             for h in reversed(handles):

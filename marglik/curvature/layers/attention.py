@@ -80,7 +80,7 @@ class MultiheadAttentionRule(LinearRule):
 
     def attach(self, module: nn.MultiheadAttention, states: Sequence[Any], recorder: Any) -> List[Any]:
         if "forward" in module.__dict__:
-            raise RuntimeError(f"module {states[0].name!r} already has an instance-level forward override")
+            raise RuntimeError(f"an nn.MultiheadAttention already has an instance-level forward override")
         module.forward = _recording_forward(module, states, recorder)  # type: ignore[method-assign]
         return [_RestoreForward(module)]
 
@@ -107,7 +107,7 @@ def _recording_forward(module: nn.MultiheadAttention, states: Sequence[Any], rec
     ):
         if query.dim() != 3:
             raise ValueError(
-                f"module {states[0].name!r}: K-FAC records nn.MultiheadAttention on batched (3-d) inputs only, "
+                "K-FAC records nn.MultiheadAttention on batched (3-d) inputs only, "
                 f"got a {query.dim()}-d query"
             )
         E = module.embed_dim
