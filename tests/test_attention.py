@@ -184,27 +184,41 @@ def test_kdim_vdim_separate_weights(float64, approx):
     assert ko.num_params == kt.num_params
 
 
-def test_forward_is_unchanged_while_recording(float64):
-    """The recording forward equals the module's own, in train mode with dropout (same random
-    numbers), for need_weights True / False, and the module is restored afterwards."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_is_unchanged_while_recording(float64, dropout):
+    """The recording forward equals the module's own (train mode, add_zero_attn, key padding, a
+    causal mask); with dropout for need_weights=True (the same code path, the same random
+    numbers), and the module is restored afterwards."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True, add_zero_attn=True).double()
+    mha = nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True, add_zero_attn=True).double()
     x = torch.randn(3, 5, 8)
     kpm = torch.zeros(3, 5, dtype=torch.bool)
     kpm[0, -1] = True
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
     kfac = KFAC(mha, likelihood="regression")
-    for need_weights in (True, False):
-        torch.manual_seed(1)
-        ref = mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
-        with kfac.capture():
+    for need_weights in ((True, False) if dropout == 0 else (True,)):
+        for mask in (None, causal):
             torch.manual_seed(1)
-            rec = mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
-        torch.testing.assert_close(rec[0], ref[0], atol=1e-12, rtol=1e-12)
-        if need_weights:
-            torch.testing.assert_close(rec[1], ref[1], atol=1e-12, rtol=1e-12)
-        else:
-            assert rec[1] is None and ref[1] is None
+            ref = mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights, attn_mask=mask)
+            with kfac.capture():
+                torch.manual_seed(1)
+                rec = mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights, attn_mask=mask)
+            torch.testing.assert_close(rec[0], ref[0], atol=1e-12, rtol=1e-12)
+            if need_weights:
+                torch.testing.assert_close(rec[1], ref[1], atol=1e-12, rtol=1e-12)
+            else:
+                assert rec[1] is None and ref[1] is None
     assert "forward" not in mha.__dict__
+
+
+def test_differentiable_factors_through_attention(float64):
+    """KFAC(differentiable=True) back-propagates through the attention twice (augmentation learning)."""
+    ours, _ = _pair()
+    X = torch.randn(3, 5, 3, requires_grad=True)
+    y = torch.randint(0, 4, (3, 5))
+    kron = KFAC(ours, differentiable=True).fit((X, y))
+    (g,) = torch.autograd.grad(sum(b.B.sum() for b in kron.blocks), X)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_add_bias_kv_is_an_error():

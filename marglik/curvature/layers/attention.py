@@ -11,8 +11,14 @@ replaces the module's ``forward`` by an equivalent one built from explicit proje
 2. the attention itself by PyTorch's own ``F.multi_head_attention_forward`` on the projected
    tensors with identity projection weights and no biases (multiplying by an identity matrix is
    exact in floating point), so masks (``key_padding_mask``, ``attn_mask``, ``is_causal``),
-   ``need_weights`` / ``average_attn_weights``, ``add_zero_attn`` and dropout in training mode
-   (same code path, same random numbers) behave exactly as in the module's own forward;
+   ``average_attn_weights``, ``add_zero_attn`` and dropout in training mode behave as in the
+   module's own forward. It always takes PyTorch's ``need_weights=True`` branch (explicit
+   ``bmm`` / ``softmax`` / ``F.dropout``; the weights are returned only when asked for): the
+   ``need_weights=False`` branch calls ``scaled_dot_product_attention``, whose CPU kernel has no
+   double backward (needed by ``KFAC(differentiable=True)``, e.g. augmentation learning) and no
+   vmap rule (the batched backward). Values are equal up to rounding; in training mode with
+   attention dropout the mask is drawn by ``F.dropout`` (the same distribution as PyTorch's
+   ``need_weights=False`` path, other random numbers);
 3. ``out_proj`` called as a module (an ``nn.Linear``, covered by the Linear rule) on the
    batch-first attention output.
 
@@ -128,12 +134,12 @@ def _recording_forward(module: nn.MultiheadAttention, states: Sequence[Any], rec
             projected[0], projected[1], projected[2], E, module.num_heads,
             None, None, module.bias_k, module.bias_v, module.add_zero_attn, module.dropout,
             eye, None,
-            training=module.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            training=module.training, key_padding_mask=key_padding_mask, need_weights=True,
             attn_mask=attn_mask, use_separate_proj_weight=True,
             q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
             average_attn_weights=average_attn_weights, is_causal=is_causal,
         )
         out = module.out_proj(attn.transpose(0, 1))  # (N, L, E): out_proj's rows are examples too
-        return (out if module.batch_first else out.transpose(0, 1)), weights_out
+        return (out if module.batch_first else out.transpose(0, 1)), (weights_out if need_weights else None)
 
     return forward
