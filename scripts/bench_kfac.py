@@ -15,6 +15,8 @@ Usage::
 
     python scripts/bench_kfac.py                 # writes results/kfac_speed.{md,json}
     python scripts/bench_kfac.py --batch-size 16 --repeats 2 --out /tmp/bench
+    python scripts/bench_kfac.py --vit           # torchvision's ViT instead: results/kfac_speed_vit.{md,json}
+                                                 # (scripts/bench_kfac_vit.py)
 """
 
 from __future__ import annotations
@@ -211,7 +213,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _h100)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--vit", action="store_true", help="benchmark torchvision's ViT (scripts/bench_kfac_vit.py)")
     args = ap.parse_args(argv)
+    if args.vit:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_kfac_vit import run as run_vit
+
+        return run_vit(args.batch_size, args.repeats, args.threads, args.device, args.out, args.tag)
 
     torch.set_num_threads(args.threads)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
