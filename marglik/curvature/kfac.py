@@ -113,9 +113,13 @@ class KFAC:
 
     Args:
         model: the network. Every module holding trainable parameters must be covered by a rule
-            (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``,
-            ``nn.GroupNorm``, ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`) or
-            listed in ``ignore_modules``; otherwise :class:`UnsupportedModuleError`.
+            (``nn.Linear``, ``nn.MultiheadAttention`` -- hence ``nn.TransformerEncoder/DecoderLayer``
+            -- ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+            ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`, and raw
+            batch-broadcast parameters such as torchvision ViT's class token and positional
+            embedding, :mod:`.layers.leaf`) or listed in ``ignore_modules``; otherwise
+            :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
+            ``out_proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
@@ -153,7 +157,11 @@ class KFAC:
     A module called several times in one forward pass (weight tying) shares its weight across the
     calls: the calls' positions are concatenated along the shared axis.
     A module whose output is modified in place (``ReLU(inplace=True)``) cannot be recorded and
-    raises an error; use out-of-place activations.
+    raises an error; use out-of-place activations. While recording (:meth:`fit`, :meth:`capture`),
+    PyTorch's fused transformer fast path (``torch.backends.mha``) is switched off -- it bypasses
+    the attention's forward, and is already off whenever grad is enabled and a parameter requires
+    grad -- and ``nn.MultiheadAttention`` runs an equivalent forward with explicit projections
+    (:mod:`.layers.attention`); both are restored afterwards.
     """
 
     def __init__(
