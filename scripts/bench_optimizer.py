@@ -518,8 +518,8 @@ def write_outputs(logs: Dict[str, Dict[str, Any]], args, out_dir: str, total_tim
              "tables rather than single medians. Seconds are from a shared 2-core CPU with one torch "
              "thread; at this model size K-FAC's overhead is mostly fixed per-layer Python / kernel-launch "
              "cost of the factor computation, which shrinks relative to the forward/backward on larger "
-             "models and batches. Configurations are chosen on two sweep seeds disjoint from the five "
-             "reported seeds.")
+             f"models and batches. Configurations are chosen on {args.sweep_seeds} sweep seed(s) disjoint from the "
+             f"{args.seeds} reported seeds.")
     L.append("")
     with open(os.path.join(out_dir, f"{args.out_name}.md"), "w") as f:
         f.write("\n".join(L))
