@@ -15,6 +15,8 @@ Usage::
 
     python scripts/bench_kfac.py                 # writes results/kfac_speed.{md,json}
     python scripts/bench_kfac.py --batch-size 16 --repeats 2 --out /tmp/bench
+    python scripts/bench_kfac.py --backpack      # BackPACK KFLR/KFAC on a Sequential CNN:
+                                                 # results/kfac_speed_backpack.{md,json}
     python scripts/bench_kfac.py --vit           # torchvision's ViT instead: results/kfac_speed_vit.{md,json}
                                                  # (scripts/bench_kfac_vit.py)
 """
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -213,8 +216,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _h100)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--backpack", action="store_true",
+                    help="instead: BackPACK's KFLR/KFAC vs marglik and curvlinops on an nn.Sequential CNN "
+                         "(results/kfac_speed_backpack.{md,json})")
     ap.add_argument("--vit", action="store_true", help="benchmark torchvision's ViT (scripts/bench_kfac_vit.py)")
     args = ap.parse_args(argv)
+    if args.backpack:
+        return backpack_benchmark(args)
     if args.vit:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_kfac_vit import run as run_vit
@@ -333,6 +341,147 @@ def main(argv=None) -> dict:
     (out / f"kfac_speed{args.tag}.md").write_text(to_markdown(result))
     print(to_markdown(result))
     return result
+
+
+# ------------------------------------------------------------------ BackPACK as a peer (--backpack)
+def sequential_cnn(device: torch.device, seed: int = 0) -> torch.nn.Sequential:
+    """The ``nn.Sequential`` CNN BackPACK needs (Conv2d / ReLU / MaxPool2d / Flatten / Linear)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    ).to(device)
+
+
+def backpack_kfac(model, loss_fn, X, y, fisher_type):
+    """BackPACK's KFLR (``type-2``) or KFAC (``mc``, one sample) of ``loss_fn`` (the summed
+    cross-entropy); ``model`` and ``loss_fn`` must already be ``backpack.extend``-ed. Returns
+    ``{param name: [B, A] or [B]}``."""
+    from backpack import backpack
+    from backpack.extensions import KFAC, KFLR
+
+    ext, field = (KFLR(), "kflr") if fisher_type == "type-2" else (KFAC(mc_samples=1), "kfac")
+    model.zero_grad(set_to_none=True)
+    with backpack(ext):
+        loss_fn(model(X), y).backward()
+    return {name: getattr(p, field) for name, p in model.named_parameters()}
+
+
+def check_against_backpack(model, bp_model, bp_loss, X, y) -> float:
+    """Max relative error of BackPACK's KFLR factors against marglik's, where they define the same
+    quantity: Linear ``A``, ``B`` = expand's; Conv2d ``A`` = ``R`` x expand's (``R`` output
+    positions), ``B`` = reduce's (see ``tests/test_backpack_kflr.py``)."""
+    bp = backpack_kfac(bp_model, bp_loss, X, y, "type-2")
+    expand = {b.name: b for b in marglik_kfac(model, X, y, "expand", "type-2").blocks}
+    reduce = {b.name: b for b in marglik_kfac(model, X, y, "reduce", "type-2").blocks}
+    positions = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: positions.__setitem__(n, o[0, 0].numel()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(X[:1])
+    for h in hooks:
+        h.remove()
+    worst = 0.0
+    for name, ex in expand.items():
+        din = ex.weight[0].numel()
+        B_bp, A_bp = bp[f"{name}.weight"]
+        R = positions.get(name, 1)
+        B_ref = reduce[name].B[0] if name in positions else ex.B[0]
+        for got, want in ((A_bp, R * ex.A[0, :din, :din]), (B_bp, B_ref)):
+            worst = max(worst, ((got - want).norm() / want.norm()).item())
+    if worst > 1e-3:
+        raise AssertionError(f"marglik and BackPACK KFLR factors differ: rel. error {worst:.2e}")
+    return worst
+
+
+def backpack_benchmark(args) -> dict:
+    """Timings of BackPACK's KFLR / KFAC next to marglik's and curvlinops' K-FAC on an
+    ``nn.Sequential`` CNN; writes ``kfac_speed_backpack{tag}.{md,json}``."""
+    import copy
+
+    from backpack import extend
+
+    torch.set_num_threads(args.threads)
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if dev == "auto" else dev)
+    model = sequential_cnn(device)
+    torch.manual_seed(1)
+    X = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    bp_model = extend(copy.deepcopy(model))  # BackPACK's hooks stay on its own copy
+    bp_loss = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Sequential CNN ({n_params / 1e6:.2f}M params), batch {args.batch_size}, device {device}, "
+          f"{args.threads} threads", flush=True)
+    err = check_against_backpack(model, bp_model, bp_loss, X, y)
+    print(f"factors match BackPACK KFLR where comparable: max rel. error {err:.1e}", flush=True)
+
+    load_before = os.getloadavg()[0]
+    times: Dict[str, float] = {"plain_forward_backward": timed(lambda: plain_step(model, X, y), args.repeats, device)}
+    for ft in ("type-2", "mc"):
+        times[f"backpack_{ft}"] = timed(lambda: backpack_kfac(bp_model, bp_loss, X, y, ft), args.repeats, device)
+        for approx in ("expand", "reduce"):
+            times[f"marglik_{approx}_{ft}"] = timed(lambda: marglik_kfac(model, X, y, approx, ft), args.repeats, device)
+            times[f"curvlinops_{approx}_{ft}"] = timed(
+                lambda: curvlinops_kfac(model, X, y, approx, ft), args.repeats, device
+            )
+        print(f"  {ft}: " + ", ".join(f"{k} {v:.3f}s" for k, v in times.items() if ft in k), flush=True)
+    ratios = {}
+    for ft, name in (("type-2", "KFLR"), ("mc", "KFAC")):
+        for approx in ("expand", "reduce"):
+            ratios[f"marglik {approx} {ft} / BackPACK {name}"] = times[f"marglik_{approx}_{ft}"] / times[f"backpack_{ft}"]
+            ratios[f"curvlinops {approx} {ft} / BackPACK {name}"] = (
+                times[f"curvlinops_{approx}_{ft}"] / times[f"backpack_{ft}"]
+            )
+        ratios[f"BackPACK {name} / plain fwd+bwd"] = times[f"backpack_{ft}"] / times["plain_forward_backward"]
+    result = {
+        "setup": {
+            "model": "nn.Sequential CNN: 4 x Conv2d(3x3)+ReLU, 2 MaxPool2d, Linear(4096,128)+ReLU, Linear(128,10)",
+            "params": n_params, "batch_size": args.batch_size, "input": "random CIFAR-shaped 3x32x32, 10 classes",
+            "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before / after timing (shared machine)
+        },
+        "backpack_convention": "KFLR/KFAC of CrossEntropyLoss(reduction='sum'): Linear = K-FAC-expand (= reduce); "
+                               "Conv2d = (R * A_expand) x B_reduce, R output positions",
+        "factor_check_max_rel_error_vs_backpack_kflr": err,
+        "seconds_median": times,
+        "ratios": ratios,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kfac_speed_backpack{args.tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"kfac_speed_backpack{args.tag}.md").write_text(backpack_markdown(result))
+    print(backpack_markdown(result))
+    return result
+
+
+def backpack_markdown(r: dict) -> str:
+    s = r["setup"]
+    lines = [
+        "# K-FAC speed: marglik and curvlinops vs BackPACK (KFLR / KFAC) on a Sequential CNN",
+        "",
+        f"Generated by `scripts/bench_kfac.py --backpack`: {s['model']}, {s['params'] / 1e6:.2f}M parameters, batch "
+        f"{s['batch_size']} ({s['input']}), device `{s['device']}` ({s['device_name']}), {s['threads']} threads, "
+        f"median of {s['repeats']} runs in one process, torch {s['torch']}; 1-minute load average "
+        f"{s['load_average_1min'][0]:.1f} before and {s['load_average_1min'][1]:.1f} after timing (a shared machine: "
+        "ratios are indicative).",
+        "",
+        f"BackPACK's convention: {r['backpack_convention']}. Before timing, its KFLR factors were checked against "
+        f"marglik's where they define the same quantity: max relative error "
+        f"{r['factor_check_max_rel_error_vs_backpack_kflr']:.1e}. KFAC (mc) draws one label sample in every library.",
+        "",
+        "| ratio | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    lines += ["", "Seconds (median; for the ratios only, absolute times depend on the machine):", "",
+              "| run | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["seconds_median"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(r: dict) -> str:

@@ -89,6 +89,11 @@ def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
     return out
 
 
+def _n_rollbacks(value: Any) -> int:
+    """``summary['rollbacks']``: an int (current schema) or the list of events (older summaries)."""
+    return len(value) if isinstance(value, list) else int(value or 0)
+
+
 def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: float) -> None:
     lines = [
         "# Invariance learning on rotated digits",
@@ -139,7 +144,7 @@ def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: flo
         lines.append(
             f"| {r['rotation']:g} | {r['method']} | {r['approx']} | {r['test_accuracy']:.4f} | {r['test_nll']:.4f} | "
             f"{'-' if lml is None else f'{lml:.4f}'} | {'-' if rot is None else f'{rot:.1f}'} | {others} | "
-            f"{'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {len(r.get('rollbacks') or [])} |"
+            f"{'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {_n_rollbacks(r.get('rollbacks'))} |"
         )
     lines += ["", "Learned augmentation vs none, same K-FAC approximation:", ""]
     by = {(r["rotation"], r["method"], r["approx"]): r for r in results}
@@ -157,7 +162,7 @@ def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: flo
     lines += [
         "",
         "`rollbacks`: epochs repeated after a non-finite log marglik (retried on a fresh marglik "
-        "subset with the same lr; see `summary.json['rollbacks']` in the run directory).",
+        "subset with the same lr; see `summary.json['rollback_events']` in the run directory).",
         "",
         "![invariance](invariance_digits.png)",
         "",

@@ -98,3 +98,68 @@ def test_python_m_marglik_from_another_directory(tmp_path):
     proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "resumed from" in proc2.stdout + proc2.stderr
+
+
+# --------------------------------------------------------------------------- the real entry point
+def _marglik(args, cwd, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra})
+    return subprocess.run([sys.executable, "-m", "marglik", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hyper.augmentation=off"], "hyper.augmentation=off: not a boolean; allowed: true or false"),
+    (["trainer.epochs=abc"], "trainer.epochs=abc: wrong type; allowed: an integer"),
+    (["data.rotation=abc"], "data.rotation=abc: wrong type; allowed: a number"),
+    (["model.name=mlp"], "model.width=16: not an option of model mlp"),
+    (["trainer.epoch=3"], "trainer.epoch=3: unknown key (did you mean trainer.epochs?); allowed: the keys of trainer"),
+])
+def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
+    proc = _marglik(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marglik: config error: " + message), proc.stderr
+    assert not (tmp_path / "outputs").exists()  # rejected before a run directory was made
+
+
+def test_full_hydra_error_shows_the_traceback(tmp_path):
+    proc = _marglik(["hyper.augmentation=off"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "hyper.augmentation=off" in proc.stderr
+
+
+def test_help_says_what_it_does_options_and_examples(tmp_path):
+    proc = _marglik(["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "marginal likelihood" in out and "prior precisions" in out
+    assert "curvature.approx" in out and "expand, reduce" in out and "hyper.augmentation" in out
+    assert out.count("\n  marglik ") == 3  # three example commands
+
+
+def test_run_without_tuning_says_so_and_writes_no_nan(tmp_path):
+    out = tmp_path / "run"
+    args = ["trainer.epochs=1", "hyper.burn_in=5", "data.train_size=32", "model=mlp", "model.hidden=[8]",
+            "hyper.n_samples=2", "trainer.device=cpu", "trainer.num_threads=1", "logger.mode=disabled",
+            "trainer.progress=false", f"hydra.run.dir={out}"]
+    proc = _marglik(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "no hyperparameter tuning will happen" in text
+    assert "NaN" not in proc.stderr and "nan" not in (out / "history.csv").read_text().lower()
+    raw = (out / "summary.json").read_text()
+    assert "NaN" not in raw
+    s = json.loads(raw)
+    assert s["marglik_updates"] == 0 and s["log_marglik"] is None and s["best_epoch"] is None
+    assert any("no hyperparameter tuning" in w for w in s["warnings"]) and s["rollbacks"] == 0
+
+
+def test_zero_epochs_does_not_claim_curves(tmp_path):
+    out = tmp_path / "run"
+    proc = _marglik(["trainer.epochs=0", "data.train_size=32", "model=mlp", "model.hidden=[8]",
+                     "hyper.n_samples=2", "trainer.device=cpu", "logger.mode=disabled", f"hydra.run.dir={out}"],
+                    tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "curves.png").exists()
+    assert "curves.png" not in proc.stderr and "wrote summary.json" in proc.stderr

@@ -154,8 +154,8 @@ def test_nonfinite_loss_rolls_back(tmp_path):
 
     t.map_loss = flaky
     s = t.fit()
-    assert len(s["rollbacks"]) == 1
-    ev = s["rollbacks"][0]
+    assert s["rollbacks"] == 1 and len(s["rollback_events"]) == 1
+    ev = s["rollback_events"][0]
     assert ev["kind"] == "loss" and ev["epoch"] == 2
     assert t.lr_scale == 0.5
     assert [r["epoch"] for r in t.history] == [1, 2, 3]
@@ -175,10 +175,10 @@ def test_nonfinite_marglik_rolls_back(tmp_path):
 
     t.log_marglik = flaky
     s = t.fit()
-    assert [e["kind"] for e in s["rollbacks"]] == ["marglik"]
+    assert [e["kind"] for e in s["rollback_events"]] == ["marglik"] and s["rollbacks"] == 1
     assert t.hyper_lr_scale == 0.5
     assert all(math.isfinite(r["log_marglik"]) for r in t.history if r["log_marglik"] is not None)
-    assert json.loads((tmp_path / "summary.json").read_text())["rollbacks"][0]["kind"] == "marglik"
+    assert json.loads((tmp_path / "summary.json").read_text())["rollback_events"][0]["kind"] == "marglik"
 
 
 def test_gives_up_after_max_rollbacks(tmp_path):
@@ -190,14 +190,14 @@ def test_gives_up_after_max_rollbacks(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="unknown hyper option"):
+    with pytest.raises(ValueError, match="hyper.lrr=1.0: unknown key"):
         Config.from_dict(hyper={"lrr": 1.0})
     with pytest.raises(ValueError, match="curvature.approx"):
         Config.from_dict(curvature={"approx": "full"})
     with pytest.raises(ValueError, match="prior_structure"):
         Config.from_dict(hyper={"prior_structure": "diag"})
     cfg = Config.from_dict(model={"name": "mlp", "hidden": [8]})
-    assert cfg.model.kwargs == {"hidden": [8]}
+    assert cfg.model.kwargs == {"hidden": [8], "activation": "tanh"}  # completed from the mlp schema
 
 
 def test_wandb_never_breaks_a_run(tmp_path, monkeypatch):
@@ -230,3 +230,93 @@ def test_wandb_group_ignores_approx_and_seed():
     a = tiny().to_dict()
     b = tiny(curvature={"approx": "expand"}, trainer={"seed": 3}).to_dict()
     assert default_group(a) == default_group(b) == "digits-rot30-n48-cnn-aug2-layerwise"
+
+
+def _json_type(v):
+    return type(v).__name__
+
+
+def test_summary_types_are_the_same_in_every_run(tmp_path):
+    """A tuning run with a rollback and a run without tuning write the same keys with the same JSON
+    types (null only where RunSummary says Optional); ``rollbacks`` is an int in both."""
+    import typing
+
+    from marglik.tuning.reporting import RunSummary
+
+    t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path / "tuned")
+    orig, calls = t.map_loss, {"n": 0}
+
+    def flaky(x, y):
+        calls["n"] += 1
+        loss, nll, out = orig(x, y)
+        return (loss * float("nan"), nll, out) if calls["n"] == 5 else (loss, nll, out)
+
+    t.map_loss = flaky
+    t.fit()
+    tune(tiny(trainer={"epochs": 1}, hyper={"burn_in": 3}), tmp_path / "untuned")
+    a = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    b = json.loads((tmp_path / "untuned" / "summary.json").read_text())
+    assert list(a) == list(b)
+    optional = {k for k, tp in typing.get_type_hints(RunSummary).items()
+                if type(None) in typing.get_args(tp)}
+    for key in a:
+        if a[key] is None or b[key] is None:
+            assert key in optional, key
+        else:
+            assert _json_type(a[key]) == _json_type(b[key]), (key, a[key], b[key])
+    assert a["rollbacks"] == 1 and b["rollbacks"] == 0 and len(a["rollback_events"]) == 1
+    assert a["marglik_updates"] == 2 and b["marglik_updates"] == 0 and b["log_marglik"] is None
+    assert a["warnings"] == [] and "no hyperparameter tuning" in b["warnings"][0]
+    assert isinstance(a["rotation"], float) and isinstance(a["seconds"], float)
+
+
+def test_summary_record_rejects_drift():
+    from marglik.tuning.reporting import RunSummary, summary_record
+
+    import typing
+
+    blank = {float: 0.0, int: 0, str: "", bool: False}
+    good = {}
+    for name, tp in typing.get_type_hints(RunSummary).items():
+        origin = typing.get_origin(tp)
+        good[name] = (None if origin is typing.Union else [] if origin is list else {} if origin is dict
+                      else blank[tp])
+    rec = summary_record({**good, "seconds": 3, "log_marglik": float("nan")})
+    assert rec["seconds"] == 3.0 and type(rec["seconds"]) is float and rec["log_marglik"] is None
+    with pytest.raises(TypeError, match="unknown \\['world'\\]"):
+        summary_record({**good, "world": 1})
+    with pytest.raises(TypeError, match="'epochs'"):
+        summary_record({**good, "epochs": None})
+    with pytest.raises(TypeError, match="'rollbacks'"):
+        summary_record({**good, "rollbacks": [{"kind": "loss"}]})
+
+
+def test_curves_mark_burn_in_reported_epoch_and_prior_precision():
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Polygon, Rectangle
+
+    from marglik.tuning.reporting import make_figure
+
+    hist = [{"epoch": e, "train_acc": 0.1 * e, "test_acc": 0.1 * e, "prior_prec_mean": float(e),
+             "prior_prec_min": 0.5 * e, "prior_prec_max": 2.0 * e, "aug_rotation": float(e),
+             "log_marglik_per_example": None if e <= 2 else -1.0 / e} for e in range(1, 6)]
+
+    def vlines(ax, x):
+        return [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and list(ln.get_xdata()) == [x, x]]
+
+    def spans(ax):
+        return [p for p in ax.patches if isinstance(p, (Polygon, Rectangle))]
+
+    fig = make_figure(hist, burn_in=2, reported_epoch=4)
+    titles = [ax.get_title() for ax in fig.axes]
+    prior = fig.axes[titles.index("prior precision")]
+    assert list(prior.get_lines()[0].get_ydata()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    for ax in fig.axes:
+        assert len(vlines(ax, 4)) == 1, ax.get_title()
+        (span,) = spans(ax)
+        xs = span.get_xy()[:, 0] if isinstance(span, Polygon) else [span.get_x(), span.get_x() + span.get_width()]
+        assert min(xs) == 0.5 and max(xs) == 2.5  # epochs 1..2 shaded
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "burn-in" in labels and "reported (best marglik)" in labels
+    plain = make_figure(hist)  # negative control: no marks asked for, none drawn
+    assert not any(vlines(ax, 4) or spans(ax) for ax in plain.axes)

@@ -39,3 +39,8 @@ class SmallCNN(ImageClassifier):
 
     def forward_single(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+    def as_sequential(self) -> nn.Sequential:
+        """``features -> head`` as one ``nn.Sequential`` sharing this model's modules (the
+        single-image forward pass; for BackPACK, which needs sequential models)."""
+        return nn.Sequential(*self.features, *self.head)

@@ -47,3 +47,8 @@ class MLP(ImageClassifier):
 
     def forward_single(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+    def as_sequential(self) -> nn.Sequential:
+        """``Flatten -> self.net`` as one ``nn.Sequential`` sharing this model's modules (the
+        single-image forward pass; for BackPACK, which needs sequential models)."""
+        return nn.Sequential(nn.Flatten(), *self.net)

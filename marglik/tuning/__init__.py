@@ -1,12 +1,16 @@
 """Marginal-likelihood hyperparameter tuning (Immer et al. 2021, Algorithm 1) with learned
 data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the estimator.
 
-* :class:`Config` -- the run configuration (the Hydra CLI's config groups, as dataclasses).
+* :class:`Config` -- the run configuration (the typed schema of the Hydra CLI, as dataclasses);
+  :class:`ConfigError` -- a bad key, type or value, as one line.
 * :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs.
+* :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
+  (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
 """
 
 from .config import (
     Config,
+    ConfigError,
     CurvatureConfig,
     DataConfig,
     HyperConfig,
@@ -14,10 +18,12 @@ from .config import (
     ModelConfig,
     TrainerConfig,
 )
+from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
 from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [
     "Config",
+    "ConfigError",
     "DataConfig",
     "ModelConfig",
     "CurvatureConfig",
@@ -28,4 +34,7 @@ __all__ = [
     "NonFiniteError",
     "tune",
     "resolve_device",
+    "CurvatureBackend",
+    "CurvatureStructure",
+    "PeerLaplace",
 ]

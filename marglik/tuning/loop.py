@@ -40,7 +40,7 @@ Safety: a non-finite training loss or log marginal likelihood rolls the run back
 good state (model, optimizers, hyperparameters and history as at the end of the previous epoch),
 scales the offending learning rate by ``trainer.rollback_lr_factor`` (default 0.5; MAP lr for the
 loss, hyper lrs for the marglik), records the
-event in ``summary.json['rollbacks']`` and the log, and retries the epoch. The random streams are
+event in ``summary.json['rollback_events']`` and the log, and retries the epoch. The random streams are
 *not* rewound, so the retry sees a fresh data order, marglik subset and augmentation noise (a
 failure tied to one unlucky draw does not repeat deterministically). After
 ``trainer.max_rollbacks`` rollbacks it raises :class:`NonFiniteError`.
@@ -69,8 +69,9 @@ from ..augment import AffineAugmentation
 from ..data import load_dataset
 from ..models import get_model
 from . import checkpoint as ckpt
+from .backends import build_laplace, check_backend_runs
 from .config import Config
-from .reporting import plot_curves, write_history, write_json
+from .reporting import plot_curves, summary_record, write_history, write_json
 from .wandb_logger import WandbLogger
 
 log = logging.getLogger("marglik.tuning")
@@ -148,6 +149,7 @@ class MarglikTuner:
             c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        check_backend_runs(c.curvature, self.model, (self.X[:2], self.y[:2]))  # a peer fails here, not mid-run
         self.aug_on = bool(c.hyper.augmentation)
         self.aug = AffineAugmentation(c.hyper.n_samples, generators=c.hyper.generators).to(self.device)
         self.aug_test = AffineAugmentation(
@@ -340,18 +342,9 @@ class MarglikTuner:
         return [(self._augment(self.X[i]), self.y[i]) for i in idx.split(bs)]
 
     def make_laplace(self):
-        from ..laplace import KronLaplace
-
-        c = self.cfg.curvature
-        return KronLaplace(
-            self.model,
-            likelihood="classification",
-            approx=c.approx,
-            fisher_type=c.fisher_type,
-            mc_samples=c.mc_samples,
-            prior_precision=self.prior_precision().detach(),
-            differentiable=self.aug_on,
-        )
+        """marglik's :class:`KronLaplace`, or a laplace-torch peer (``curvature.backend``, see
+        :mod:`marglik.tuning.backends`)."""
+        return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
 
     def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
         la = self.make_laplace()
@@ -531,6 +524,8 @@ class MarglikTuner:
         self.wandb_id = self.logger.run_id or self.wandb_id
         if self.resumed_from is not None:
             self._report(f"resumed from {self.resumed_from} at epoch {self.epoch}/{c.trainer.epochs}")
+        for msg in c.warnings():  # e.g. epochs <= burn-in: say so before training starts
+            self._report(msg)
         from tqdm.auto import tqdm
 
         pbar = tqdm(
@@ -599,7 +594,7 @@ class MarglikTuner:
             lml = self.last_log_marglik
         steps = self.timing["marglik_step_seconds"]
         cached = self.timing["cached_step_seconds"]
-        summary = {
+        summary = summary_record({
             "test_accuracy": metrics["test_acc"],
             "test_nll": metrics["test_nll"],
             "log_marglik": lml,
@@ -607,11 +602,15 @@ class MarglikTuner:
             "prior_precision": self.log_prior.detach().exp().tolist(),
             "augmentation": self.ranges(),
             "approx": c.curvature.approx,
+            "copies_approx": c.curvature.copies_approx,
+            "backend": c.curvature.backend,
+            "structure": c.curvature.structure,
             "seconds": self.timing["elapsed"],
             "seconds_per_marglik_step": float(np.mean(steps)) if steps else None,
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
             "n_laplace_fits": self.timing["n_fits"],
             "n_hypersteps": len(steps) + len(cached),
+            "marglik_updates": sum(row.get("log_marglik") is not None for row in self.history),
             "fisher_type": c.curvature.fisher_type,
             "prior_structure": c.hyper.prior_structure,
             "augmentation_learned": self.aug_on,
@@ -632,13 +631,15 @@ class MarglikTuner:
             "num_params": sum(p.numel() for p in self.params),
             "seed": c.trainer.seed,
             "device": str(self.device),
-            "rollbacks": self.events,
+            "rollbacks": len(self.events),
+            "rollback_events": self.events,
             "marglik_estimator": (
                 "whole training set" if c.hyper.marglik_batches is None else
                 f"stochastic: {c.hyper.marglik_batches} random batches of "
                 f"{c.hyper.marglik_batch_size or c.trainer.batch_size} per fit, rescaled to N={self.N}"
             ),
-        }
+            "warnings": c.warnings(),
+        })
         write_json(summary, self.run_dir / "summary.json")
         write_history(self.history, self.run_dir / "history.csv")
         if self.history:
@@ -647,6 +648,9 @@ class MarglikTuner:
                     self.history, self.run_dir / "curves.png",
                     title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx} "
                           f"aug={'on' if self.aug_on else 'off'}",
+                    burn_in=c.hyper.burn_in,
+                    reported_epoch=summary["best_epoch"] if use_best else self.epoch,
+                    reported_label="reported (best marglik)" if use_best else "reported (last)",
                 )
             except Exception as e:  # plotting must never lose a finished run
                 self._report(f"could not write curves.png: {e}")

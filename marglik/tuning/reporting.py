@@ -1,12 +1,21 @@
-"""Run outputs: ``history.csv`` (one row per epoch), ``summary.json`` and ``curves.png``."""
+"""Run outputs: ``history.csv`` (one row per epoch), ``summary.json`` and ``curves.png``.
+
+``summary.json`` has one schema, :class:`RunSummary`: every run writes the same keys with the same
+JSON types (``null`` only where a field is ``Optional``, never ``NaN``). A new summary field must
+be added there, or :func:`summary_record` rejects it.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import enum
 import json
 import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 
 def _clean(v: Any) -> Any:
@@ -20,6 +29,87 @@ def _clean(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     return v
+
+
+@dataclass
+class RunSummary:
+    """The fields of ``summary.json`` and their types (``Optional``: ``null`` when not available)."""
+
+    test_accuracy: Optional[float]  #: of the reported model (``final_model``)
+    test_nll: Optional[float]
+    log_marglik: Optional[float]  #: of the reported model; null when no marglik update ran
+    log_marglik_per_example: Optional[float]
+    prior_precision: List[float]  #: current (last) prior precision: 1 entry (scalar) or one per tensor
+    augmentation: Dict[str, float]  #: learned ranges of the reported model (see augmentation_units)
+    approx: str  #: curvature.approx (positions)
+    copies_approx: Optional[str]  #: curvature.copies_approx (augmented copies; null: as approx)
+    backend: str  #: curvature.backend (marglik or a laplace-torch peer)
+    structure: str  #: curvature.structure (kron | diag)
+    seconds: float
+    seconds_per_marglik_step: Optional[float]
+    seconds_per_cached_hyperstep: Optional[float]
+    n_laplace_fits: int
+    n_hypersteps: int
+    marglik_updates: int  #: marginal-likelihood updates that ran (0: no tuning happened)
+    fisher_type: str
+    prior_structure: str
+    augmentation_learned: bool
+    augmentation_units: Dict[str, str]
+    final_model: str  #: "best" (best-marglik checkpoint) or "last"
+    best_epoch: Optional[int]  #: epoch of the best-marglik checkpoint; null when no update ran
+    last: Dict[str, Any]  #: the last model's test_accuracy, test_nll, log_marglik, augmentation, prior_precision
+    epochs: int
+    train_size: int
+    test_size: int
+    data: str
+    rotation: float
+    translation: float
+    model: str
+    num_params: int
+    seed: int
+    device: str
+    rollbacks: int  #: number of rollbacks (as the history column)
+    rollback_events: List[Dict[str, Any]]  #: one record per rollback (epoch, kind, value, where, action)
+    marglik_estimator: str
+    warnings: List[str]  #: e.g. that no tuning happens with this schedule
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    value = _clean(value.value if isinstance(value, enum.Enum) else value)
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"summary field {name!r} is null but declared {tp}")
+    origin = typing.get_origin(tp) or tp
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return str(value) if tp is str else value
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [v if item is Any else _coerce(name, item, v) for v in value]
+    if origin is dict and isinstance(value, dict):
+        _, item = typing.get_args(tp) or (str, Any)
+        return {str(k): (v if item is Any else _coerce(name, item, v)) for k, v in value.items()}
+    raise TypeError(f"summary field {name!r} = {value!r} is not of the declared type {tp}")
+
+
+_SUMMARY_TYPES = typing.get_type_hints(RunSummary)
+
+
+def summary_record(values: Dict[str, Any]) -> Dict[str, Any]:
+    """``values`` checked against :class:`RunSummary` (same keys, declared types; ints to floats
+    where a float is declared, non-finite floats to ``None``); raises ``TypeError`` otherwise."""
+    names = [f.name for f in dataclasses.fields(RunSummary)]
+    extra, missing = sorted(set(values) - set(names)), sorted(set(names) - set(values))
+    if extra or missing:
+        raise TypeError(f"summary fields not matching RunSummary: unknown {extra}, missing {missing}")
+    return {n: _coerce(n, _SUMMARY_TYPES[n], values[n]) for n in names}
 
 
 def write_json(obj: Dict[str, Any], path: Union[str, Path]) -> None:
@@ -37,7 +127,7 @@ def write_history(history: Sequence[Dict[str, Any]], path: Union[str, Path]) -> 
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for row in history:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+            w.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k)) for k in cols})
 
 
 def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -58,9 +148,19 @@ def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:
     return out
 
 
-def plot_curves(history: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "") -> None:
-    """Four panels over epochs: log marglik (per example), accuracy, rotation range (degrees) and
-    the other augmentation ranges."""
+def make_figure(
+    history: Sequence[Dict[str, Any]],
+    title: str = "",
+    burn_in: Optional[int] = None,
+    reported_epoch: Optional[int] = None,
+    reported_label: str = "reported (best marglik)",
+):
+    """The figure of ``curves.png``: five panels over epochs -- log marglik per example, accuracy,
+    prior precision (mean with min-max band, log scale), rotation range (degrees), other ranges.
+
+    Every panel shades the burn-in (epochs ``<= burn_in``: MAP training only, no marglik update)
+    and marks the reported epoch (the best-marglik checkpoint, or the last epoch) with a dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -75,33 +175,58 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: Union[str, Path], title
                 ys.append(v)
         return xs, ys
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.8))
     ax = axes[0]
-    ax.plot(*series("log_marglik_per_example"), marker=".", label="log marglik / N")
+    xs, ys = series("log_marglik_per_example")
+    ax.plot(xs, ys, marker=".", label="log marglik / N")
+    if not xs:
+        ax.text(0.5, 0.5, "no marginal-likelihood update ran", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("log marginal likelihood / N")
-    ax.set_xlabel("epoch")
     ax = axes[1]
     ax.plot(*series("train_acc"), label="train")
     ax.plot(*series("test_acc"), marker=".", label="test")
     ax.set_title("accuracy")
-    ax.set_xlabel("epoch")
-    ax.legend()
     ax = axes[2]
+    xs, mean = series("prior_prec_mean")
+    ax.plot(xs, mean, color="C2", label="mean")
+    _, lo = series("prior_prec_min")
+    _, hi = series("prior_prec_max")
+    if len(lo) == len(hi) == len(xs) and xs:
+        ax.fill_between(xs, lo, hi, color="C2", alpha=0.25, label="min-max over tensors")
+    if xs and min(lo or mean) > 0:
+        ax.set_yscale("log")
+    ax.set_title("prior precision")
+    ax = axes[3]
     ax.plot(*series("aug_rotation"), color="C3")
     ax.set_title("learned rotation range (degrees)")
-    ax.set_xlabel("epoch")
-    ax = axes[3]
+    ax = axes[4]
     keys = [k for k in (history[0].keys() if history else []) if k.startswith("aug_") and k != "aug_rotation"]
     for k in keys:
         ax.plot(*series(k), label=k[4:])
     ax.set_title("other ranges (translation: px)")
-    ax.set_xlabel("epoch")
-    if keys:
-        ax.legend(fontsize=7)
-    else:
+    if not keys:
         ax.text(0.5, 0.5, "no other generators learned", ha="center", va="center", transform=ax.transAxes)
+    for i, ax in enumerate(axes):
+        ax.set_xlabel("epoch")
+        if burn_in:
+            ax.axvspan(0.5, burn_in + 0.5, color="0.85", zorder=0, label="burn-in" if i == 0 else None)
+        if reported_epoch is not None:
+            ax.axvline(reported_epoch, color="k", ls="--", lw=1, label=reported_label if i == 0 else None)
+    for ax in axes[:3]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if keys:
+        axes[4].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_curves(history: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "", **marks: Any) -> None:
+    """Write :func:`make_figure` (``marks``: ``burn_in``, ``reported_epoch``, ``reported_label``) to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(history, title, **marks)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

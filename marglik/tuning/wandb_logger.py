@@ -4,7 +4,9 @@
   ``wandb sync``), ``online`` or ``disabled``. ``WANDB_MODE`` in the environment wins.
 * Runs are grouped (``logger.group``, default derived from data / model / augmentation / prior
   structure but *not* from the K-FAC approximation or seed), so expand and reduce runs of the same
-  setting appear side by side in one dashboard group; ``job_type`` is the approximation.
+  setting appear side by side in one dashboard group; ``job_type`` names the curvature
+  (:func:`marglik.tuning.backends.curvature_label`: ``marglik-reduce``, ``curvlinops-kron-expand``,
+  ``backpack-diag``, ...) and the tags ``backend:``/``structure:``/``approx:`` its parts.
 * If wandb is not installed, or ``wandb.init`` / ``log`` fails (no network, no API key, ...), a
   warning is printed once and the run continues without it.
 """
@@ -14,9 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from .backends import curvature_label
 
 log = logging.getLogger(__name__)
+
+
+def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
+    """W&B tags naming the curvature: ``backend:<b>``, ``structure:<s>`` and (Kronecker only)
+    ``approx:<a>``."""
+    structure = curvature.get("structure", "kron")
+    tags = [f"backend:{curvature.get('backend', 'marglik')}", f"structure:{structure}"]
+    return tags + ([f"approx:{curvature['approx']}"] if structure == "kron" else [])
 
 
 def default_group(cfg: Dict[str, Any]) -> str:
@@ -58,9 +70,9 @@ class WandbLogger:
                 project=lc.get("project") or "marglik",
                 entity=lc.get("entity"),
                 group=lc.get("group") or default_group(cfg),
-                job_type=cfg["curvature"]["approx"],
-                name=lc.get("name") or f"{cfg['curvature']['approx']}-s{cfg['trainer']['seed']}",
-                tags=list(lc.get("tags") or []),
+                job_type=curvature_label(cfg["curvature"]),
+                name=lc.get("name") or f"{curvature_label(cfg['curvature'])}-s{cfg['trainer']['seed']}",
+                tags=list(lc.get("tags") or []) + curvature_tags(cfg["curvature"]),
                 config=cfg,
                 dir=run_dir,
                 mode=mode,

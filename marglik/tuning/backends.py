@@ -1,0 +1,366 @@
+"""Curvature backends of the tuning loop: marglik's own K-FAC, or a peer through laplace-torch.
+
+``curvature.backend`` picks who computes the curvature of the Laplace log marginal likelihood,
+``curvature.structure`` its structure. Everything else -- data, batches, ``num_data`` rescaling,
+prior structure, the hyperparameter optimiser -- is the tuning loop's and identical for all, so
+a W&B group compares only the curvature.
+
+=============  =======================================  =======================================
+backend        ``structure=kron``                       ``structure=diag``
+=============  =======================================  =======================================
+``marglik``    :class:`marglik.KronLaplace`, expand or  not offered (see below)
+               reduce (``curvature.approx``)
+``curvlinops`` laplace-torch ``KronLaplace`` with       laplace-torch ``DiagLaplace`` with
+               ``CurvlinopsGGN``/``EF``: curvlinops'    ``CurvlinopsGGN``/``EF`` (its diagonal is
+               ``KFACLinearOperator``, expand or        laplace-torch's ``torch.func`` GGN /
+               reduce                                   per-example gradients)
+``asdl``       ``AsdlGGN``/``EF``: K-FAC-expand only    ``AsdlGGN``/``EF``
+``backpack``   ``BackPackGGN``: KFLR (type-2) / KFAC    ``BackPackGGN``/``EF``: DiagGGNExact /
+               (mc); no EF                              DiagGGNMC / SumGradSquared
+=============  =======================================  =======================================
+
+Conventions (all checked in ``tests/test_tuning_backends.py``): laplace-torch keeps separate
+weight and bias blocks, so its Kronecker peers are compared with marglik's joint weight+bias
+blocks only up to those cross terms. On layers without weight sharing (an MLP) curvlinops, ASDL
+and BackPACK give exactly marglik's expand (= reduce) factors. On convolutions ASDL and curvlinops
+``expand`` give marglik's expand factors; BackPACK's KFLR/KFAC give ``(R A_expand) ⊗ B_reduce``
+(``R`` output positions; see ``tests/test_backpack_kflr.py``).
+
+``structure=diag`` with ``backend=marglik`` is an error, by decision: marglik's engine computes
+Kronecker factors only, and laplace-torch's diagonal for marglik's backend class would be
+``GGNInterface.diag`` (``torch.func`` Jacobians) -- the very code ``backend=curvlinops
+structure=diag`` already runs, so it would duplicate a peer under marglik's name.
+
+The subset estimator (``hyper.marglik_batches``) is reproduced for the peers: laplace-torch fits
+the ``M`` seen examples as if they were the data set (``A`` a mean over them), then the summed
+loss and the curvature (``B``, the 1-d blocks, or the diagonal) are multiplied by ``N / M`` --
+marglik's ``num_data`` rescaling.
+
+Learned augmentation needs factors differentiable w.r.t. the augmentation parameters, which only
+marglik computes: a peer with ``hyper.augmentation=true`` is a configuration error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .choices import Choice
+
+__all__ = [
+    "CurvatureBackend",
+    "CurvatureStructure",
+    "PeerLaplace",
+    "build_laplace",
+    "check_curvature_config",
+    "check_backend_runs",
+    "curvature_label",
+    "sequential_view",
+]
+
+
+class CurvatureBackend(Choice):
+    """``curvature.backend``."""
+
+    marglik = "marglik"
+    curvlinops = "curvlinops"
+    asdl = "asdl"
+    backpack = "backpack"
+
+
+class CurvatureStructure(Choice):
+    """``curvature.structure``."""
+
+    kron = "kron"
+    diag = "diag"
+
+
+def _parse(enum: type, value: Any, what: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {'|'.join(m.value for m in enum)}, got {value!r}") from None
+
+
+def check_curvature_config(curvature: Any, augmentation: bool) -> None:
+    """Reject combinations a backend cannot compute; needs no model (called by ``Config.validate``).
+
+    Args:
+        curvature: the ``curvature`` section (``backend``, ``structure``, ``approx``,
+            ``fisher_type``, ``mc_samples``).
+        augmentation: ``hyper.augmentation``.
+
+    Raises:
+        ValueError: naming the option and why.
+    """
+    backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
+    structure = _parse(CurvatureStructure, curvature.structure, "curvature.structure")
+    b = backend.value
+    if backend is CurvatureBackend.marglik:
+        if structure is CurvatureStructure.diag:
+            raise ValueError(
+                "curvature.structure=diag is not offered by backend=marglik (its engine computes Kronecker "
+                "factors only); use curvature.backend=curvlinops|asdl|backpack for a diagonal GGN"
+            )
+        return
+    if augmentation:
+        raise ValueError(
+            f"hyper.augmentation=true needs curvature factors differentiable w.r.t. the augmentation, which only "
+            f"curvature.backend=marglik computes; set hyper.augmentation=false to use backend={b}"
+        )
+    kron = structure is CurvatureStructure.kron
+    if kron and curvature.approx == "reduce" and backend in (CurvatureBackend.asdl, CurvatureBackend.backpack):
+        why = ("ASDL implements only K-FAC-expand" if backend is CurvatureBackend.asdl else
+               "BackPACK's KFLR/KFAC have one fixed convention (expand on linear layers; (R A_expand) x B_reduce "
+               "on convolutions)")
+        raise ValueError(
+            f"curvature.backend={b} has no K-FAC-reduce ({why}); set curvature.approx=expand, or use "
+            "backend=marglik|curvlinops for reduce"
+        )
+    if kron and backend is CurvatureBackend.backpack and curvature.fisher_type == "empirical":
+        raise ValueError(
+            "curvature.backend=backpack has no Kronecker-factored empirical Fisher (laplace-torch's BackPackEF.kron "
+            "is unavailable); use fisher_type=type-2|mc or structure=diag"
+        )
+    if curvature.fisher_type == "mc" and curvature.mc_samples != 1 and not (
+        kron and backend is CurvatureBackend.curvlinops
+    ):
+        raise ValueError(
+            f"curvature.mc_samples={curvature.mc_samples}: laplace-torch's {b} {structure.value} backend draws one "
+            "MC sample; set curvature.mc_samples=1 (only backend=marglik and curvlinops kron take more)"
+        )
+
+
+def curvature_label(curvature: Dict[str, Any]) -> str:
+    """Short name of the curvature of a run, e.g. ``marglik-reduce``, ``curvlinops-kron-expand``,
+    ``asdl-diag``; used as the W&B ``job_type`` and default run name. Missing keys take the defaults
+    (``marglik``, ``kron``)."""
+    backend = curvature.get("backend", "marglik")
+    structure = curvature.get("structure", "kron")
+    if backend == "marglik":
+        return f"marglik-{curvature['approx']}"
+    if structure == "diag":
+        return f"{backend}-diag"
+    return f"{backend}-kron-{curvature['approx']}"
+
+
+def sequential_view(model: nn.Module) -> nn.Sequential:
+    """The model as an ``nn.Sequential`` sharing its modules (BackPACK's requirement).
+
+    ``model`` itself if it is one, else ``model.as_sequential()`` (:class:`marglik.models.MLP` and
+    :class:`marglik.models.SmallCNN` have it; it computes the single-image forward pass).
+
+    Raises:
+        ValueError: the model has no sequential form, or its parameters differ from the view's.
+    """
+    if isinstance(model, nn.Sequential):
+        return model
+    make = getattr(model, "as_sequential", None)
+    view = make() if callable(make) else None
+    if view is None:
+        raise ValueError(
+            f"curvature.backend=backpack needs an nn.Sequential model (BackPACK backpropagates its quantities "
+            f"module by module), and {type(model).__name__} has no sequential form (as_sequential); use "
+            "model=mlp|cnn or backend=curvlinops|asdl"
+        )
+    mine = [id(p) for p in model.parameters() if p.requires_grad]
+    theirs = [id(p) for p in view.parameters() if p.requires_grad]
+    if mine != theirs:
+        raise ValueError(f"{type(model).__name__}.as_sequential() does not hold the model's parameters in order")
+    return view
+
+
+_PEER_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _check_peer_layers(model: nn.Module, backend: str) -> None:
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            ok = isinstance(module, _PEER_LAYERS) and getattr(module, "groups", 1) == 1
+            if not ok:
+                raise ValueError(
+                    f"curvature.backend={backend}: module {name!r} ({type(module).__name__}) has parameters, but the "
+                    "tuning loop runs laplace-torch's peers only on models whose parameters live in nn.Linear / "
+                    "ungrouped nn.Conv2d (the layers curvlinops, ASDL and BackPACK all cover); use backend=marglik"
+                )
+
+
+class _Batches:
+    """The batches as laplace-torch's ``fit`` wants a loader: iterable, with ``len(.dataset)``."""
+
+    def __init__(self, batches: List[Tuple[Tensor, Tensor]]) -> None:
+        self.batches = batches
+        self.dataset = range(sum(len(y) for _, y in batches))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class PeerLaplace:
+    """A laplace-torch ``Laplace(subset_of_weights="all")`` behind :class:`marglik.KronLaplace`'s
+    interface as the tuning loop uses it (``fit(batches, num_data)``, ``log_marginal_likelihood``,
+    ``n_layers``).
+
+    Args:
+        model: the network (for ``backend="backpack"`` its :func:`sequential_view` is used).
+        backend: ``"curvlinops"``, ``"asdl"`` or ``"backpack"``.
+        structure: ``"kron"`` or ``"diag"``.
+        approx: ``"expand"`` / ``"reduce"`` (kron; reduce only with curvlinops).
+        fisher_type: ``"type-2"`` (``*GGN``), ``"mc"`` (``*GGN(stochastic=True)``) or
+            ``"empirical"`` (``*EF``).
+        mc_samples: MC samples (curvlinops kron only; 1 elsewhere).
+        prior_precision: 0-d (scalar) or ``(L,)`` (layerwise, one per trainable parameter tensor).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: str,
+        structure: str,
+        approx: str = "expand",
+        fisher_type: str = "type-2",
+        mc_samples: int = 1,
+        prior_precision: Any = 1.0,
+    ) -> None:
+        from laplace import Laplace
+
+        self.backend = _parse(CurvatureBackend, backend, "backend")
+        self.structure = _parse(CurvatureStructure, structure, "structure")
+        if self.backend is CurvatureBackend.marglik:
+            raise ValueError("PeerLaplace runs the peers; backend=marglik is marglik.KronLaplace")
+        self.model = sequential_view(model) if self.backend is CurvatureBackend.backpack else model
+        _check_peer_layers(self.model, self.backend.value)
+        self._backend_cls, backend_kwargs = self._backend_class(fisher_type)
+        fisher_kwargs: Dict[str, Any] = {}
+        if self.backend is CurvatureBackend.curvlinops and self.structure is CurvatureStructure.kron:
+            fisher_kwargs["kfac_approx"] = approx
+            if fisher_type == "mc":
+                fisher_kwargs["mc_samples"] = int(mc_samples)
+        self.la = Laplace(
+            self.model, "classification", subset_of_weights="all", hessian_structure=self.structure.value,
+            backend=self._backend_cls, backend_kwargs=backend_kwargs, asdl_fisher_kwargs=fisher_kwargs,
+            prior_precision=prior_precision,
+        )
+        self.n_layers = self.la.n_layers
+        self.n_data = 0
+
+    def _backend_class(self, fisher_type: str) -> Tuple[type, Dict[str, Any]]:
+        from laplace import curvature as lc
+
+        classes = {
+            CurvatureBackend.curvlinops: (lc.CurvlinopsGGN, lc.CurvlinopsEF),
+            CurvatureBackend.asdl: (lc.AsdlGGN, lc.AsdlEF),
+            CurvatureBackend.backpack: (lc.BackPackGGN, lc.BackPackEF),
+        }[self.backend]
+        if fisher_type == "empirical":
+            return classes[1], {}
+        if fisher_type not in ("type-2", "mc"):
+            raise ValueError(f"fisher_type must be type-2|mc|empirical, got {fisher_type!r}")
+        return classes[0], {"stochastic": fisher_type == "mc"}
+
+    def fit(self, batches: Iterable[Tuple[Tensor, Tensor]], num_data: Optional[int] = None) -> "PeerLaplace":
+        """Fit on ``batches`` (a list of ``(X, y)``) and rescale to ``num_data`` examples.
+
+        laplace-torch sums the loss and ``B`` (or the diagonal) over the batches and averages ``A``
+        over the ``M`` examples seen; with ``num_data = N`` the loss and ``B`` / the 1-d blocks /
+        the diagonal are multiplied by ``N / M`` (marglik's subset estimator).
+        """
+        batches = list(batches)
+        loader = _Batches(batches)
+        seen = len(loader.dataset)
+        if seen == 0:
+            raise ValueError("the training data is empty")
+        try:
+            self.la.fit(loader)
+        except RuntimeError as e:
+            if "regular backward hooks and full backward hooks" not in str(e):
+                raise
+            raise RuntimeError(
+                "BackPACK cannot hook a model on which ASDL has run (ASDL registers torch's legacy backward hooks, "
+                "and torch then refuses full backward hooks on those modules): give each backend its own copy of "
+                "the model (copy.deepcopy)"
+            ) from e
+        finally:
+            if self.backend is CurvatureBackend.backpack:
+                _remove_backpack_hooks(self.model)
+        N = seen if num_data is None else int(num_data)
+        scale = N / seen
+        la = self.la
+        if scale != 1.0:
+            la.loss = la.loss * scale
+            if self.structure is CurvatureStructure.kron:
+                for factors in la.H_facs.kfacs:
+                    factors[0] = factors[0] * scale  # B of [B, A], or the single factor of a 1-d block
+                la.H = la.H_facs.decompose(damping=la.damping)
+            else:
+                la.H = la.H * scale
+        la.n_data = N
+        self.n_data = N
+        return self
+
+    def log_marginal_likelihood(self, prior_precision: Optional[Tensor] = None) -> Tensor:
+        """laplace-torch's Laplace log marginal likelihood (differentiable w.r.t. the prior)."""
+        return self.la.log_marginal_likelihood(prior_precision=prior_precision)
+
+
+def _remove_backpack_hooks(model: nn.Module) -> None:
+    """Undo ``backpack.extend``: its hooks would otherwise stay on the model during MAP training."""
+    from backpack import memory_cleanup
+    from backpack.context import CTX
+
+    CTX.remove_hooks()
+    for module in model.modules():
+        if getattr(module, "_backpack_extend", False):
+            module._backpack_extend = False
+        memory_cleanup(module)
+
+
+def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, differentiable: bool):
+    """The Laplace approximation the tuning loop fits: :class:`marglik.KronLaplace` for
+    ``backend=marglik``, else a :class:`PeerLaplace`."""
+    backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
+    if backend is CurvatureBackend.marglik:
+        from ..laplace import KronLaplace
+
+        return KronLaplace(
+            model, likelihood="classification", approx=curvature.approx, fisher_type=curvature.fisher_type,
+            mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
+        )
+    return PeerLaplace(
+        model, backend.value, curvature.structure, approx=curvature.approx, fisher_type=curvature.fisher_type,
+        mc_samples=curvature.mc_samples, prior_precision=prior_precision,
+    )
+
+
+def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> None:
+    """Fit the peer once on a tiny batch before training, so that a model a peer cannot run fails
+    at start-up with a message naming the backend (no-op for ``backend=marglik``).
+
+    Raises:
+        ValueError: the peer cannot build or fit a Laplace approximation of ``model``.
+    """
+    if _parse(CurvatureBackend, curvature.backend, "curvature.backend") is CurvatureBackend.marglik:
+        return
+    label = curvature_label({"backend": curvature.backend, "structure": curvature.structure,
+                             "approx": curvature.approx})
+    was_training = model.training
+    device = batch[0].device
+    try:  # fork_rng: an MC Fisher's sampling must not shift the run's random stream
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            la = build_laplace(curvature, model, torch.ones((), device=device), differentiable=False)
+            la.fit([batch])
+            value = la.log_marginal_likelihood()
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"curvature.backend={curvature.backend} ({label}) cannot run {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    if not torch.isfinite(value):
+        raise ValueError(f"{label}: non-finite log marginal likelihood on a trial batch of {type(model).__name__}")
