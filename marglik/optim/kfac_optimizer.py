@@ -27,7 +27,8 @@ What is preconditioned (the ``"kfac"`` parameter group, ``param_groups[0]``):
   ``(B ⊗ A + damping)^-1 vec(grad M)`` with the rule of ``damping_rule``;
 * raw parameters the engine covers (torchvision ``VisionTransformer.class_token``,
   ``Encoder.pos_embedding``; :mod:`marglik.curvature.layers.leaf`): their exact GGN/Fisher block
-  ``B`` (``A = 1``), update ``(B + damping I)^-1 grad`` (or the exact diagonal for large ones);
+  is a bias-only Kronecker block ``B ⊗ 1`` and gets the same update with ``A = 1`` (parameters
+  above ``LEAF_DENSE_MAX`` entries: the exact diagonal, updated like a norm layer's blocks);
 * norm layers and :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias` when
   ``precondition_norms=True`` (default): the engine's *exact* per-channel ``k x k`` GGN/Fisher
   blocks ``D``, update ``(D + damping I)^-1 grad`` per channel.
