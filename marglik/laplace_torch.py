@@ -71,7 +71,8 @@ def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0
         if isinstance(blk, KronBlock):
             if blk.groups != 1:
                 raise NotImplementedError(
-                    f"grouped convolution {blk.name!r} (groups={blk.groups}) has block-diagonal factors, "
+                    f"block {blk.name!r} has {blk.groups} Kronecker groups (a grouped convolution, or the packed "
+                    "q/k/v projections of nn.MultiheadAttention), block-diagonal factors "
                     "which laplace-torch's Kron cannot represent; use marglik.KronLaplace instead"
                 )
             A, B = blk.A[0].detach(), blk.B[0].detach()

@@ -17,6 +17,8 @@ Usage::
     python scripts/bench_kfac.py --batch-size 16 --repeats 2 --out /tmp/bench
     python scripts/bench_kfac.py --backpack      # BackPACK KFLR/KFAC on a Sequential CNN:
                                                  # results/kfac_speed_backpack.{md,json}
+    python scripts/bench_kfac.py --vit           # torchvision's ViT instead: results/kfac_speed_vit.{md,json}
+                                                 # (scripts/bench_kfac_vit.py)
 """
 
 from __future__ import annotations
@@ -217,9 +219,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--backpack", action="store_true",
                     help="instead: BackPACK's KFLR/KFAC vs marglik and curvlinops on an nn.Sequential CNN "
                          "(results/kfac_speed_backpack.{md,json})")
+    ap.add_argument("--vit", action="store_true", help="benchmark torchvision's ViT (scripts/bench_kfac_vit.py)")
     args = ap.parse_args(argv)
     if args.backpack:
         return backpack_benchmark(args)
+    if args.vit:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_kfac_vit import run as run_vit
+
+        return run_vit(args.batch_size, args.repeats, args.threads, args.device, args.out, args.tag)
 
     torch.set_num_threads(args.threads)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device

@@ -83,7 +83,7 @@ def test_each_model_has_a_config_with_only_its_own_options():
         model = get_model(name, 1, 10, 8, **cfg.model.kwargs)
         sig = inspect.signature(type(model).__init__).parameters
         assert set(cfg.model.kwargs) <= set(sig), name
-    assert check_overrides(["model=vit", "model.dim=32"]).model.kwargs["dim"] == 32
+    assert check_overrides(["model=vit", "model.hidden_dim=16"]).model.kwargs["hidden_dim"] == 16
     # model.name=mlp keeps the cnn options: a one-line error, not a TypeError in MLP.__init__
     with pytest.raises(ConfigError, match="model.width=16: not an option of model mlp"):
         check_overrides(["model.name=mlp"])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from marglik.curvature.sharing import current_example_index
-from marglik.models import GNN, MLP, SmallCNN, ViT, WideResNet, get_model
+from marglik.models import GNN, MLP, SmallCNN, TorchvisionViT, ViT, WideResNet, get_model
 from marglik.models.vit import UNCOVERED_MODULES
 from marglik.nn import Bias, Scale
 
@@ -25,6 +25,7 @@ def _image_models():
         "wrn_none": lambda: WideResNet(10, 1, 5, 3, norm="none"),
         "vit_conv_mean": lambda: ViT(8, 2, 3, 5, dim=16, depth=1, heads=2, mlp_dim=16),
         "vit_linear_cls": lambda: ViT(8, 4, 3, 5, dim=16, depth=2, heads=4, mlp_dim=8, pool="cls", patch_embed="linear"),
+        "tv_vit": lambda: TorchvisionViT(8, 3, 5, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16),
     }
 
 
@@ -53,6 +54,11 @@ def test_image_model_shapes_and_invariant_forward(name):
 @pytest.mark.parametrize("name", list(_image_models()))
 def test_parameters_live_in_covered_modules(name):
     model = _image_models()[name]()
+    if name == "tv_vit":  # nn.MultiheadAttention and raw class_token / pos_embedding (tests/test_vit.py)
+        from marglik.curvature.layers import find_rule
+
+        assert all(find_rule(m) is not None for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+        return
     for mod_name, mod in model.named_modules():
         if any(True for _ in mod.parameters(recurse=False)):
             assert isinstance(mod, COVERED + UNCOVERED_MODULES), (mod_name, type(mod))
@@ -132,7 +138,9 @@ def test_get_model():
     assert isinstance(get_model("mlp", 1, 10, 8), MLP)
     assert isinstance(get_model("cnn", 1, 10, 8, width=4), SmallCNN)
     vit = get_model("vit", 1, 10, 8)
-    assert isinstance(vit, ViT) and vit(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert isinstance(vit, TorchvisionViT) and vit(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="divisible"):
+        get_model("vit", 1, 10, 8, patch_size=3)
     assert get_model("mlp", 1, 10, 8)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(ValueError):
         get_model("resnet", 1, 10, 8)

@@ -355,7 +355,7 @@ def test_vit_and_gnn_train():
         assert torch.isfinite(A).all()
 
 
-def test_multihead_attention_clear_error_or_fallback():
+def test_multihead_attention_preconditioned_or_fallback():
     class MHANet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -366,14 +366,19 @@ def test_multihead_attention_clear_error_or_fallback():
             return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
     model = MHANet()
-    with pytest.raises(UnsupportedModuleError, match="MultiheadAttention.*nn.Linear q/k/v/out.*ignore_modules"):
-        KFACOptimizer(model, lr=0.1, damping=0.1)
+    X, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    opt = KFACOptimizer(model, lr=0.1, damping=0.1)
+    assert [layer.name for layer in opt.layers] == ["attn", "attn.out_proj", "head"]
+    assert opt.layers[0].groups == 3 and len(opt.param_groups) == 1
+    d, _ = one_step(model, opt, X, y)
+    assert all(torch.isfinite(t).all() for t in d) and any(t.abs().sum() > 0 for t in d)
     opt = KFACOptimizer(model, lr=0.1, damping=0.1, ignore_modules=[nn.MultiheadAttention])
     assert [layer.name for layer in opt.layers] == ["head"]
     assert len(opt.param_groups[1]["params"]) == 4  # in_proj w/b and out_proj w/b: first-order
-    X, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
     d, _ = one_step(model, opt, X, y)
     assert all(torch.isfinite(t).all() for t in d)
+    with pytest.raises(UnsupportedModuleError, match="add_bias_kv"):
+        KFACOptimizer(nn.MultiheadAttention(8, 2, add_bias_kv=True), lr=0.1)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -77,6 +77,7 @@ class _Call:
     index: Optional[Tensor]
     version: int
     xhat: Optional[Tensor] = None  # elementwise rules: the tensor multiplied by the weight
+    group: Optional[int] = None  # a call feeding only Kronecker group ``group`` (MHA's q / k / v)
 
 
 @dataclass
@@ -88,9 +89,10 @@ class _ModuleState:
     rule: Rule
     weight: Optional[nn.Parameter]
     bias: Optional[nn.Parameter]
+    groups: int = 1
     calls: List[_Call] = field(default_factory=list)
     A_sum: Optional[Tensor] = None  # kron: (G, da, da)
-    A_count: float = 0.0  # expand: positions; reduce: examples
+    A_count: Union[float, Tensor] = 0.0  # expand: positions; reduce: examples ((G,) with group calls)
     B_sum: Optional[Tensor] = None  # kron: (G, db, db)
     D_sum: Optional[Tensor] = None  # diag: (C, k, k)
 
@@ -111,9 +113,13 @@ class KFAC:
 
     Args:
         model: the network. Every module holding trainable parameters must be covered by a rule
-            (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``,
-            ``nn.GroupNorm``, ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`) or
-            listed in ``ignore_modules``; otherwise :class:`UnsupportedModuleError`.
+            (``nn.Linear``, ``nn.MultiheadAttention`` -- hence ``nn.TransformerEncoder/DecoderLayer``
+            -- ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+            ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`, and raw
+            batch-broadcast parameters such as torchvision ViT's class token and positional
+            embedding, :mod:`.layers.leaf`) or listed in ``ignore_modules``; otherwise
+            :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
+            ``out_proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
@@ -151,7 +157,11 @@ class KFAC:
     A module called several times in one forward pass (weight tying) shares its weight across the
     calls: the calls' positions are concatenated along the shared axis.
     A module whose output is modified in place (``ReLU(inplace=True)``) cannot be recorded and
-    raises an error; use out-of-place activations.
+    raises an error; use out-of-place activations. While recording (:meth:`fit`, :meth:`capture`),
+    PyTorch's fused transformer fast path (``torch.backends.mha``) is switched off -- it bypasses
+    the attention's forward, and is already off whenever grad is enabled and a parameter requires
+    grad -- and ``nn.MultiheadAttention`` runs an equivalent forward with explicit projections
+    (:mod:`.layers.attention`); both are restored afterwards.
     """
 
     def __init__(
@@ -207,9 +217,14 @@ class KFAC:
     def _discover(self) -> List[_ModuleState]:
         states: List[_ModuleState] = []
         owner: Dict[int, str] = {}
+        # an ignored nn.MultiheadAttention takes its out_proj with it: it never calls it as a module
+        inside_ignored = {
+            id(sub) for name, m in self.model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and self._ignored(name, m) for sub in m.modules()
+        }
         for name, module in self.model.named_modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own or self._ignored(name, module):
+            if not own or self._ignored(name, module) or id(module) in inside_ignored:
                 continue
             rule = find_rule(module)
             if rule is None:
@@ -218,11 +233,7 @@ class KFAC:
                     f"{sorted(own)} but no K-FAC rule; pass ignore_modules=[{name!r}] (or its type) to leave "
                     "them out of the curvature"
                 )
-            extra = set(own) - set(rule.param_names)
-            if extra:
-                raise UnsupportedModuleError(
-                    f"module {name!r} ({type(module).__name__}) has unexpected trainable parameters {sorted(extra)}"
-                )
+            bindings = rule.bindings(name, module, own)
             for p in own.values():
                 if id(p) in owner:
                     raise UnsupportedModuleError(
@@ -230,9 +241,9 @@ class KFAC:
                         "different modules is not supported (tie by calling one module twice instead)"
                     )
                 owner[id(p)] = name
-            states.append(
-                _ModuleState(name, module, rule, own.get("weight"), own.get("bias"))
-            )
+            for b in bindings:
+                block_name = ".".join(part for part in (name, b.tag) if part)
+                states.append(_ModuleState(block_name, module, b.rule, b.weight, b.bias, groups=b.groups))
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
         states.sort(key=lambda s: min(order[id(p)] for p in (s.weight, s.bias) if p is not None))
         return states
@@ -243,7 +254,7 @@ class KFAC:
         return [
             CoveredModule(
                 s.name, s.module, s.rule.kind, s.weight, s.bias,
-                s.rule.groups(s.module) if isinstance(s.rule, KroneckerRule) else 1,
+                s.groups if isinstance(s.rule, KroneckerRule) else 1,
             )
             for s in self._states
         ]
@@ -343,12 +354,30 @@ class KFAC:
             loss_fn(out, y).backward()
         """
         rec = _Recorder(self)
-        handles = [s.module.register_forward_hook(rec.hook(s)) for s in self._states]
+        by_module: Dict[int, List[_ModuleState]] = {}
+        for s in self._states:
+            by_module.setdefault(id(s.module), []).append(s)
+        for m in self.model.modules():  # attention whose own projections are frozen still has to call
+            if isinstance(m, nn.MultiheadAttention) and id(m) not in by_module and id(m.out_proj) in by_module:
+                by_module[id(m)] = []  # out_proj as a module for it to be recorded
+        handles = []
+        # PyTorch's fused transformer fast paths (nn.TransformerEncoderLayer / nn.MultiheadAttention
+        # in eval mode) bypass submodule forwards; they are already off while grad is enabled and
+        # parameters require grad, and are switched off explicitly while recording.
+        fastpath = _mha_fastpath_enabled()
+        _set_mha_fastpath(False)
         try:
+            for key, states in by_module.items():
+                if states:
+                    handles += states[0].rule.attach(states[0].module, states, rec)
+                else:
+                    mha = next(m for m in self.model.modules() if id(m) == key)
+                    handles += find_rule(mha).attach(mha, states, rec)
             yield rec
         finally:
-            for h in handles:
+            for h in reversed(handles):
                 h.remove()
+            _set_mha_fastpath(fastpath)
 
     def result(self, num_data: Optional[int] = None) -> Kron:
         """The curvature from the sums accumulated since :meth:`reset`."""
@@ -364,7 +393,7 @@ class KFAC:
             if isinstance(s.rule, KroneckerRule):
                 if s.A_sum is None:
                     raise RuntimeError(f"module {s.name!r} was never called in the forward pass")
-                A = s.A_sum / max(s.A_count, 1.0)
+                A = s.A_sum / _count_divisor(s.A_count)
                 blocks.append(KronBlock(s.name, A, s.B_sum * scale, s.weight, s.bias))
             else:
                 if s.D_sum is None:
@@ -399,9 +428,12 @@ class KFAC:
                 if t is not None:
                     setattr(s, attr, _all_reduce_sum(t))
             if isinstance(s.rule, KroneckerRule):
-                c = torch.tensor([s.A_count], dtype=torch.float64, device=self._device())
-                dist.all_reduce(c)
-                s.A_count = float(c)
+                if torch.is_tensor(s.A_count):
+                    dist.all_reduce(s.A_count)
+                else:
+                    c = torch.tensor([s.A_count], dtype=torch.float64, device=self._device())
+                    dist.all_reduce(c)
+                    s.A_count = float(c)
         n = torch.tensor([float(self._num_seen)], dtype=torch.float64, device=self._device())
         dist.all_reduce(n)
         self._num_seen = int(n.item())
@@ -475,13 +507,10 @@ class _Recorder:
         for s in kfac._states:
             s.calls = []
 
-    def hook(self, state: _ModuleState):
-        def fn(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not args or not torch.is_tensor(args[0]):
-                raise ValueError(f"module {state.name!r} was called without a positional tensor input")
-            state.calls.append(_Call(args[0], output, current_example_index(), output._version))
-
-        return fn
+    def record(self, state: _ModuleState, x: Tensor, y: Tensor, group: Optional[int] = None) -> None:
+        """Record one call of a block: input ``x`` (rows first), output ``y`` (whose gradient the
+        statistics need); ``group``: the call feeds only that Kronecker group of the block."""
+        state.calls.append(_Call(x, y, current_example_index(), y._version, group=group))
 
     def accumulate(self, out: Tensor, y: Tensor, retain_graph: bool = False) -> Tensor:
         """Add this batch's factor sums given the model output ``out`` and targets ``y``."""
@@ -660,6 +689,34 @@ def _augment_with_bias(XtX: Optional[Tensor], xsum: Tensor, count: Tensor, has_w
     return A
 
 
+def _mha_fastpath_enabled() -> bool:
+    mha = getattr(torch.backends, "mha", None)
+    return bool(mha.get_fastpath_enabled()) if mha is not None else False
+
+
+def _set_mha_fastpath(value: bool) -> None:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is not None:
+        mha.set_fastpath_enabled(value)
+
+
+def _count_divisor(count: Union[float, Tensor]) -> Union[float, Tensor]:
+    """``A_count`` clamped to >= 1, shaped to divide ``(G, da, da)`` sums."""
+    if torch.is_tensor(count):
+        return count.clamp_min(1.0).view(-1, 1, 1)
+    return max(count, 1.0)
+
+
+def _in_group(t: Tensor, group: Optional[int], G: int, dim: int) -> Tensor:
+    """Place a single-group statistic (size 1 along ``dim``) at slot ``group`` of ``G`` slots
+    (zeros elsewhere); identity for calls feeding every group (``group is None``)."""
+    if group is None:
+        return t
+    parts = [torch.zeros_like(t)] * G
+    parts[group] = t
+    return torch.cat(parts, dim=dim)
+
+
 def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
     """Input-side statistics of all calls of one module in this batch."""
     rule = s.rule
@@ -670,30 +727,40 @@ def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
             c.xhat = rule.normalized(m, c.x) if has_w else None
         return
     assert isinstance(rule, KroneckerRule)
+    G = s.groups
+    grouped = any(c.group is not None for c in s.calls)
     if kfac.approx is KFACApprox.EXPAND:
         for c in s.calls:
             XtX, xsum, M = rule.expand_input_stats(m, c.x, gram=has_w)  # (G, din, din), (G, din)
             A = _augment_with_bias(XtX, xsum, xsum.new_tensor(float(M)), has_w, has_b)
-            s.add("A_sum", A)
-            s.A_count += M
+            s.add("A_sum", _in_group(A, c.group, G, 0))
+            if grouped or torch.is_tensor(s.A_count):  # per-group position counts
+                counts = A.detach().new_zeros(G)
+                counts[slice(None) if c.group is None else c.group] = float(M)
+                s.A_count = counts + s.A_count
+            else:
+                s.A_count += M
         return
-    # reduce: per-example means over all positions of all calls
+    # reduce: per-example means over all positions of all calls (per group for group calls)
     sums, counts = None, None
     for c in s.calls:
-        rows, P = rule.reduce_inputs(m, c.x)  # (T, G, din)
-        ex = example_sum(rows, 0, N, c.index, s.name)
-        cnt = example_sum(rows.new_full((rows.shape[0],), float(P)), 0, N, c.index, s.name)
+        rows, P = rule.reduce_inputs(m, c.x)  # (T, G|1, din)
+        if not has_w:  # a bias-only block needs the counts alone (its calls' inputs may differ in width)
+            rows = rows[..., :0]
+        ex = _in_group(example_sum(rows, 0, N, c.index, s.name), c.group, G, 1)
+        cnt = example_sum(rows.new_full((rows.shape[0], 1), float(P)), 0, N, c.index, s.name)  # (N, 1)
+        cnt = _in_group(cnt, c.group, G, 1) if c.group is not None else cnt.expand(N, G)
         sums = ex if sums is None else sums + ex
         counts = cnt if counts is None else counts + cnt
-    mean = sums / counts.clamp_min(1.0).view(N, 1, 1)  # (N, G, din)
-    present = (counts > 0).to(mean.dtype)  # the bias input's mean: 1 where the example was seen
+    mean = sums / counts.clamp_min(1.0).unsqueeze(-1)  # (N, G, din)
+    present = (counts > 0).to(mean.dtype)  # (N, G): the bias input's mean, 1 where the example was seen
     if has_w and has_b:
-        mean = torch.cat([mean, present.view(N, 1, 1).expand(N, mean.shape[1], 1)], dim=-1)
+        mean = torch.cat([mean, present.unsqueeze(-1)], dim=-1)
     if has_w:
         flat = mean.transpose(0, 1)  # (G, N, da)
         A = flat.transpose(1, 2) @ flat
     else:
-        A = present.sum().reshape(1, 1, 1).expand(mean.shape[1], 1, 1).clone()
+        A = present.sum(0).reshape(G, 1, 1)
     s.add("A_sum", A)
     s.A_count += N
 
@@ -703,10 +770,10 @@ def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pe
     rule, m = s.rule, s.module
     if isinstance(rule, KroneckerRule):
         if kfac.approx is KFACApprox.EXPAND:
-            s.add("B_sum", rule.expand_grad_gram(m, g))  # (G, dout, dout)
+            s.add("B_sum", _in_group(rule.expand_grad_gram(m, g), c.group, s.groups, 0))  # (G, dout, dout)
             return
         rows = rule.reduce_grads(m, g)  # (K, T, G, dout)
-        ex = example_sum(rows, 1, N, c.index, s.name)
+        ex = _in_group(example_sum(rows, 1, N, c.index, s.name), c.group, s.groups, 2)
     else:
         parts = []
         if s.weight is not None:

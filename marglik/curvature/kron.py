@@ -4,12 +4,15 @@ A :class:`Kron` holds one block per covered module, in the order of the first ap
 the module's parameters in ``model.parameters()``. Two block types exist:
 
 * :class:`KronBlock` -- a weight-sharing linear map (``nn.Linear``, ``nn.ConvNd``) with ``G``
-  groups (``G = 1`` except for grouped convolutions). Factors ``A`` of shape ``(G, da, da)`` and
+  groups (``G = 1`` except for grouped convolutions and ``nn.MultiheadAttention``'s packed
+  ``in_proj``, whose groups 0/1/2 are the query/key/value projections). Factors ``A`` of shape ``(G, da, da)`` and
   ``B`` of shape ``(G, db, db)``. For group ``g`` the curvature of the group's joint parameter
   vector ``[W_g.flatten(), b_g]`` is ``B[g] ⊗ A[g]`` *in the ordering of the augmented matrix*
   ``[W_g, b_g]`` of shape ``(db, da)`` flattened row-major (output index outer, input index inner),
   where the bias is the last input coordinate (the "ones" appended to the layer input).
-  Between groups the block is zero (an extra block-diagonal approximation for grouped convs).
+  Between groups the block is zero (an extra block-diagonal approximation for grouped convs and
+  between the q/k/v projections). A bias-only block with ``A = 1`` is a dense block ``B`` over
+  the (flattened) parameter: the exact block of a raw parameter such as a class token.
 * :class:`DiagonalBlock` -- per-channel ``k x k`` blocks (``k`` = 1 or 2) for elementwise affine
   parameters (norm layers, scalar scale/bias modules): ``blocks`` of shape ``(C, k, k)`` over
   ``(weight[c], bias[c])``. These are exact blocks of the GGN, not Kronecker approximations.

@@ -10,10 +10,11 @@ from torch import nn
 from .cnn import SmallCNN
 from .gnn import GNN
 from .mlp import MLP
+from .tv_vit import TorchvisionViT
 from .vit import UNCOVERED_MODULES, ClassToken, PositionalEmbedding, ViT
 from .wrn import WideResNet
 
-__all__ = ["MLP", "SmallCNN", "WideResNet", "ViT", "GNN", "get_model", "MODEL_NAMES",
+__all__ = ["MLP", "SmallCNN", "WideResNet", "ViT", "TorchvisionViT", "GNN", "get_model", "MODEL_NAMES",
            "PositionalEmbedding", "ClassToken", "UNCOVERED_MODULES"]
 
 MODEL_NAMES = ("mlp", "cnn", "wrn16_4", "vit")
@@ -25,7 +26,7 @@ def get_model(name: str, in_channels: int, num_classes: int, image_size: int, **
     * ``"mlp"``: :class:`MLP` on ``in_channels * image_size ** 2`` features.
     * ``"cnn"``: :class:`SmallCNN`.
     * ``"wrn16_4"``: :class:`WideResNet` with depth 16, widen factor 4 (``norm``, ``dropout``).
-    * ``"vit"``: :class:`ViT` for ``image_size`` inputs.
+    * ``"vit"``: :class:`TorchvisionViT` (torchvision's ``VisionTransformer``) for ``image_size`` inputs.
     """
     if name == "mlp":
         return MLP(in_channels * image_size**2, num_classes, **kwargs)
@@ -34,5 +35,5 @@ def get_model(name: str, in_channels: int, num_classes: int, image_size: int, **
     if name == "wrn16_4":
         return WideResNet(16, 4, num_classes=num_classes, in_channels=in_channels, **kwargs)
     if name == "vit":
-        return ViT(image_size=image_size, in_channels=in_channels, num_classes=num_classes, **kwargs)
+        return TorchvisionViT(image_size=image_size, in_channels=in_channels, num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")

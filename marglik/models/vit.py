@@ -1,5 +1,11 @@
 """A small Vision Transformer (Dosovitskiy et al. 2021) built from ``nn.Linear`` projections.
 
+``model=vit`` in the CLI is torchvision's ``VisionTransformer`` (:mod:`.tv_vit`), which the engine
+now covers completely. This hand-written ViT stays for what torchvision's lacks: mean pooling
+(no class token), a linear patch embedding, and attention as plain ``nn.Linear`` layers -- the
+form of the existing optimizer benchmark (``scripts/bench_optimizer.py --tasks vit``, whose
+results in ``results/optimizer_steps_to_target.*`` were produced with it).
+
 Attention uses separate ``nn.Linear`` query/key/value/output projections applied to token
 tensors ``(B, T, D)`` (not ``nn.MultiheadAttention``), so every projection is a weight-sharing
 linear layer (shared over the ``T`` tokens) the curvature engine covers.

@@ -20,10 +20,15 @@ do the above (track, forward, update_factors, backward) itself and return the lo
 What is preconditioned (the ``"kfac"`` parameter group, ``param_groups[0]``):
 
 * every module the engine covers with a Kronecker rule (``nn.Linear``, ``nn.Conv1d/2d/3d``,
-  including the ``nn.Linear`` q/k/v/out projections of a transformer on ``(N, T, D)`` tokens and
-  node-wise ``nn.Linear`` of a graph network under :func:`marglik.example_index`): the update of
-  the augmented matrix ``M = [W, b]`` (bias = last input column) is
+  ``nn.MultiheadAttention``'s q/k/v projections (three groups of its packed ``in_proj``) and its
+  ``out_proj``, the ``nn.Linear`` layers of a transformer on ``(N, T, D)`` tokens and node-wise
+  ``nn.Linear`` of a graph network under :func:`marglik.example_index`): the update of the
+  augmented matrix ``M = [W, b]`` (bias = last input column) is
   ``(B ⊗ A + damping)^-1 vec(grad M)`` with the rule of ``damping_rule``;
+* raw parameters the engine covers (torchvision ``VisionTransformer.class_token``,
+  ``Encoder.pos_embedding``; :mod:`marglik.curvature.layers.leaf`): their exact GGN/Fisher block
+  is a bias-only Kronecker block ``B ⊗ 1`` and gets the same update with ``A = 1`` (parameters
+  above ``LEAF_DENSE_MAX`` entries: the exact diagonal, updated like a norm layer's blocks);
 * norm layers and :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias` when
   ``precondition_norms=True`` (default): the engine's *exact* per-channel ``k x k`` GGN/Fisher
   blocks ``D``, update ``(D + damping I)^-1 grad`` per channel.
@@ -40,8 +45,8 @@ Everything else falls back to a first-order update (the ``"fallback"`` group,
   :class:`marglik.models.ClassToken`) when ``auto_fallback=True`` (default),
 * norm layers / Scale / Bias when ``precondition_norms=False``.
 
-Any other module holding trainable parameters without an engine rule (``nn.MultiheadAttention``,
-a custom module with a raw ``nn.Parameter``, ``nn.Bilinear``, RNNs, ...) raises
+Any other module holding trainable parameters without an engine rule (a custom module with a raw
+``nn.Parameter``, ``nn.MultiheadAttention(add_bias_kv=True)``, ``nn.Bilinear``, RNNs, ...) raises
 :class:`marglik.UnsupportedModuleError` naming the module and the fix.
 
 Scaling. The engine returns factors of the **summed** loss over the batch (``B ⊗ A`` with
@@ -297,16 +302,6 @@ class KFACOptimizer(torch.optim.Optimizer):
                 if auto_fallback and isinstance(module, FIRST_ORDER_TYPES):
                     add(module)
                     continue
-                if isinstance(module, nn.MultiheadAttention):
-                    raise UnsupportedModuleError(
-                        f"module {name!r} is an nn.MultiheadAttention, which K-FAC cannot precondition here: it "
-                        "applies its fused in_proj_weight (and out_proj.weight) inside "
-                        "F.multi_head_attention_forward without calling nn.Linear modules, so the engine cannot "
-                        "record their inputs and output gradients. Either build attention from nn.Linear q/k/v/out "
-                        "projections on (N, T, D) tokens (as marglik.models.ViT does; those are preconditioned "
-                        "with K-FAC-expand/reduce), or pass ignore_modules=[nn.MultiheadAttention] to train its "
-                        "parameters with the first-order fallback"
-                    )
             elif not rule.kind == "kron" and not precondition_norms:
                 add(module)
         return ignored
@@ -421,7 +416,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             parts.append(w)
             sizes.append(w.shape[-1])
         if layer.bias is not None:
-            db = layer.bias.shape[0] // G
+            db = layer.bias.numel() // G  # a raw parameter's block (e.g. a class token) is bias-only
             parts.append(grads[-1].reshape(G, db, 1))
             sizes.append(1)
         M = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (G, db, da)

@@ -112,16 +112,6 @@ class WRNNorm(Choice):
     none = "none"
 
 
-class ViTPool(Choice):
-    mean = "mean"
-    cls = "cls"
-
-
-class PatchEmbed(Choice):
-    conv = "conv"
-    linear = "linear"
-
-
 # --------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -166,16 +156,18 @@ class WRN16_4Config:
 
 @dataclass
 class ViTConfig:
-    """``model=vit``: :class:`marglik.models.ViT` (image size from the data)."""
+    """``model=vit``: :class:`marglik.models.TorchvisionViT`, torchvision's ``VisionTransformer``
+    (``nn.MultiheadAttention``, class token, positional embedding; image size and channels from the
+    data). Defaults for 8x8 digits: 2x2 patches -> 16 tokens + class token."""
 
     name: ModelName = ModelName.vit
     patch_size: int = 2
-    dim: int = 64
-    depth: int = 2
-    heads: int = 4
-    mlp_dim: int = 128
-    pool: ViTPool = ViTPool.mean
-    patch_embed: PatchEmbed = PatchEmbed.conv
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_dim: int = 32
+    mlp_dim: int = 64
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
 
 
 #: model name -> the dataclass of its constructor kwargs (plus ``name``).

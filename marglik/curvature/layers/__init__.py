@@ -6,12 +6,22 @@ from typing import List, Optional
 
 from torch import nn
 
-from .base import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
+from .attention import MultiheadAttentionRule
+from .base import Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
+from .leaf import LEAF_DENSE_MAX, LeafParameterRule
 from .linear import LinearRule
 
-RULES: List[Rule] = [LinearRule(), ConvRule(), ChannelFirstNormRule(), TrailingNormRule(), ScaleBiasRule()]
+RULES: List[Rule] = [
+    LinearRule(),
+    MultiheadAttentionRule(),
+    ConvRule(),
+    ChannelFirstNormRule(),
+    TrailingNormRule(),
+    ScaleBiasRule(),
+    LeafParameterRule(),
+]
 
 
 def find_rule(module: nn.Module) -> Optional[Rule]:
@@ -26,8 +36,10 @@ __all__ = [
     "RULES",
     "find_rule",
     "Rule",
+    "Binding",
     "KroneckerRule",
     "ElementwiseRule",
     "UnsupportedModuleError",
     "example_sum",
+    "LEAF_DENSE_MAX",
 ]

@@ -25,7 +25,7 @@ Elementwise rules (:class:`ElementwiseRule`: norm layers, :class:`marglik.nn.Sca
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +61,31 @@ def example_sum(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str)
     )
 
 
+class Binding(NamedTuple):
+    """One curvature block a rule makes of (some of) a module's parameters.
+
+    ``tag`` is appended to the module name to name the block (``""``: the module's own name);
+    ``groups`` is the number of Kronecker groups (rows of ``weight`` / entries of ``bias`` split
+    into ``groups`` equal consecutive chunks, each with its own factors); ``rule`` computes the
+    block's statistics.
+    """
+
+    tag: str
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+    groups: int
+    rule: "Rule"
+
+
 class Rule:
-    """Base class: which module types a rule covers and which parameters it owns."""
+    """Base class: which module types a rule covers and which parameters it owns.
+
+    Recording. :meth:`attach` installs what records the module's calls during a captured forward
+    pass and returns handles whose ``remove()`` undoes it; the default is one forward hook per
+    block, passing the module's first positional input and its output to ``recorder.record``. A
+    rule whose module never calls its parameters through a hookable module (``nn.MultiheadAttention``)
+    or that must see a per-example copy of a parameter (:mod:`.leaf`) overrides it.
+    """
 
     kind: str = ""
     module_types: Tuple[type, ...] = ()
@@ -71,12 +94,33 @@ class Rule:
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.module_types)
 
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def bindings(self, name: str, module: nn.Module, own: Dict[str, nn.Parameter]) -> List[Binding]:
+        """The blocks of ``module``'s trainable parameters ``own`` (default: one ``weight``/``bias`` block)."""
+        extra = set(own) - set(self.param_names)
+        if extra:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__name__}) has unexpected trainable parameters {sorted(extra)}"
+            )
+        return [Binding("", own.get("weight"), own.get("bias"), self.groups(module), self)]
+
+    def attach(self, module: nn.Module, states: Sequence[Any], recorder: Any) -> List[Any]:
+        """Install the recording of ``module``'s calls for its blocks ``states``; returns removable handles."""
+        handles = []
+        for state in states:
+            def hook(mod: nn.Module, args: tuple, output: Tensor, state=state) -> None:
+                if not args or not torch.is_tensor(args[0]):
+                    raise ValueError(f"module {state.name!r} was called without a positional tensor input")
+                recorder.record(state, args[0], output)
+
+            handles.append(module.register_forward_hook(hook))
+        return handles
+
 
 class KroneckerRule(Rule):
     kind = "kron"
-
-    def groups(self, module: nn.Module) -> int:
-        return 1
 
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
