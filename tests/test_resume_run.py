@@ -149,7 +149,7 @@ def test_wandb_run_resumed_with_every_step_and_unique_names(tmp_path, monkeypatc
     MarglikTuner(cfg, tmp_path / "b").fit()  # same config, another run: another id and name
     other = fake.inits[-1]
     assert other["id"] != first["id"] and other["name"] != first["name"]
-    assert first["name"].startswith("marglik-reduce-s0-")
+    assert first["name"].startswith("marglik-reduce-reduce-s0-")
 
 
 def test_interrupt_message_names_an_existing_checkpoint(tmp_path, caplog):

@@ -194,6 +194,8 @@ def test_config_validation():
         Config.from_dict(hyper={"lrr": 1.0})
     with pytest.raises(ValueError, match="curvature.approx"):
         Config.from_dict(curvature={"approx": "full"})
+    with pytest.raises(ValueError, match="curvature.copies_approx"):
+        Config.from_dict(curvature={"copies_approx": "mean"})
     with pytest.raises(ValueError, match="prior_structure"):
         Config.from_dict(hyper={"prior_structure": "diag"})
     cfg = Config.from_dict(model={"name": "mlp", "hidden": [8]})

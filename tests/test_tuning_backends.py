@@ -197,7 +197,8 @@ def test_sequential_view_shares_the_parameters():
 
 
 def test_wandb_labels_name_backend_and_structure():
-    assert curvature_label({"approx": "reduce"}) == "marglik-reduce"
+    assert curvature_label({"approx": "reduce"}) == "marglik-reduce-reduce"
+    assert curvature_label({"approx": "expand", "copies_approx": "reduce"}) == "marglik-expand-reduce"
     assert curvature_label({"backend": "curvlinops", "structure": "kron", "approx": "expand"}) == "curvlinops-kron-expand"
     assert curvature_label({"backend": "asdl", "structure": "diag", "approx": "reduce"}) == "asdl-diag"
     assert curvature_tags({"backend": "backpack", "structure": "diag", "approx": "expand"}) == [

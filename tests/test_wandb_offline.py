@@ -52,7 +52,7 @@ def test_offline_run_location_sync_command_and_unique_names(offline, capsys):
     b = _run(cfg, offline / "b")  # same config, another run: another id and hence another name
     capsys.readouterr()
     assert a.wandb_id != b.wandb_id
-    assert a.logger.name == f"marglik-reduce-s0-{a.wandb_id}" and b.logger.name == f"marglik-reduce-s0-{b.wandb_id}"
+    assert a.logger.name == f"marglik-reduce-reduce-s0-{a.wandb_id}" and b.logger.name == f"marglik-reduce-reduce-s0-{b.wandb_id}"
 
 
 def test_offline_resume_continues_the_same_run(offline, capsys):

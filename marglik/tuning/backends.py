@@ -134,13 +134,14 @@ def check_curvature_config(curvature: Any, augmentation: bool) -> None:
 
 
 def curvature_label(curvature: Dict[str, Any]) -> str:
-    """Short name of the curvature of a run, e.g. ``marglik-reduce``, ``curvlinops-kron-expand``,
+    """Short name of the curvature of a run, e.g. ``marglik-expand-reduce`` (K-FAC-expand on
+    positions, reduce on augmented copies), ``curvlinops-kron-expand``,
     ``asdl-diag``; used as the W&B ``job_type`` and default run name. Missing keys take the defaults
     (``marglik``, ``kron``)."""
     backend = curvature.get("backend", "marglik")
     structure = curvature.get("structure", "kron")
-    if backend == "marglik":
-        return f"marglik-{curvature['approx']}"
+    if backend == "marglik":  # K-FAC on positions, then on augmented copies (null: as on positions)
+        return f"marglik-{curvature['approx']}-{curvature.get('copies_approx') or curvature['approx']}"
     if structure == "diag":
         return f"{backend}-diag"
     return f"{backend}-kron-{curvature['approx']}"
@@ -325,7 +326,8 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
         from ..laplace import KronLaplace
 
         return KronLaplace(
-            model, likelihood="classification", approx=curvature.approx, fisher_type=curvature.fisher_type,
+            model, likelihood="classification", approx=curvature.approx,
+            copies_approx=getattr(curvature, "copies_approx", None), fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
         )
     return PeerLaplace(

@@ -254,7 +254,7 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline
     project: str = "marglik"
     group: Optional[str] = None  #: None: data/model/augmentation/prior, so expand vs reduce share a group
-    name: Optional[str] = None  #: None: "<approx>-s<seed>"
+    name: Optional[str] = None  #: None: "<approx>-<copies_approx>-s<seed>"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
 

@@ -23,7 +23,9 @@ separate optimizer; the augmented batch is computed under ``no_grad``).
 The estimator. The Laplace log marginal likelihood of :class:`marglik.laplace.KronLaplace`
 (log-likelihood at theta, minus half the log-determinant ratio of posterior and prior precision,
 minus half the prior scatter) is evaluated on the augmented data with the K-FAC GGN
-(``curvature.approx`` = expand | reduce). With ``hyper.marglik_batches = M`` only ``M`` random
+(``curvature.approx`` = expand | reduce on the positions inside an image,
+``curvature.copies_approx`` on the augmented copies, reduce by default as the model averages its
+logits over them; see :class:`marglik.KFAC`). With ``hyper.marglik_batches = M`` only ``M`` random
 batches (``hyper.marglik_batch_size``) are used per Laplace fit: the summed log-likelihood and the
 GGN factor ``B`` are rescaled by ``N / (M * batch size)`` (``num_data`` rescaling), which gives an
 unbiased estimate of the data term and of the GGN, and hence a *stochastic* (and, through the
@@ -659,7 +661,8 @@ class MarglikTuner:
 
         pbar = tqdm(
             total=c.trainer.epochs, initial=self.epoch, disable=not (c.trainer.progress and self.is_main),
-            desc=f"marglik {c.data.name} {c.curvature.approx}", unit="ep", dynamic_ncols=True,
+            desc=f"marglik {c.data.name} {c.curvature.approx}-{c.curvature.copies_approx or c.curvature.approx}",
+            unit="ep", dynamic_ncols=True,
         )
         start = time.perf_counter()
         base_elapsed = self.timing["elapsed"]
@@ -804,7 +807,7 @@ class MarglikTuner:
             try:
                 plot_curves(
                     self.history, self.run_dir / "curves.png",
-                    title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx} "
+                    title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx}-{c.curvature.copies_approx} "
                           f"aug={'on' if self.aug_on else 'off'}",
                     burn_in=c.hyper.burn_in,
                     reported_epoch=summary["best_epoch"] if use_best else self.epoch,

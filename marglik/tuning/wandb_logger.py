@@ -5,8 +5,9 @@
 * Runs are grouped (``logger.group``, default derived from data / model / augmentation / prior
   structure but *not* from the K-FAC approximation or seed), so expand and reduce runs of the same
   setting appear side by side in one dashboard group; ``job_type`` names the curvature
-  (:func:`marglik.tuning.backends.curvature_label`: ``marglik-reduce``, ``curvlinops-kron-expand``,
-  ``backpack-diag``, ...) and the tags ``backend:``/``structure:``/``approx:`` its parts.
+  (:func:`marglik.tuning.backends.curvature_label`: ``marglik-expand-reduce`` (K-FAC on positions,
+  then on augmented copies), ``curvlinops-kron-expand``, ``backpack-diag``, ...) and the tags
+  ``backend:``/``structure:``/``approx:``/``copies_approx:`` its parts.
 * If wandb is not installed, or ``wandb.init`` / ``log`` fails (no network, no API key, ...), a
   warning is printed once and the run continues without it.
 * Run names are unique: the default is ``<approx>-s<seed>-<run id>``; the id is chosen by the
@@ -31,11 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
-    """W&B tags naming the curvature: ``backend:<b>``, ``structure:<s>`` and (Kronecker only)
-    ``approx:<a>``."""
-    structure = curvature.get("structure", "kron")
-    tags = [f"backend:{curvature.get('backend', 'marglik')}", f"structure:{structure}"]
-    return tags + ([f"approx:{curvature['approx']}"] if structure == "kron" else [])
+    """W&B tags naming the curvature: ``backend:<b>``, ``structure:<s>``, (Kronecker only)
+    ``approx:<a>`` and (marglik only) ``copies_approx:<c>``."""
+    structure, backend = curvature.get("structure", "kron"), curvature.get("backend", "marglik")
+    tags = [f"backend:{backend}", f"structure:{structure}"]
+    if structure == "kron":
+        tags.append(f"approx:{curvature['approx']}")
+    if backend == "marglik":
+        tags.append(f"copies_approx:{curvature.get('copies_approx') or curvature['approx']}")
+    return tags
 
 
 def default_group(cfg: Dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ from typing import List, Optional
 from torch import nn
 
 from .attention import MultiheadAttentionRule
-from .base import Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
+from .base import (
+    Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, copies_per_example, example_sum,
+)
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .leaf import LEAF_DENSE_MAX, LeafParameterRule
@@ -42,4 +44,5 @@ __all__ = [
     "UnsupportedModuleError",
     "example_sum",
     "LEAF_DENSE_MAX",
+    "copies_per_example",
 ]
