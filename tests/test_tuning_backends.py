@@ -203,7 +203,8 @@ def test_wandb_labels_name_backend_and_structure():
     assert curvature_label({"backend": "asdl", "structure": "diag", "approx": "reduce"}) == "asdl-diag"
     assert curvature_tags({"backend": "backpack", "structure": "diag", "approx": "expand"}) == [
         "backend:backpack", "structure:diag"]
-    assert curvature_tags({"approx": "expand"}) == ["backend:marglik", "structure:kron", "approx:expand"]
+    assert curvature_tags({"approx": "expand"}) == ["backend:marglik", "structure:kron", "approx:expand",
+                                                   "copies_approx:expand"]
 
 
 @pytest.mark.parametrize("backend, structure", [("curvlinops", "kron"), ("curvlinops", "diag"), ("asdl", "kron"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import shlex
 import warnings
 from pathlib import Path
@@ -82,6 +83,10 @@ class WandbLogger:
             warnings.warn(f"wandb unavailable ({e}); continuing without it")
             return
         self._wandb = wandb
+        if mode == "offline" and resume_id and offline_run_dirs(run_dir, resume_id):
+            # W&B names an offline segment's folder offline-run-<YYYYmmdd_HHMMSS>-<id>: a resume within
+            # the same second as the previous segment would write into (and clobber) that folder
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
         try:
             self.run = wandb.init(
                 project=lc.get("project") or "marglik",
