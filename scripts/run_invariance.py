@@ -178,6 +178,11 @@ def timing_section(timing: Optional[Dict[str, Any]]) -> List[str]:
     return lines + [""]
 
 
+def _count(value: Any) -> int:
+    """Rollbacks as a number: summaries hold a list of events or (newer schema) their count."""
+    return value if isinstance(value, int) else len(value or [])
+
+
 def flavour_label(r: Dict[str, Any]) -> str:
     """``expand-reduce`` etc.; runs without augmentation have no copies: ``expand (no copies)``."""
     return f"{r['approx']} (no copies)" if r.get("copies_approx") is None else f"{r['approx']}-{r['copies_approx']}"
@@ -271,7 +276,7 @@ def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: flo
         lines.append(
             f"| {r['rotation']:g} | {r['method']} | {flavour_label(r)} | {r['test_accuracy']:.4f} | "
             f"{r['test_nll']:.4f} | {'-' if lml is None else f'{lml:.4f}'} | {'-' if rot is None else f'{rot:.1f}'} | "
-            f"{others} | {'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {len(r.get('rollbacks') or [])} |"
+            f"{others} | {'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {_count(r.get('rollbacks'))} |"
         )
     lines += [""] + timing_section(timing)
     lines += ["## What the runs show", ""] + [f"* {o}" for o in observations(results)]

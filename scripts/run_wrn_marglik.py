@@ -105,7 +105,7 @@ def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
         "prior_precision": s["prior_precision"],
         "seconds": s["seconds"],
         "num_params": s["num_params"],
-        "rollbacks": len(s.get("rollbacks") or []),
+        "rollbacks": _count(s.get("rollbacks")),
         "rotation_history": [h.get("aug_rotation") for h in hist],
         "log_marglik_history": [h.get("log_marglik") for h in hist],
         "run_dir": str(run_dir),
@@ -174,6 +174,11 @@ def timing_lines(timing: Optional[Dict[str, Any]]) -> List[str]:
         lines.append(f"| {fl} | {v:.2f} | {ratios.get(fl, float('nan')):.2f} | "
                      f"{low.get(fl, float('nan')):.2f} | {low_ratios.get(fl, float('nan')):.2f} |")
     return lines
+
+
+def _count(value: Any) -> int:
+    """Rollbacks as a number: summaries hold a list of events or (newer schema) their count."""
+    return value if isinstance(value, int) else len(value or [])
 
 
 def flavour_label(r: Dict[str, Any]) -> str:
