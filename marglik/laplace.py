@@ -83,6 +83,10 @@ class KronLaplace:
         ignore_modules: modules left out of the posterior (as in :class:`marglik.KFAC`).
         separate_bias: drop weight-bias cross terms (laplace-torch's block structure).
 
+    Raises:
+        ValueError: an invalid likelihood, prior precision, prior mean, ``sigma_noise`` or
+            temperature (the message names it).
+
     Attributes after :meth:`fit`: ``kron`` (:class:`marglik.Kron`), ``mean`` (``(P,)`` MAP vector
     over ``params`` in ``Kron.to_dense`` order), ``loss`` (summed NLL, 0-d), ``n_data``,
     ``n_outputs`` (number of regression targets summed over the data).
@@ -165,6 +169,7 @@ class KronLaplace:
 
     @property
     def prior_mean(self) -> Tensor:
+        """The prior mean ``mu_0`` (0-d or ``(P,)``)."""
         return self._prior_mean
 
     @prior_mean.setter
@@ -180,6 +185,7 @@ class KronLaplace:
 
     @property
     def sigma_noise(self) -> Tensor:
+        """The observation noise std (0-d; 1 except for regression)."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -209,7 +215,13 @@ class KronLaplace:
                 number of examples seen.
             progress: tqdm progress bar.
 
-        Puts the model in eval mode (as laplace-torch does). Returns ``self``.
+        Puts the model in eval mode (as laplace-torch does).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: the training data is empty.
         """
         self.model.eval()
         batches: Iterable = [tuple(train_loader)] if _is_single_batch(train_loader) else train_loader
@@ -274,6 +286,7 @@ class KronLaplace:
 
     @property
     def log_det_prior_precision(self) -> Tensor:
+        """``log det P_0``."""
         return self.prior_precision_diag.log().sum()
 
     @property
@@ -292,11 +305,22 @@ class KronLaplace:
     def log_marginal_likelihood(
         self, prior_precision: Optional[TensorLike] = None, sigma_noise: Optional[TensorLike] = None
     ) -> Tensor:
-        """Laplace log marginal likelihood (0-d tensor).
+        """Laplace log marginal likelihood.
 
-        ``log p(D | theta_MAP) - 0.5 (log det P - log det P_0) - 0.5 scatter``. Passing
-        ``prior_precision`` / ``sigma_noise`` replaces the stored values (as in laplace-torch); the
-        result is differentiable w.r.t. both, and w.r.t. the factors if ``differentiable=True``.
+        ``log p(D | theta_MAP) - 0.5 (log det P - log det P_0) - 0.5 scatter``.
+
+        Args:
+            prior_precision: if given, replaces the stored prior precision (as in laplace-torch).
+            sigma_noise: if given, replaces the stored noise std (regression only).
+
+        Returns:
+            0-d tensor, differentiable w.r.t. the prior precision and ``sigma_noise``, and w.r.t.
+            the factors if ``differentiable=True``.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: an invalid prior precision or ``sigma_noise``, or ``sigma_noise`` for a
+                likelihood other than regression.
         """
         self._check_fitted()
         if prior_precision is not None:
@@ -372,23 +396,53 @@ class KronLaplace:
         return self.posterior.to_dense(self.prior_precision.detach(), self._H_factor.detach())
 
     def sample(self, n_samples: int = 100, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(n_samples, P)`` parameter samples from ``N(theta_MAP, P^{-1})`` (``params`` order)."""
+        """Parameter samples from the posterior ``N(theta_MAP, P^{-1})``.
+
+        Args:
+            n_samples: number of samples.
+            generator: random number generator.
+
+        Returns:
+            ``(n_samples, P)`` in ``params`` order.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: ``n_samples < 1``.
+        """
         self._check_fitted()
         eps = self.posterior.sample(n_samples, self.prior_precision, self._H_factor, generator=generator)
         return self.mean.detach().unsqueeze(0) + eps
 
     def functional_variance(self, Js: Tensor) -> Tensor:
-        """``J P^{-1} J^T`` for Jacobians ``(N, C, P)``; returns ``(N, C, C)``."""
+        """``J P^{-1} J^T``, the covariance of the linearised outputs.
+
+        Args:
+            Js: ``(N, C, P)`` Jacobians w.r.t. ``params``.
+
+        Returns:
+            ``(N, C, C)``.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: ``Js`` has the wrong shape.
+        """
         self._check_fitted()
         if Js.dim() != 3 or Js.shape[-1] != self.n_params:
             raise ValueError(f"Jacobians must have shape (N, C, {self.n_params}), got {tuple(Js.shape)}")
         return self.posterior.inv_quad(Js, self.prior_precision.detach(), self._H_factor.detach())
 
     def jacobians(self, x: Any) -> Tuple[Tensor, Tensor]:
-        """Jacobians ``(N, C, P)`` of the outputs w.r.t. the covered parameters, and outputs ``(N, C)``.
+        """Jacobians of the model outputs w.r.t. the covered parameters (``torch.func.jacrev``).
 
-        A 1-d output (binary) is treated as ``(N, 1)``. ``x`` may be a tensor, a tuple (``model(*x)``)
-        or a dict (``model(**x)``).
+        Args:
+            x: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``).
+
+        Returns:
+            ``(J, f)``: Jacobians ``(N, C, P)`` and outputs ``(N, C)``, detached. A 1-d output
+            (binary) is treated as ``(N, 1)``.
+
+        Raises:
+            ValueError: the outputs are not ``(N, C)``.
         """
         names = {id(p): n for n, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in self.params]

@@ -253,7 +253,19 @@ class ConstantPriorKron(_EigenbasisDiagonal):
         return eig.from_eigenbasis(self.eigenvalues(s).reciprocal() * eig.to_eigenbasis(X))
 
 
-class ProjectedPriorKron(_EigenbasisDiagonal):
+class _DiagonalPriorKron(_KronPosterior):
+    """A diagonal prior ``Delta`` of shape ``(G, nB, nA)`` (augmented layout) over the block."""
+
+    def __init__(self, e: KronBlockEigen, Delta: Tensor) -> None:
+        super().__init__(e)
+        self.Delta = Delta
+
+    @classmethod
+    def from_prior(cls, e, prior, structure):
+        return cls(e, prior[e.index])
+
+
+class ProjectedPriorKron(_EigenbasisDiagonal, _DiagonalPriorKron):
     """Diagonal prior ``Delta`` on a block with ``nA, nB > 1``: the K-FAC approximation.
 
     As in EK-FAC (George et al. 2018), the prior is replaced by its diagonal in the Kronecker
@@ -272,14 +284,6 @@ class ProjectedPriorKron(_EigenbasisDiagonal):
     """
 
     exact: ClassVar[bool] = False
-
-    def __init__(self, e: KronBlockEigen, Delta: Tensor) -> None:
-        super().__init__(e)
-        self.Delta = Delta
-
-    @classmethod
-    def from_prior(cls, e, prior, structure):
-        return cls(e, prior[e.index])
 
     def eigenvalues(self, s):
         return s * self.e.lam + self.e.eig.project_diagonal(self.Delta)
@@ -346,7 +350,7 @@ class WeightBiasPriorKron(_KronPosterior):
         return self.solve(y, s)
 
 
-class DenseKron(_KronPosterior):
+class DenseKron(_DiagonalPriorKron):
     """Diagonal prior on a block with ``nA == 1`` or ``nB == 1``: dense Cholesky of the
     ``max(nA, nB)``-sized group blocks -- **exact**.
 
@@ -354,14 +358,6 @@ class DenseKron(_KronPosterior):
         e: the decomposed block.
         Delta: ``(G, nB, nA)`` prior diagonal in the augmented layout.
     """
-
-    def __init__(self, e: KronBlockEigen, Delta: Tensor) -> None:
-        super().__init__(e)
-        self.Delta = Delta
-
-    @classmethod
-    def from_prior(cls, e, prior, structure):
-        return cls(e, prior[e.index])
 
     def _dense(self, s: Tensor, Delta: Tensor, detach: bool) -> Tensor:
         """``s B_g ⊗ A_g + diag(Delta_g)`` as ``(G, nB nA, nB nA)``."""
