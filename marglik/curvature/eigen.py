@@ -10,7 +10,7 @@ vector ``X (nB, nA)`` has the eigen-coordinates ``V_B^T X V_A`` (:meth:`KronEige
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -124,7 +124,7 @@ class KronEigen:
     lB: Tensor
     VB: Tensor
     lam: Tensor
-    _clusters: Optional[Tuple[Clusters, Clusters]] = None
+    _clusters: Optional[Tuple[Clusters, Clusters]] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def decompose(cls, A: Tensor, B: Tensor) -> "KronEigen":
