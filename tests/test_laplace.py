@@ -162,6 +162,29 @@ def test_log_marglik_joint_blocks_differ_from_split():
     assert not torch.isclose(la.log_marginal_likelihood(), la2.log_marginal_likelihood())
 
 
+def test_posterior_block_classes_per_prior_structure():
+    """Each block becomes the documented case; ``exact`` follows from the classes."""
+    from marglik.curvature.posterior_blocks import (
+        ChannelPosterior, ConstantPriorKron, DenseKron, ProjectedPriorKron, WeightBiasPriorKron)
+
+    model = mixed(1)  # fc2 has a single output: nB == 1
+    X, y = data(model, "regression", 6, (2, 5, 5))
+    dk = DecomposedKron(KFAC(model, "regression", approx="expand").fit((X, y)))
+    names = [e.block.name for e in dk.kron_blocks] + [d.block.name for d in dk.diag_blocks]
+    expected = {
+        "scalar": [ConstantPriorKron] * 4 + [ChannelPosterior] * 3,
+        "layerwise": [WeightBiasPriorKron, WeightBiasPriorKron, ConstantPriorKron, WeightBiasPriorKron]
+        + [ChannelPosterior] * 3,
+        "diagonal": [ProjectedPriorKron, ProjectedPriorKron, ProjectedPriorKron, DenseKron] + [ChannelPosterior] * 3,
+    }
+    assert names == ["conv", "gconv", "fc1", "fc2", "norm", "scale", "bias"]
+    for structure, classes in expected.items():
+        n = {"scalar": 1, "layerwise": dk.n_layers, "diagonal": dk.n_params}[structure]
+        prior = torch.rand(n, dtype=DT) + 0.5
+        assert [type(b) for b in dk.posterior_blocks(prior, dk.structure(prior))] == classes
+        assert dk.structure(prior) == structure and dk.exact(prior) == (structure != "diagonal")
+
+
 class DiagExact(nn.Module):
     """Every Kron block has a 1-sized factor (db = 1 or bias-only): a diagonal prior is exact."""
 
