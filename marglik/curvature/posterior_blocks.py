@@ -22,6 +22,10 @@ shaped like the block's :attr:`~PosteriorBlock.index` (the positions of its coor
 ``Kron.to_dense`` order). Notation: a :class:`KronBlock` group has factors ``A`` (``nA x nA``,
 input side, bias = last coordinate) and ``B`` (``nB x nB``) with eigenvalues ``lA``, ``lB``,
 eigenvectors ``V_A``, ``V_B`` and ``lam_ji = lB_j lA_i`` (:class:`~marglik.curvature.eigen.KronEigen`).
+
+Gradients of :meth:`~PosteriorBlock.logdet_ratio`: closed form in the eigendecomposition for the
+Kronecker cases (:mod:`marglik.curvature.logdet`), plain autograd through a Cholesky factor
+(:class:`DenseKron`) or ``2 x 2`` determinants (:class:`ChannelPosterior`); never through ``eigh``.
 """
 
 from __future__ import annotations
