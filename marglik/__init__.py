@@ -2,14 +2,18 @@
 
 from .curvature import (
     KFAC,
+    DecomposedKron,
     DiagonalBlock,
     FisherType,
     KFACApprox,
     Kron,
     KronBlock,
     Likelihood,
+    PriorStructure,
     UnsupportedModuleError,
     example_index,
+    kron_logdet,
+    kron_logdet_projected,
 )
 from .nn import Bias, Scale
 
@@ -23,6 +27,10 @@ __all__ = [
     "Likelihood",
     "UnsupportedModuleError",
     "example_index",
+    "DecomposedKron",
+    "PriorStructure",
+    "kron_logdet",
+    "kron_logdet_projected",
     "Scale",
     "Bias",
 ]
@@ -32,10 +40,9 @@ from .optim import KFACOptimizer  # noqa: E402  (K-FAC optimizer, issue 5)
 
 __all__.append("KFACOptimizer")
 
-from .curvature.kron_algebra import DecomposedKron, kron_logdet, kron_logdet_projected  # noqa: E402  (issue 3)
 from .laplace import KronLaplace  # noqa: E402  (Laplace posterior / log marglik, issue 3)
 
-__all__ += ["KronLaplace", "DecomposedKron", "kron_logdet", "kron_logdet_projected"]
+__all__ += ["KronLaplace"]
 
 from .tuning import Config, MarglikTuner, tune  # noqa: E402  (marglik tuning loop, issue 4)
 

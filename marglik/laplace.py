@@ -19,19 +19,20 @@ Differences from laplace-torch, by design:
   (``B ⊗ A`` over ``[W, b]``); laplace-torch's ``Kron`` keeps separate weight and bias blocks.
   ``separate_bias=True`` drops the cross terms and reproduces laplace-torch's structure exactly.
 * A layerwise prior is exact also on joint weight+bias blocks (matrix determinant lemma, see
-  :mod:`marglik.curvature.kron_algebra`); a diagonal prior (rejected by laplace-torch's
+  :mod:`marglik.curvature.posterior_blocks`); a diagonal prior (rejected by laplace-torch's
   ``KronLaplace``) is supported with the documented K-FAC approximation.
 * The log determinant has closed-form gradients w.r.t. the prior, ``sigma_noise`` and -- with
   ``differentiable=True`` -- the Kronecker factors (hence e.g. augmentation parameters).
 
-What is written by hand and why: the posterior algebra (:mod:`marglik.curvature.kron_algebra`),
+What is written by hand and why: the posterior algebra (:class:`marglik.DecomposedKron`),
 because laplace-torch's ``KronDecomposed`` has neither joint weight-bias blocks, per-channel
-``2 x 2`` blocks, grouped convolutions, nor gradients that avoid ``eigh``; and the Jacobians of the
+``2 x 2`` blocks, grouped convolutions, nor gradients that avoid ``eigh``; the Jacobians of the
 covered parameters (``torch.func.jacrev``, a few lines), because laplace-torch's backends take all
-trainable parameters and do not know ``ignore_modules``. Reused from laplace-torch by calling it:
-the link approximations of the GLM predictive (``probit``, ``mc``, ``bridge``, ``bridge_norm``:
-``BaseLaplace._glm_forward_call`` and its sampling helpers). The binary likelihood, which
-laplace-torch lacks, gets its own probit / MC link for the sigmoid.
+trainable parameters and do not know ``ignore_modules``; and the link approximations of the GLM
+predictive (:mod:`marglik.predictive`: ``probit``, ``mc``, ``bridge``, ``bridge_norm``), which
+follow laplace-torch's formulas and give its numbers (tested against its public predictive), plus
+a probit / MC link for the sigmoid of the binary likelihood, which laplace-torch lacks. Nothing
+private of laplace-torch is used.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from .curvature import KFAC, Kron
-from .curvature.kron_algebra import DecomposedKron, prior_structure
+from .curvature import KFAC, DecomposedKron, Kron, PriorStructure
 from .curvature.options import Likelihood
+from .predictive import LinkApprox, sigmoid_mc, sigmoid_probit, softmax_bridge, softmax_mc, softmax_probit
 
 __all__ = ["KronLaplace"]
 
@@ -84,6 +85,10 @@ class KronLaplace:
             so that the log marginal likelihood can be differentiated w.r.t. whatever produced them.
         ignore_modules: modules left out of the posterior (as in :class:`marglik.KFAC`).
         separate_bias: drop weight-bias cross terms (laplace-torch's block structure).
+
+    Raises:
+        ValueError: an invalid likelihood, prior precision, prior mean, ``sigma_noise`` or
+            temperature (the message names it).
 
     Attributes after :meth:`fit`: ``kron`` (:class:`marglik.Kron`), ``mean`` (``(P,)`` MAP vector
     over ``params`` in ``Kron.to_dense`` order), ``loss`` (summed NLL, 0-d), ``n_data``,
@@ -155,20 +160,21 @@ class KronLaplace:
     @prior_precision.setter
     def prior_precision(self, value: TensorLike) -> None:
         p = self._tensor(value, "prior_precision")
-        kind = prior_structure(p, self.n_layers, self.n_params)
-        if kind == "scalar":
+        if PriorStructure.of(p, self.n_layers, self.n_params) is PriorStructure.SCALAR:
             p = p.reshape(())
         if not torch.isfinite(p.detach()).all() or (p.detach() <= 0).any():
             raise ValueError("prior precision must be positive and finite")
         self._prior_precision = p
 
     @property
-    def prior_structure(self) -> str:
-        """``"scalar"``, ``"layerwise"`` or ``"diagonal"``."""
-        return prior_structure(self._prior_precision, self.n_layers, self.n_params)
+    def prior_structure(self) -> PriorStructure:
+        """The :class:`~marglik.PriorStructure` of the prior precision (compares equal to
+        ``"scalar"``, ``"layerwise"`` or ``"diagonal"``)."""
+        return PriorStructure.of(self._prior_precision, self.n_layers, self.n_params)
 
     @property
     def prior_mean(self) -> Tensor:
+        """The prior mean ``mu_0`` (0-d or ``(P,)``)."""
         return self._prior_mean
 
     @prior_mean.setter
@@ -184,6 +190,7 @@ class KronLaplace:
 
     @property
     def sigma_noise(self) -> Tensor:
+        """The observation noise std (0-d; 1 except for regression)."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -213,7 +220,13 @@ class KronLaplace:
                 number of examples seen.
             progress: tqdm progress bar.
 
-        Puts the model in eval mode (as laplace-torch does). Returns ``self``.
+        Puts the model in eval mode (as laplace-torch does).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: the training data is empty.
         """
         self.model.eval()
         batches: Iterable = [tuple(train_loader)] if _is_single_batch(train_loader) else train_loader
@@ -266,11 +279,11 @@ class KronLaplace:
         """``(theta_MAP - mu_0)^T P_0 (theta_MAP - mu_0)``."""
         self._check_fitted()
         delta = self.mean - self.prior_mean
-        kind = self.prior_structure
-        if kind == "diagonal":
+        structure = self.prior_structure
+        if structure is PriorStructure.DIAGONAL:
             return (delta * self.prior_precision) @ delta
         sq = delta * delta
-        if kind == "scalar":
+        if structure is PriorStructure.SCALAR:
             return self.prior_precision * sq.sum()
         # layerwise: per-tensor sums of squares (avoids expanding the prior to length P)
         per_layer = torch.stack([t.sum() for t in sq.split(self._layer_sizes)])
@@ -278,29 +291,41 @@ class KronLaplace:
 
     @property
     def log_det_prior_precision(self) -> Tensor:
+        """``log det P_0``."""
         return self.prior_precision_diag.log().sum()
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
-        """``log det P`` (exact for scalar / layerwise priors, see :mod:`marglik.curvature.kron_algebra`)."""
+        """``log det P`` (exact for scalar / layerwise priors, see :meth:`marglik.DecomposedKron.exact`)."""
         self._check_fitted()
         return self.posterior.logdet(self.prior_precision, self._H_factor)
 
     @property
     def log_det_ratio(self) -> Tensor:
         """``log det P - log det P_0``, computed blockwise as a ratio (no cancellation, see
-        :meth:`marglik.curvature.kron_algebra.DecomposedKron.logdet_ratio`)."""
+        :meth:`marglik.DecomposedKron.logdet_ratio`)."""
         self._check_fitted()
         return self.posterior.logdet_ratio(self.prior_precision, self._H_factor)
 
     def log_marginal_likelihood(
         self, prior_precision: Optional[TensorLike] = None, sigma_noise: Optional[TensorLike] = None
     ) -> Tensor:
-        """Laplace log marginal likelihood (0-d tensor).
+        """Laplace log marginal likelihood.
 
-        ``log p(D | theta_MAP) - 0.5 (log det P - log det P_0) - 0.5 scatter``. Passing
-        ``prior_precision`` / ``sigma_noise`` replaces the stored values (as in laplace-torch); the
-        result is differentiable w.r.t. both, and w.r.t. the factors if ``differentiable=True``.
+        ``log p(D | theta_MAP) - 0.5 (log det P - log det P_0) - 0.5 scatter``.
+
+        Args:
+            prior_precision: if given, replaces the stored prior precision (as in laplace-torch).
+            sigma_noise: if given, replaces the stored noise std (regression only).
+
+        Returns:
+            0-d tensor, differentiable w.r.t. the prior precision and ``sigma_noise``, and w.r.t.
+            the factors if ``differentiable=True``.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: an invalid prior precision or ``sigma_noise``, or ``sigma_noise`` for a
+                likelihood other than regression.
         """
         self._check_fitted()
         if prior_precision is not None:
@@ -317,18 +342,27 @@ class KronLaplace:
         n_steps: int = 100,
         lr: float = 0.1,
         init_prior_prec: Optional[TensorLike] = None,
-        prior_structure: Optional[str] = None,
+        prior_structure: Optional[Union[str, PriorStructure]] = None,
         verbose: bool = False,
     ) -> Tensor:
         """Maximise the log marginal likelihood over ``log prior_precision`` with Adam.
 
         Args:
             method: only ``"marglik"``.
-            n_steps / lr: Adam steps and learning rate.
+            n_steps: Adam steps.
+            lr: Adam learning rate.
             init_prior_prec: start value (default: the current prior precision).
             prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` to broadcast a scalar
                 start value; default: the structure of the start value.
-        Returns the optimised prior precision (also stored).
+            verbose: print the negative log marginal likelihood every 10 steps.
+
+        Returns:
+            The optimised prior precision (also stored).
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: unknown ``method`` or ``prior_structure``, negative ``n_steps``, or a start
+                value whose size does not match ``prior_structure``.
         """
         self._check_fitted()
         if method != "marglik":
@@ -338,14 +372,13 @@ class KronLaplace:
         init = self.prior_precision if init_prior_prec is None else self._tensor(init_prior_prec, "init_prior_prec")
         init = init.detach()
         if prior_structure is not None:
-            sizes = {"scalar": 1, "layerwise": self.n_layers, "diagonal": self.n_params}
-            if prior_structure not in sizes:
-                raise ValueError(f"prior_structure must be one of {sorted(sizes)}, got {prior_structure!r}")
+            prior_structure = PriorStructure.parse(prior_structure, "prior_structure")
+            size = prior_structure.size(self.n_layers, self.n_params)
             if init.numel() == 1:
-                init = init.reshape(()).expand(sizes[prior_structure]).clone()
-                if prior_structure == "scalar":
+                init = init.reshape(()).expand(size).clone()
+                if prior_structure is PriorStructure.SCALAR:
                     init = init.reshape(())
-            elif init.numel() != sizes[prior_structure]:
+            elif init.numel() != size:
                 raise ValueError(f"init_prior_prec of shape {tuple(init.shape)} does not match {prior_structure!r}")
         self.prior_precision = init
         log_prec = self.prior_precision.detach().log().clone().requires_grad_(True)
@@ -368,23 +401,53 @@ class KronLaplace:
         return self.posterior.to_dense(self.prior_precision.detach(), self._H_factor.detach())
 
     def sample(self, n_samples: int = 100, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(n_samples, P)`` parameter samples from ``N(theta_MAP, P^{-1})`` (``params`` order)."""
+        """Parameter samples from the posterior ``N(theta_MAP, P^{-1})``.
+
+        Args:
+            n_samples: number of samples.
+            generator: random number generator.
+
+        Returns:
+            ``(n_samples, P)`` in ``params`` order.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: ``n_samples < 1``.
+        """
         self._check_fitted()
         eps = self.posterior.sample(n_samples, self.prior_precision, self._H_factor, generator=generator)
         return self.mean.detach().unsqueeze(0) + eps
 
     def functional_variance(self, Js: Tensor) -> Tensor:
-        """``J P^{-1} J^T`` for Jacobians ``(N, C, P)``; returns ``(N, C, C)``."""
+        """``J P^{-1} J^T``, the covariance of the linearised outputs.
+
+        Args:
+            Js: ``(N, C, P)`` Jacobians w.r.t. ``params``.
+
+        Returns:
+            ``(N, C, C)``.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: ``Js`` has the wrong shape.
+        """
         self._check_fitted()
         if Js.dim() != 3 or Js.shape[-1] != self.n_params:
             raise ValueError(f"Jacobians must have shape (N, C, {self.n_params}), got {tuple(Js.shape)}")
         return self.posterior.inv_quad(Js, self.prior_precision.detach(), self._H_factor.detach())
 
     def jacobians(self, x: Any) -> Tuple[Tensor, Tensor]:
-        """Jacobians ``(N, C, P)`` of the outputs w.r.t. the covered parameters, and outputs ``(N, C)``.
+        """Jacobians of the model outputs w.r.t. the covered parameters (``torch.func.jacrev``).
 
-        A 1-d output (binary) is treated as ``(N, 1)``. ``x`` may be a tensor, a tuple (``model(*x)``)
-        or a dict (``model(**x)``).
+        Args:
+            x: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``).
+
+        Returns:
+            ``(J, f)``: Jacobians ``(N, C, P)`` and outputs ``(N, C)``, detached. A 1-d output
+            (binary) is treated as ``(N, 1)``.
+
+        Raises:
+            ValueError: the outputs are not ``(N, C)``.
         """
         names = {id(p): n for n, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in self.params]
@@ -407,63 +470,68 @@ class KronLaplace:
         J = torch.cat([jac[k].flatten(start_dim=2) for k in keys], dim=-1)
         return J.detach(), out.detach()
 
-    def _glm_predictive_distribution(self, x: Any, joint: bool = False, diagonal_output: bool = False):
-        if joint:
-            raise NotImplementedError("joint predictive is not implemented")
+    def glm_predictive_distribution(self, x: Any) -> Tuple[Tensor, Tensor]:
+        """Mean and covariance of the linearised network outputs ``f(x)`` under the posterior.
+
+        Args:
+            x: inputs (see :meth:`jacobians`).
+
+        Returns:
+            ``(f_mu, f_var)``: the outputs at the MAP ``(N, C)`` and ``J P^{-1} J^T`` ``(N, C, C)``.
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: the model's outputs are not ``(N, C)``.
+        """
+        self._check_fitted()
         Js, f_mu = self.jacobians(x)
-        f_var = self.functional_variance(Js)
-        if diagonal_output:
-            f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-        return f_mu, f_var
+        return f_mu, self.functional_variance(Js)
 
     def __call__(
         self,
         x: Any,
-        link_approx: str = "probit",
+        link_approx: Union[str, LinkApprox] = "probit",
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: Optional[torch.Generator] = None,
-    ):
-        """Linearised (GLM) predictive.
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Linearised (GLM) predictive, with laplace-torch's link approximations and conventions.
 
-        Classification: class probabilities ``(N, C)`` via ``link_approx`` in ``"probit"``,
-        ``"mc"`` (``n_samples`` draws), ``"bridge"``, ``"bridge_norm"`` (laplace-torch's code).
-        Binary: probabilities of class 1, shape ``(N, 1)`` (``"probit"`` or ``"mc"``).
-        Regression: ``(f_mean (N, C), f_var (N, C, C))`` -- the functional variance, without the
-        observation noise (laplace-torch's convention); ``diagonal_output=True`` gives ``(N, C)``.
+        Args:
+            x: inputs (see :meth:`jacobians`).
+            link_approx: ``"probit"``, ``"mc"``, ``"bridge"`` or ``"bridge_norm"``
+                (:mod:`marglik.predictive`); the bridge exists for the softmax only. Not used for
+                regression.
+            n_samples: samples for ``"mc"``.
+            diagonal_output: regression: return the output variances ``(N, C)``; ``"mc"`` for
+                classification: sample without the output covariances.
+            generator: random number generator for ``"mc"`` (default: the global one).
+
+        Returns:
+            Classification: class probabilities ``(N, C)``. Binary: probabilities of class 1,
+            ``(N, 1)``. Regression: ``(f_mu (N, C), f_var (N, C, C))`` -- the functional variance,
+            without the observation noise (laplace-torch's convention).
+
+        Raises:
+            RuntimeError: not fitted.
+            ValueError: unknown ``link_approx``, or the bridge for the binary likelihood.
         """
         self._check_fitted()
-        links = ("probit", "mc", "bridge", "bridge_norm")
-        if link_approx not in links:
-            raise ValueError(f"unknown link_approx {link_approx!r}; expected one of {links}")
+        link = LinkApprox.parse(link_approx, "link_approx")
+        f_mu, f_var = self.glm_predictive_distribution(x)
+        if self.likelihood is Likelihood.REGRESSION:
+            return f_mu, torch.diagonal(f_var, dim1=-2, dim2=-1) if diagonal_output else f_var
         if self.likelihood is Likelihood.BINARY:
-            f_mu, f_var = self._glm_predictive_distribution(x)
             var = f_var[:, :1, 0]
-            if link_approx == "probit":
-                return torch.sigmoid(f_mu / torch.sqrt(1.0 + math.pi / 8 * var))
-            if link_approx == "mc":
-                eps = torch.randn((n_samples,) + f_mu.shape, dtype=f_mu.dtype, device=f_mu.device, generator=generator)
-                return torch.sigmoid(f_mu + var.sqrt() * eps).mean(0)
+            if link is LinkApprox.PROBIT:
+                return sigmoid_probit(f_mu, var)
+            if link is LinkApprox.MC:
+                return sigmoid_mc(f_mu, var, n_samples, generator)
             raise ValueError("the bridge approximation is only defined for the softmax (classification)")
-        if link_approx == "mc":
-            f_mu, f_var = self._glm_predictive_distribution(x)
-            return self._glm_predictive_samples(f_mu, f_var, n_samples, diagonal_output, generator).mean(0)
-        from laplace.baselaplace import BaseLaplace  # imported lazily: slow import
-
-        return BaseLaplace._glm_forward_call(
-            self, x, self.likelihood.value, joint=False, link_approx=link_approx,
-            n_samples=n_samples, diagonal_output=diagonal_output,
-        )
+        if link is LinkApprox.PROBIT:
+            return softmax_probit(f_mu, f_var)
+        if link is LinkApprox.MC:
+            return softmax_mc(f_mu, f_var, n_samples, diagonal_output, generator)
+        return softmax_bridge(f_mu, f_var, normalize=link is LinkApprox.BRIDGE_NORM)
 
     predictive = __call__
-
-    # hooks called by laplace-torch's BaseLaplace._glm_forward_call for the "mc" link
-    def _glm_predictive_samples(self, f_mu, f_var, n_samples, diagonal_output=False, generator=None):
-        from laplace.baselaplace import BaseLaplace
-
-        return BaseLaplace._glm_predictive_samples(self, f_mu, f_var, n_samples, diagonal_output, generator)
-
-    def _glm_functional_samples(self, f_mu, f_var, n_samples, diagonal_output=False, generator=None):
-        from laplace.baselaplace import BaseLaplace
-
-        return BaseLaplace._glm_functional_samples(self, f_mu, f_var, n_samples, diagonal_output, generator)

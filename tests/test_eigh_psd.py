@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from marglik.curvature.kron_algebra import eigh_psd
+from marglik.curvature import eigh_psd
 
 DATA = Path(__file__).parent / "data" / "rank_deficient_factor.pt"
 

@@ -1,9 +1,14 @@
-"""Curvature: K-FAC factors (:class:`KFAC`) and their containers (:class:`Kron`)."""
+"""Curvature: K-FAC factors (:class:`KFAC`), their containers (:class:`Kron`) and the posterior
+algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`)."""
 
+from .eigen import KronEigen, eigh_psd
 from .kfac import KFAC, CoveredModule
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError
+from .logdet import kron_logdet, kron_logdet_projected
 from .options import FisherType, KFACApprox, Likelihood
+from .posterior import DecomposedKron
+from .prior import PriorStructure
 from .sharing import example_index
 
 __all__ = [
@@ -17,4 +22,10 @@ __all__ = [
     "KFACApprox",
     "Likelihood",
     "example_index",
+    "DecomposedKron",
+    "PriorStructure",
+    "KronEigen",
+    "eigh_psd",
+    "kron_logdet",
+    "kron_logdet_projected",
 ]

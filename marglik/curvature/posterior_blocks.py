@@ -1,0 +1,502 @@
+"""Blocks of the K-FAC Laplace posterior precision ``P = s K + diag(p)``, one class per case.
+
+``K`` is block-diagonal (:class:`~marglik.curvature.kron.Kron`), and so is ``P``. A curvature
+block is decomposed once (:class:`KronBlockEigen`, :class:`ChannelBlocksInfo`); given the prior
+``p`` it becomes a :class:`PosteriorBlock`, whose class is the case of the algebra:
+
+================================  =========================================  ==========
+class                             when                                       exact
+================================  =========================================  ==========
+:class:`ConstantPriorKron`        prior constant over a :class:`KronBlock`   yes
+:class:`WeightBiasPriorKron`      layerwise prior on a joint weight+bias     yes
+                                  :class:`KronBlock`
+:class:`DenseKron`                diagonal prior, a factor of size 1         yes
+:class:`ProjectedPriorKron`       diagonal prior, otherwise                  no (K-FAC)
+:class:`ChannelPosterior`         a :class:`DiagonalBlock` (``k x k`` per    yes
+                                  channel), any prior
+================================  =========================================  ==========
+
+Every block has the same interface: :meth:`~PosteriorBlock.logdet_ratio` (``log det P_b - log
+det diag(p_b)``), :meth:`~PosteriorBlock.solve` and :meth:`~PosteriorBlock.sample`, on vectors
+shaped like the block's :attr:`~PosteriorBlock.index` (the positions of its coordinates in
+``Kron.to_dense`` order). Notation: a :class:`KronBlock` group has factors ``A`` (``nA x nA``,
+input side, bias = last coordinate) and ``B`` (``nB x nB``) with eigenvalues ``lA``, ``lB``,
+eigenvectors ``V_A``, ``V_B`` and ``lam_ji = lB_j lA_i`` (:class:`~marglik.curvature.eigen.KronEigen`).
+
+Gradients of :meth:`~PosteriorBlock.logdet_ratio`: closed form in the eigendecomposition for the
+Kronecker cases (:mod:`marglik.curvature.logdet`), plain autograd through a Cholesky factor
+(:class:`DenseKron`) or ``2 x 2`` determinants (:class:`ChannelPosterior`); never through ``eigh``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, List, Optional, Type
+
+import torch
+from torch import Tensor
+
+from .eigen import KronEigen
+from .kron import DiagonalBlock, KronBlock
+from .logdet import KronLogdetProjected, KronLogdetRatio, KronSpectrum, PrefixSums
+from .prior import PriorStructure
+
+__all__ = [
+    "PosteriorBlock",
+    "ConstantPriorKron",
+    "WeightBiasPriorKron",
+    "DenseKron",
+    "ProjectedPriorKron",
+    "ChannelPosterior",
+    "KronBlockEigen",
+    "ChannelBlocksInfo",
+    "PackedKronBlocks",
+]
+
+#: ``randn(*shape)``: standard normal draws of the posterior's dtype and device
+Randn = Callable[..., Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# decomposed curvature blocks (independent of the prior)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KronBlockEigen:
+    """A :class:`KronBlock` with its factors eigendecomposed.
+
+    Attributes:
+        block: the curvature block (its factors may carry an autograd graph).
+        index: ``(G, nB, nA)`` positions of the block's coordinates in ``Kron.to_dense`` order.
+        eig: :class:`KronEigen` of the detached factors.
+        weight_layer: index of the weight in ``Kron.params`` (``None`` if frozen).
+        bias_layer: index of the bias in ``Kron.params`` (``None`` if absent or frozen).
+    """
+
+    block: KronBlock
+    index: Tensor
+    eig: KronEigen
+    weight_layer: Optional[int]
+    bias_layer: Optional[int]
+
+    @property
+    def lam(self) -> Tensor:
+        """``(G, nB, nA)`` eigenvalues ``lB_j lA_i`` of ``B ⊗ A``."""
+        return self.eig.lam
+
+    @property
+    def iw(self) -> Optional[int]:
+        """Short name of :attr:`weight_layer` (read by ``scripts/bench_marglik.py``)."""
+        return self.weight_layer
+
+    @property
+    def ib(self) -> Optional[int]:
+        """Short name of :attr:`bias_layer` (read by ``scripts/bench_marglik.py``)."""
+        return self.bias_layer
+
+    @property
+    def weight_and_bias(self) -> bool:
+        """Whether the block holds both a weight and its bias."""
+        return self.weight_layer is not None and self.bias_layer is not None
+
+    @property
+    def has_unit_factor(self) -> bool:
+        """Whether ``nA == 1`` or ``nB == 1`` (bias-only blocks, single-output layers)."""
+        return 1 in self.eig.shape[1:]
+
+    def posterior_type(self, structure: PriorStructure) -> Type["_KronPosterior"]:
+        """The :class:`PosteriorBlock` class of this block under a prior of ``structure``."""
+        if structure is PriorStructure.SCALAR:
+            return ConstantPriorKron
+        if structure is PriorStructure.LAYERWISE:
+            return WeightBiasPriorKron if self.weight_and_bias else ConstantPriorKron
+        return DenseKron if self.has_unit_factor else ProjectedPriorKron
+
+    def posterior(self, prior: Tensor, structure: PriorStructure) -> "_KronPosterior":
+        """The posterior block for the prior precision ``prior`` (of ``structure``)."""
+        return self.posterior_type(structure).from_prior(self, prior, structure)
+
+
+@dataclass
+class ChannelBlocksInfo:
+    """A :class:`DiagonalBlock` (per-channel ``k x k`` blocks, ``k = 1, 2``) and where it sits.
+
+    Attributes:
+        block: the curvature block.
+        index: ``(C, k)`` positions of ``(weight[c], bias[c])`` in ``Kron.to_dense`` order.
+        layers: indices in ``Kron.params`` of the block's present parameters.
+    """
+
+    block: DiagonalBlock
+    index: Tensor
+    layers: List[int]
+
+    def posterior(self, prior: Tensor, structure: PriorStructure) -> "ChannelPosterior":
+        """The posterior block for the prior precision ``prior`` (of ``structure``)."""
+        C, k = self.index.shape
+        if structure is PriorStructure.SCALAR:
+            p = prior.reshape(1, 1).expand(C, k)
+        elif structure is PriorStructure.LAYERWISE:
+            p = prior[torch.tensor(self.layers, device=prior.device)].reshape(1, k).expand(C, k)
+        else:
+            p = prior[self.index]
+        return ChannelPosterior(self, p)
+
+
+# ------------------------------------------------------------------------------------------------
+# the interface
+# ------------------------------------------------------------------------------------------------
+
+
+class PosteriorBlock(ABC):
+    """One diagonal block ``P_b = s K_b + diag(p_b)`` of the posterior precision.
+
+    Vectors are shaped like :attr:`index` with leading sample dimensions: ``(n, *index.shape)``.
+    """
+
+    #: whether :meth:`logdet_ratio`, :meth:`solve` and :meth:`sample` use ``P_b`` itself (else an
+    #: approximation of it, the same for all three)
+    exact: ClassVar[bool] = True
+    index: Tensor
+
+    @abstractmethod
+    def logdet_ratio(self, s: Tensor) -> Tensor:
+        """``log det P_b - log det diag(p_b)`` (0-d), differentiable w.r.t. ``s`` and the prior.
+
+        Args:
+            s: 0-d likelihood scale.
+        """
+
+    @abstractmethod
+    def solve(self, X: Tensor, s: Tensor) -> Tensor:
+        """``P_b^{-1} x`` for every ``x`` in ``X`` of shape ``(n, *index.shape)``; same shape."""
+
+    @abstractmethod
+    def sample(self, n: int, s: Tensor, randn: Randn) -> Tensor:
+        """``(n, *index.shape)`` draws from ``N(0, P_b^{-1})`` from standard normals ``randn``."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Kronecker blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class _KronPosterior(PosteriorBlock):
+    """A posterior block over a :class:`KronBlockEigen`; subclasses fix the prior's form.
+
+    A class with ``packable = True`` has a prior that is constant per parameter tensor (a single
+    value, or ``with_bias``: one for the weight and one for the bias), so that the log det ratios of
+    all its blocks can be evaluated together (:class:`PackedKronBlocks`).
+    """
+
+    packable: ClassVar[bool] = False
+    with_bias: ClassVar[bool] = False
+
+    def __init__(self, e: KronBlockEigen) -> None:
+        self.e = e
+        self.index = e.index
+
+    @classmethod
+    @abstractmethod
+    def from_prior(cls, e: KronBlockEigen, prior: Tensor, structure: PriorStructure) -> "_KronPosterior":
+        """This block's part of the prior precision ``prior`` (of ``structure``)."""
+
+    def sample(self, n: int, s: Tensor, randn: Randn) -> Tensor:
+        return self._transform_normals(randn(n, *self.index.shape), s, randn)
+
+    @abstractmethod
+    def _transform_normals(self, Z: Tensor, s: Tensor, randn: Randn) -> Tensor:
+        """Map standard normals ``Z (n, G, nB, nA)`` to draws from ``N(0, P_b^{-1})``."""
+
+
+class _EigenbasisDiagonal(_KronPosterior):
+    """A posterior block that is diagonal in the Kronecker eigenbasis ``V_B ⊗ V_A``."""
+
+    @abstractmethod
+    def eigenvalues(self, s: Tensor) -> Tensor:
+        """``(G, nB, nA)`` eigenvalues of ``P_b`` (or of its approximation) in that basis."""
+
+    def _transform_normals(self, Z: Tensor, s: Tensor, randn: Randn) -> Tensor:
+        return self.e.eig.from_eigenbasis(Z * self.eigenvalues(s).rsqrt())
+
+
+class ConstantPriorKron(_EigenbasisDiagonal):
+    """Prior ``delta`` constant over the block (scalar prior; layerwise prior on a weight-only or
+    bias-only block): ``s B ⊗ A + delta I`` has the eigenvalues ``s lam + delta`` -- **exact**.
+
+    Args:
+        e: the decomposed block.
+        delta: 0-d prior precision.
+    """
+
+    packable: ClassVar[bool] = True
+    with_bias: ClassVar[bool] = False
+
+    def __init__(self, e: KronBlockEigen, delta: Tensor) -> None:
+        super().__init__(e)
+        self.delta = delta
+
+    @classmethod
+    def from_prior(cls, e, prior, structure):
+        if structure is PriorStructure.SCALAR:
+            return cls(e, prior.reshape(()))
+        return cls(e, prior[e.weight_layer if e.weight_layer is not None else e.bias_layer])
+
+    def eigenvalues(self, s):
+        return s * self.e.lam + self.delta
+
+    def logdet_ratio(self, s):
+        blk = self.e.block
+        spectrum = KronSpectrum.of(self.e.eig, weight_and_bias=False, prefix_sums=False)
+        return KronLogdetRatio.apply(blk.A, blk.B, s, self.delta.expand(self.e.eig.shape[0]), None, spectrum)
+
+    def solve(self, X, s):
+        eig = self.e.eig
+        return eig.from_eigenbasis(self.eigenvalues(s).reciprocal() * eig.to_eigenbasis(X))
+
+
+class _DiagonalPriorKron(_KronPosterior):
+    """A diagonal prior ``Delta`` of shape ``(G, nB, nA)`` (augmented layout) over the block."""
+
+    def __init__(self, e: KronBlockEigen, Delta: Tensor) -> None:
+        super().__init__(e)
+        self.Delta = Delta
+
+    @classmethod
+    def from_prior(cls, e, prior, structure):
+        return cls(e, prior[e.index])
+
+
+class ProjectedPriorKron(_EigenbasisDiagonal, _DiagonalPriorKron):
+    """Diagonal prior ``Delta`` on a block with ``nA, nB > 1``: the K-FAC approximation.
+
+    As in EK-FAC (George et al. 2018), the prior is replaced by its diagonal in the Kronecker
+    eigenbasis, ``d~_ji = sum_{o,k} V_B[o, j]^2 V_A[k, i]^2 Delta[o, k]``, averaged over clusters of
+    equal eigenvalues of ``A`` and of ``B`` so that it does not depend on the basis LAPACK picks
+    inside a degenerate eigenspace (e.g. the null space of a rank-deficient factor)
+    (:meth:`KronEigen.project_diagonal`); ``P_b ~= (V_B ⊗ V_A) diag(s lam + d~) (V_B ⊗ V_A)^T``.
+    Exact when ``Delta`` is constant over the block and, by Hadamard's inequality (and concavity of
+    ``log`` for the cluster averages), the log determinant is never below the exact one (the log
+    marginal likelihood is a lower bound of the K-FAC one). Continuous in the prior but not in the
+    factors where eigenvalues cross; the gradient w.r.t. the factors holds the eigenbasis fixed.
+
+    Args:
+        e: the decomposed block.
+        Delta: ``(G, nB, nA)`` prior diagonal in the augmented layout.
+    """
+
+    exact: ClassVar[bool] = False
+
+    def eigenvalues(self, s):
+        return s * self.e.lam + self.e.eig.project_diagonal(self.Delta)
+
+    def logdet_ratio(self, s):
+        blk = self.e.block
+        return KronLogdetProjected.apply(blk.A, blk.B, s, self.Delta, self.e.eig) - self.Delta.log().sum()
+
+    def solve(self, X, s):
+        eig = self.e.eig
+        return eig.from_eigenbasis(eig.to_eigenbasis(X) / self.eigenvalues(s))
+
+
+class WeightBiasPriorKron(_KronPosterior):
+    """Layerwise prior on a joint weight+bias block: ``delta_w`` on the weight, ``delta_b`` on the bias.
+
+    The prior is ``I ⊗ (delta_w I + c e e^T)``, ``c = delta_b - delta_w``, ``e`` the bias coordinate.
+    In ``B``'s eigenbasis the posterior splits into ``nB`` blocks ``N_j = s lB_j A + delta_w I + c e e^T``
+    and the matrix determinant lemma gives, with ``u = V_A^T e`` and
+    ``r_ji = 1 / (s lam_ji + delta_w)``, ``log det N_j = sum_i log(s lam_ji + delta_w) + log t_j``,
+    ``t_j = sum_i u_i^2 (s lam_ji + delta_b) r_ji`` (``= 1 + c u^T diag(r_j) u`` without cancellation)
+    -- **exact** (:class:`KronLogdetRatio`). Solves use Sherman-Morrison in the same basis.
+
+    Args:
+        e: the decomposed block (with a weight and a bias).
+        delta_w: 0-d prior precision of the weight.
+        delta_b: 0-d prior precision of the bias.
+    """
+
+    packable: ClassVar[bool] = True
+    with_bias: ClassVar[bool] = True
+
+    def __init__(self, e: KronBlockEigen, delta_w: Tensor, delta_b: Tensor) -> None:
+        super().__init__(e)
+        self.delta_w, self.delta_b = delta_w, delta_b
+
+    @classmethod
+    def from_prior(cls, e, prior, structure):
+        return cls(e, prior[e.weight_layer], prior[e.bias_layer])
+
+    def logdet_ratio(self, s):
+        blk, G = self.e.block, self.e.eig.shape[0]
+        spectrum = KronSpectrum.of(self.e.eig, weight_and_bias=True, prefix_sums=False)
+        return KronLogdetRatio.apply(blk.A, blk.B, s, self.delta_w.expand(G), self.delta_b.expand(G), spectrum)
+
+    def solve(self, X, s):
+        eig = self.e.eig
+        Xh = eig.to_eigenbasis(X)  # (n, G, nB, nA)
+        R = (s * eig.lam + self.delta_w).reciprocal()
+        u = eig.VA[:, -1, :].unsqueeze(-2)  # (G, 1, nA)
+        t = (u * u * (s * eig.lam + self.delta_b) * R).sum(-1)  # (G, nB)
+        Ru = R * u
+        proj = (Ru * Xh).sum(-1, keepdim=True)  # (n, G, nB, 1)
+        Yh = R * Xh - ((self.delta_b - self.delta_w) / t).unsqueeze(-1) * Ru * proj
+        return eig.from_eigenbasis(Yh)
+
+    def _transform_normals(self, Z, s, randn):
+        # y ~ N(0, P_b) from the factor square roots and the prior; then P_b^{-1} y ~ N(0, P_b^{-1})
+        eig = self.e.eig
+        y = eig.from_eigenbasis((eig.lam * s).sqrt() * Z)
+        prior_diag = self.delta_w.expand(eig.shape).clone()
+        prior_diag[..., -1] = self.delta_b
+        y = y + prior_diag.sqrt() * randn(*Z.shape)
+        return self.solve(y, s)
+
+
+class DenseKron(_DiagonalPriorKron):
+    """Diagonal prior on a block with ``nA == 1`` or ``nB == 1``: dense Cholesky of the
+    ``max(nA, nB)``-sized group blocks -- **exact**.
+
+    Args:
+        e: the decomposed block.
+        Delta: ``(G, nB, nA)`` prior diagonal in the augmented layout.
+    """
+
+    def _dense(self, s: Tensor, Delta: Tensor, detach: bool) -> Tensor:
+        """``s B_g ⊗ A_g + diag(Delta_g)`` as ``(G, nB nA, nB nA)``."""
+        A, B = self.e.block.A, self.e.block.B
+        if detach:
+            A, B = A.detach(), B.detach()
+        G, nB, nA = Delta.shape
+        K = (B.unsqueeze(-1).unsqueeze(-3) * A.unsqueeze(-3).unsqueeze(-2)).reshape(G, nB * nA, nB * nA)
+        return s * K + torch.diag_embed(Delta.reshape(G, nB * nA))
+
+    def logdet_ratio(self, s):
+        inv_sqrt = self.Delta.rsqrt().reshape(self.Delta.shape[0], -1)  # (G, p)
+        K = self._dense(s, torch.zeros_like(self.Delta), detach=False)
+        M = inv_sqrt.unsqueeze(-1) * K * inv_sqrt.unsqueeze(-2)
+        M = M + torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        return 2.0 * torch.linalg.cholesky(M).diagonal(dim1=-2, dim2=-1).log().sum()
+
+    def _cholesky(self, s: Tensor) -> Tensor:
+        return torch.linalg.cholesky(self._dense(s, self.Delta, detach=True))
+
+    def _flat(self, X: Tensor) -> Tensor:
+        """``(n, G, nB, nA) -> (G, nB nA, n)``."""
+        G, nB, nA = self.index.shape
+        return X.reshape(X.shape[0], G, nB * nA).permute(1, 2, 0)
+
+    def solve(self, X, s):
+        Y = torch.cholesky_solve(self._flat(X), self._cholesky(s))
+        return Y.permute(2, 0, 1).reshape(X.shape)
+
+    def _transform_normals(self, Z, s, randn):
+        L = self._cholesky(s)
+        x = torch.linalg.solve_triangular(L.transpose(-1, -2), self._flat(Z), upper=True)
+        return x.permute(2, 0, 1).reshape(Z.shape)
+
+
+class PackedKronBlocks:
+    """The eigenvalues of several :class:`KronBlockEigen` zero-padded into one batch of rows.
+
+    Rows are the blocks' groups; ``lA`` is padded on the left (it stays ascending, zeros add
+    nothing to the log det ratio), ``lB`` on the right. One :class:`KronLogdetRatio` call
+    (:meth:`logdet_ratio`) then evaluates the blocks of a ``packable`` posterior class at once.
+
+    Args:
+        members: the blocks.
+        with_bias: a separate prior on the bias coordinate (:class:`WeightBiasPriorKron`), else
+            one prior per block (:class:`ConstantPriorKron`).
+
+    Attributes:
+        spectrum: :class:`KronSpectrum` of the rows, with prefix sums and the layout.
+        weight_layer: ``(rows,)`` index in ``Kron.params`` of the parameter whose prior applies to
+            the row's weight coordinates (its bias if the block has no weight).
+        bias_layer: ``(rows,)`` likewise for the bias coordinate (the weight if there is no bias).
+    """
+
+    def __init__(self, members: List[KronBlockEigen], with_bias: bool) -> None:
+        rows = sum(e.eig.shape[0] for e in members)
+        nA = max(e.eig.shape[2] for e in members)
+        nB = max(e.eig.shape[1] for e in members)
+        ref = members[0].eig.lA
+        lA = ref.new_zeros(rows, nA)
+        lB = ref.new_zeros(rows, nB)
+        w = ref.new_zeros(rows, nA) if with_bias else None
+        weight_layer, bias_layer, layout = [], [], []
+        r = 0
+        for e in members:
+            G, nb, na = e.eig.shape
+            layout.append((r, r + G, na, nb))
+            lA[r : r + G, nA - na :] = e.eig.lA
+            lB[r : r + G, :nb] = e.eig.lB
+            if with_bias:
+                w[r : r + G, nA - na :] = e.eig.bias_weights()
+            weight_layer += [e.weight_layer if e.weight_layer is not None else e.bias_layer] * G
+            bias_layer += [e.bias_layer if e.bias_layer is not None else e.weight_layer] * G
+            r += G
+        self.weight_layer = torch.tensor(weight_layer, dtype=torch.long, device=ref.device)
+        self.bias_layer = torch.tensor(bias_layer, dtype=torch.long, device=ref.device)
+        self.with_bias = with_bias
+        self.spectrum = KronSpectrum(lA, lB, bias_weights=w, prefix_sums=PrefixSums(lA, w), layout=layout)
+
+    def logdet_ratio(self, s: Tensor, layer_prior: Tensor) -> Tensor:
+        """The sum of the members' :meth:`PosteriorBlock.logdet_ratio`.
+
+        Args:
+            s: 0-d likelihood scale.
+            layer_prior: ``(L,)`` prior precision per parameter tensor of ``Kron.params``.
+
+        Returns:
+            0-d tensor.
+        """
+        delta_b = layer_prior[self.bias_layer] if self.with_bias else None
+        return KronLogdetRatio.apply(None, None, s, layer_prior[self.weight_layer], delta_b, self.spectrum)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-channel blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class ChannelPosterior(PosteriorBlock):
+    """A :class:`DiagonalBlock`'s posterior blocks ``s D_c + diag(p_c)`` (``k x k``, ``k = 1, 2``),
+    in closed form -- **exact** for every prior.
+
+    Args:
+        info: the curvature block and its positions.
+        prior: ``(C, k)`` prior precision per channel and parameter.
+    """
+
+    def __init__(self, info: ChannelBlocksInfo, prior: Tensor) -> None:
+        self.info = info
+        self.index = info.index
+        self.prior = prior
+
+    def logdet_ratio(self, s):
+        D, p = self.info.block.blocks, self.prior
+        if D.shape[-1] == 1:
+            return torch.log1p(s * D[:, 0, 0] / p[:, 0]).sum()
+        a, b, c, d = D[:, 0, 0], D[:, 0, 1], D[:, 1, 0], D[:, 1, 1]
+        pw, pb = p[:, 0], p[:, 1]
+        x = s * s * (a * d - b * c) / (pw * pb) + s * (a / pw + d / pb)
+        return torch.log1p(x).sum()
+
+    def solve(self, X, s):
+        D, p = self.info.block.blocks.detach(), self.prior
+        if D.shape[-1] == 1:
+            return X / (s * D[:, 0, 0] + p[:, 0]).unsqueeze(-1)
+        a = s * D[:, 0, 0] + p[:, 0]
+        b = s * D[:, 0, 1]
+        c = s * D[:, 1, 0]
+        d = s * D[:, 1, 1] + p[:, 1]
+        det = a * d - b * c
+        x0, x1 = X[..., 0], X[..., 1]
+        return torch.stack([(d * x0 - b * x1) / det, (a * x1 - c * x0) / det], dim=-1)
+
+    def sample(self, n, s, randn):
+        L = torch.linalg.cholesky(s * self.info.block.blocks.detach() + torch.diag_embed(self.prior))  # (C, k, k)
+        C, k = self.index.shape
+        x = torch.linalg.solve_triangular(L.transpose(-1, -2), randn(C, k, n), upper=True)  # (C, k, n)
+        return x.permute(2, 0, 1)
