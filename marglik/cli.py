@@ -6,14 +6,14 @@ non-editable install. Config groups and the fixed override paths::
 
     data=digits|cifar10|mnist|fashion_mnist   data.rotation=<deg> data.translation=<px> data.train_size=<n>
     model=cnn|mlp|wrn16_4
-    curvature.approx=expand|reduce  curvature.fisher_type=type-2|mc|empirical  curvature.mc_samples=<n>
+    curvature.approx=expand|reduce  curvature.copies_approx=expand|reduce  curvature.fisher_type=type-2|mc|empirical  curvature.mc_samples=<n>
     hyper.augmentation=true|false  hyper.prior_structure=scalar|layerwise  hyper.lr=  hyper.aug_lr=
     hyper.steps=  hyper.frequency=  hyper.burn_in=  hyper.n_samples=  hyper.marglik_batches=
     trainer.epochs=<n> trainer.batch_size= trainer.lr= trainer.optimizer=adam|sgd
     trainer.device=auto|cpu|cuda  trainer.seed=<n>  trainer.resume=auto|never|<run dir>
     logger.mode=offline|online|disabled  logger.project=  logger.group=
 
-Outputs go to the Hydra run directory (``outputs/<date>/<time>_<data>_<approx>``; set it with
+Outputs go to the Hydra run directory (``outputs/<date>/<time>_<data>_<approx>-<copies_approx>``; set it with
 ``hydra.run.dir=...``): ``summary.json``, ``history.csv``, ``curves.png``, ``checkpoints/``,
 ``config.json``, Hydra's ``.hydra/`` and the log. Re-running into the same ``hydra.run.dir``
 resumes an interrupted run (``trainer.resume=auto``).
@@ -48,7 +48,7 @@ def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
 def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
     summary = run_from_config(cfg, run_dir)
-    short = {k: summary[k] for k in ("test_accuracy", "test_nll", "log_marglik", "approx", "seconds",
+    short = {k: summary[k] for k in ("test_accuracy", "test_nll", "log_marglik", "approx", "copies_approx", "seconds",
                                      "seconds_per_marglik_step")}
     short["augmentation"] = {k: round(v, 3) for k, v in summary["augmentation"].items()}
     log.info("summary: %s", json.dumps(short))

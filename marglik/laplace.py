@@ -69,6 +69,9 @@ class KronLaplace:
             the marginal likelihood, the predictive needs ``(N, C)``).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (see :class:`marglik.KFAC`).
+        copies_approx: how augmented copies flattened into the batch enter the factors,
+            ``"expand"`` / ``"reduce"``, or ``None`` (the same as ``approx``); see
+            :class:`marglik.KFAC`.
         fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
         mc_samples: labels sampled per output for ``fisher_type="mc"``.
         prior_precision: ``P_0``: a float / 0-d tensor (scalar), a ``(L,)`` tensor with one entry
@@ -101,12 +104,14 @@ class KronLaplace:
         differentiable: bool = False,
         ignore_modules: Optional[Sequence[Any]] = None,
         separate_bias: bool = False,
+        copies_approx: Optional[str] = None,
     ) -> None:
         self.model = model
         self.kfac = KFAC(
             model,
             likelihood=likelihood,
             approx=approx,
+            copies_approx=copies_approx,
             fisher_type=fisher_type,
             mc_samples=mc_samples,
             differentiable=differentiable,

@@ -93,22 +93,27 @@ class _MarglikKron:
 
     _fisher_type: str
     approx: KFACApprox
+    copies_approx: Optional[KFACApprox]
     num_samples: int
 
-    def _setup_kfac(self, approx: str, fisher_type: str, max_grad_memory: int) -> None:
-        """Options shared by both backends; engines are cached per ``(approx, mc_samples)``."""
+    def _setup_kfac(
+        self, approx: str, fisher_type: str, max_grad_memory: int, copies_approx: Optional[str] = None
+    ) -> None:
+        """Options shared by both backends; engines are cached per ``(approx, copies_approx, mc_samples)``."""
         self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self.copies_approx = None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         self._fisher_type = fisher_type
         self.max_grad_memory = max_grad_memory
         self._kfacs: Dict[tuple, KFAC] = {}
 
-    def _kfac(self, approx: KFACApprox, mc_samples: int) -> KFAC:
-        key = (approx, mc_samples)
+    def _kfac(self, approx: KFACApprox, copies_approx: Optional[KFACApprox], mc_samples: int) -> KFAC:
+        key = (approx, copies_approx, mc_samples)
         if key not in self._kfacs:
             self._kfacs[key] = KFAC(
                 self.model,
                 likelihood=self.likelihood,
                 approx=approx,
+                copies_approx=copies_approx,
                 fisher_type=self._fisher_type,
                 mc_samples=mc_samples,
                 max_grad_memory=self.max_grad_memory,
@@ -122,7 +127,8 @@ class _MarglikKron:
             x: input batch (a tensor, or a mapping passed as ``model(x)``).
             y: targets ``(M, ...)``.
             N: total number of training examples.
-            kwargs: ``kfac_approx`` / ``approx`` (``"expand"`` / ``"reduce"``) and ``mc_samples``
+            kwargs: ``kfac_approx`` / ``approx`` (``"expand"`` / ``"reduce"``), ``copies_approx``
+                (``"expand"`` / ``"reduce"`` / ``None``: as ``approx``) and ``mc_samples``
                 override the constructor's choices (laplace-torch passes ``asdl_fisher_kwargs``).
 
         Returns ``(loss, kron)``: the batch's summed NLL (0-d, detached) and a laplace-torch
@@ -132,12 +138,17 @@ class _MarglikKron:
             raise NotImplementedError("marglik backends support only subset_of_weights='all'")
         kwargs = dict(kwargs)
         approx = kwargs.pop("kfac_approx", kwargs.pop("approx", self.approx))
+        copies_approx = kwargs.pop("copies_approx", self.copies_approx)
         mc_samples = int(kwargs.pop("mc_samples", self.num_samples))
         if kwargs:
             raise TypeError(f"unexpected keyword arguments for {type(self).__name__}.kron: {sorted(kwargs)}")
         if N <= 0:
             raise ValueError(f"N must be positive, got {N}")
-        kfac = self._kfac(KFACApprox.parse(approx, "K-FAC approximation"), mc_samples)
+        kfac = self._kfac(
+            KFACApprox.parse(approx, "K-FAC approximation"),
+            None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx"),
+            mc_samples,
+        )
         kfac.reset()
         loss = kfac.accumulate_batch((x,), y)  # model(x) even for mapping inputs
         kron = kfac.result()
@@ -155,6 +166,8 @@ class MarglikGGN(_MarglikKron, GGNInterface):
         num_samples: MC samples for ``stochastic=True``.
         approx: ``"expand"`` (default, as laplace-torch's backends) or ``"reduce"``.
         max_grad_memory: see :class:`marglik.KFAC`.
+        copies_approx: augmented copies flattened into the batch, ``"expand"`` / ``"reduce"``, or
+            ``None`` (default: as ``approx``); see :class:`marglik.KFAC`.
     """
 
     def __init__(
@@ -169,12 +182,13 @@ class MarglikGGN(_MarglikKron, GGNInterface):
         num_samples: int = 1,
         approx: str = "expand",
         max_grad_memory: int = 2 * 1024**3,
+        copies_approx: Optional[str] = None,
     ) -> None:
         super().__init__(
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
             stochastic=stochastic, num_samples=num_samples,
         )
-        self._setup_kfac(approx, "mc" if stochastic else "type-2", max_grad_memory)
+        self._setup_kfac(approx, "mc" if stochastic else "type-2", max_grad_memory, copies_approx)
 
 
 class MarglikEF(_MarglikKron, EFInterface):
@@ -196,7 +210,8 @@ class MarglikEF(_MarglikKron, EFInterface):
         dict_key_y: str = "labels",
         approx: str = "expand",
         max_grad_memory: int = 2 * 1024**3,
+        copies_approx: Optional[str] = None,
     ) -> None:
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self.num_samples = 1
-        self._setup_kfac(approx, "empirical", max_grad_memory)
+        self._setup_kfac(approx, "empirical", max_grad_memory, copies_approx)

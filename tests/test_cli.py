@@ -31,23 +31,32 @@ def test_default_config_matches_dataclass_defaults():
     for section in ("data", "curvature", "hyper", "trainer", "logger"):
         assert asdict(getattr(cfg, section)) == asdict(getattr(ref, section)), section
     assert cfg.model.name == "cnn" and cfg.curvature.approx == "reduce" and cfg.hyper.augmentation
+    assert cfg.curvature.copies_approx == "reduce"
     assert cfg.logger.mode == "offline"
 
 
 def test_fixed_override_paths():
     cfg = _compose([
         "data=digits", "data.rotation=90", "data.translation=2", "data.train_size=100", "model=mlp",
-        "curvature.approx=expand", "curvature.fisher_type=mc", "hyper.augmentation=false",
+        "curvature.approx=expand", "curvature.copies_approx=expand", "curvature.fisher_type=mc",
+        "hyper.augmentation=false",
         "hyper.prior_structure=scalar", "trainer.epochs=3", "trainer.seed=7", "trainer.device=cpu",
         "logger.mode=disabled",
     ])
     c = Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
     assert (c.data.name, c.data.rotation, c.data.translation, c.data.train_size) == ("digits", 90, 2, 100)
     assert c.model.name == "mlp" and c.model.kwargs["activation"] == "tanh"
-    assert (c.curvature.approx, c.curvature.fisher_type) == ("expand", "mc")
+    assert (c.curvature.approx, c.curvature.copies_approx, c.curvature.fisher_type) == ("expand", "expand", "mc")
     assert c.hyper.augmentation is False and c.hyper.prior_structure == "scalar"
     assert (c.trainer.epochs, c.trainer.seed, c.trainer.device) == (3, 7, "cpu")
     assert c.logger.mode == "disabled"
+
+
+def test_run_dir_names_both_flavours():
+    with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
+    assert run_dir.endswith("_${data.name}_${curvature.approx}-${curvature.copies_approx}")
 
 
 @pytest.mark.parametrize("data", ["cifar10", "mnist", "fashion_mnist"])
@@ -91,7 +100,7 @@ def test_python_m_marglik_from_another_directory(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["approx"] == "expand" and s["epochs"] == 1 and s["seed"] == 1
+    assert s["approx"] == "expand" and s["copies_approx"] == "reduce" and s["epochs"] == 1 and s["seed"] == 1
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "curves.png").is_file()
     assert "summary.json" in proc.stderr
     # re-running into the same directory resumes (here: nothing left to do) instead of starting over

@@ -11,7 +11,7 @@ import torch
 
 from marglik.tuning import Config, MarglikTuner, NonFiniteError, tune
 from marglik.tuning.reporting import read_history
-from marglik.tuning.wandb_logger import WandbLogger, default_group
+from marglik.tuning.wandb_logger import WandbLogger, default_group, flavour
 
 SUMMARY_KEYS = {
     "test_accuracy", "test_nll", "log_marglik", "prior_precision", "augmentation", "approx", "seconds",
@@ -194,6 +194,8 @@ def test_config_validation():
         Config.from_dict(hyper={"lrr": 1.0})
     with pytest.raises(ValueError, match="curvature.approx"):
         Config.from_dict(curvature={"approx": "full"})
+    with pytest.raises(ValueError, match="curvature.copies_approx"):
+        Config.from_dict(curvature={"copies_approx": "mean"})
     with pytest.raises(ValueError, match="prior_structure"):
         Config.from_dict(hyper={"prior_structure": "diag"})
     cfg = Config.from_dict(model={"name": "mlp", "hidden": [8]})
@@ -230,3 +232,7 @@ def test_wandb_group_ignores_approx_and_seed():
     a = tiny().to_dict()
     b = tiny(curvature={"approx": "expand"}, trainer={"seed": 3}).to_dict()
     assert default_group(a) == default_group(b) == "digits-rot30-n48-cnn-aug2-layerwise"
+    assert flavour(a) == "reduce-reduce"
+    assert flavour(tiny(curvature={"approx": "expand"}).to_dict()) == "expand-reduce"
+    legacy = {"curvature": {"approx": "expand"}}  # a config saved before copies_approx existed
+    assert flavour(legacy) == "expand-expand"

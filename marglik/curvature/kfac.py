@@ -8,7 +8,7 @@ quantity laplace-torch's backends return from ``kron(X, y, N)``.
 
 For a layer with inputs ``a[n, r]`` (a 1 appended when it has a bias) and output gradients
 ``g[k, n, r]`` of the curvature columns ``k`` (see :mod:`marglik.curvature.likelihoods`), over all
-``N`` examples and their ``R_n`` shared positions (tokens, pixels, nodes, augmented copies):
+``N`` examples and their ``R_n`` shared positions (tokens, pixels, nodes; augmented copies, see below):
 
 * expand: ``A = 1/(sum_n R_n) sum_{n,r} a a^T``, ``B = sum_{k,n,r} g g^T``;
 * reduce: ``a_n = mean_r a[n, r]``, ``g_n = sum_r g[k, n, r]``,
@@ -21,6 +21,35 @@ networks with one loss term per position, where ``g`` at ``r`` only carries the 
 Reduce uses ``sum_r g[r] ⊗ a[r] = g_n ⊗ a_n`` when ``g`` does not vary over ``r`` -- exact for deep
 linear networks that average over the shared axis before the loss -- and factorises over ``N``
 terms. ``tests/test_kfac_exact.py`` proves both against the exact GGN in float64.
+
+Augmented copies get their own choice, ``copies_approx`` (default: the same as ``approx``). A layer
+input with ``T = m N`` rows holds ``m`` example-major copies of every example (rule 3 of
+:mod:`marglik.curvature.sharing`); write its rows ``a[n, c, r]`` (copy ``c < m``, position ``r < R``
+inside one copy: pixels, tokens; ``g`` likewise). ``approx`` then governs the positions ``r`` and
+``copies_approx`` the copies ``c``:
+
+* expand / expand and reduce / reduce: the copies are positions like any other (``R_n = m R``),
+  exactly the formulas above;
+* ``approx="expand", copies_approx="reduce"`` (LILA's K-FAC-expand, Immer et al. 2022): reduce over
+  the copies first, per position, then expand over positions:
+  ``a[n, r] = mean_c a[n, c, r]``, ``g[k, n, r] = sum_c g[k, n, c, r]``,
+  ``A = 1/(N R) sum_{n,r} a a^T``, ``B = sum_{k,n,r} g g^T``.
+  Exact for deep linear networks whose output *averages the copies at every position* before a
+  loss with one term per position (``f[n, r] = mean_c h(x[n, c])[r]``): then
+  ``g[k, n, c, r] = g[k, n, r] / m`` does not depend on ``c``, so
+  ``sum_c g[c, r] ⊗ a[c, r] = (sum_c g[c, r]) ⊗ (mean_c a[c, r])`` and the expand argument
+  applies to the ``N R`` (example, position) terms. Expanding over the copies instead keeps only
+  the ``c = c'`` terms of ``sum_{c,c'}``: wrong by the dropped cross-copy terms;
+* ``approx="reduce", copies_approx="expand"``: every (example, copy) pair is a unit of
+  K-FAC-reduce: ``a[n, c] = mean_r a[n, c, r]``, ``g[k, n, c] = sum_r g[k, n, c, r]``,
+  ``A = 1/(N m) sum_{n,c} a a^T``, ``B = sum_{k,n,c} g g^T``. Exact for deep linear networks in
+  which *each copy feeds its own outputs* (a pair folded into the batch, one loss term per copy)
+  after pooling its positions: the columns ``k`` of one copy have no gradient in the others, so
+  the cross-copy terms vanish, and reduce's argument applies per copy over ``N m`` units.
+
+Rows declared with :func:`marglik.example_index` (graph nodes) and ``T = N`` rows hold no copies:
+there ``copies_approx`` changes nothing. Elementwise (diagonal) blocks are exact either way.
+:attr:`Kron.meta` records ``copies_approx``.
 
 Computation per batch: one forward pass with hooks recording each covered module's input and
 output; the loss-Hessian square-root columns are back-propagated to all module outputs (one
@@ -47,7 +76,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .kron import DiagonalBlock, Kron, KronBlock
-from .layers import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum, find_rule
+from .layers import (
+    ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, copies_per_example, example_sum, find_rule,
+)
 from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
 from .options import FisherType, KFACApprox, Likelihood
 from .sharing import current_example_index
@@ -116,6 +147,12 @@ class KFAC:
             listed in ``ignore_modules``; otherwise :class:`UnsupportedModuleError`.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
+        copies_approx: ``"expand"`` or ``"reduce"``: how augmented copies flattened into the batch
+            (``m N`` example-major rows) enter the factors, independently of ``approx``, which
+            then governs the positions inside one copy (see the module docstring for the
+            formulas). ``None`` (default): the same as ``approx``. ``"reduce"`` is exact for
+            models averaging over copies (invariant models, learned augmentation); ``"expand"``
+            where each copy feeds its own outputs.
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
             ``"empirical"`` (true labels).
         mc_samples: number of sampled labels per output position for ``"mc"`` (>= 1).
@@ -168,10 +205,14 @@ class KFAC:
         max_grad_memory: int = 2 * 1024**3,
         distributed: Optional[bool] = None,
         channels_last: Union[bool, str] = "auto",
+        copies_approx: Union[None, str, KFACApprox] = None,
     ) -> None:
         self.model = model
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
         self.approx = KFACApprox.parse(approx, "K-FAC approximation")
+        self.copies_approx = (
+            self.approx if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
+        )
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
@@ -271,7 +312,7 @@ class KFAC:
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"K-FAC ({self.approx.value})", leave=False)
+            it = tqdm(it, desc=f"K-FAC ({self.approx.value}, copies {self.copies_approx.value})", leave=False)
         for X, y in it:
             self.accumulate_batch(X, y)
         return self.result(num_data)
@@ -376,7 +417,8 @@ class KFAC:
             self.params,
             num_data=int(num_data if num_data is not None else seen),
             approx=self.approx.value,
-            meta={"loss": loss, "fisher_type": self.fisher_type.value, "likelihood": self.likelihood.value},
+            meta={"loss": loss, "fisher_type": self.fisher_type.value, "likelihood": self.likelihood.value,
+                  "copies_approx": self.copies_approx.value},
         )
 
     # ------------------------------------------------------------------ internals
@@ -635,6 +677,24 @@ def _augment_with_bias(XtX: Optional[Tensor], xsum: Tensor, count: Tensor, has_w
     return A
 
 
+def _over_copies(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str, mean: bool) -> Tensor:
+    """Sum (``mean=False``) or average the example-major copies in ``t``'s ``dim`` (``m N`` rows)
+    into ``N`` rows; ``t`` itself where the rows hold no copies (``m = 1``)."""
+    m = copies_per_example(t.shape[dim], N, index, name)
+    if m == 1:
+        return t
+    t = t.reshape(t.shape[:dim] + (N, m) + t.shape[dim + 1:])
+    return t.mean(dim + 1) if mean else t.sum(dim + 1)
+
+
+def _unit_sum(kfac: KFAC, t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str) -> Tensor:
+    """Rows of ``t`` along ``dim`` summed into the *units* of K-FAC-reduce: the ``N`` examples, or
+    with ``copies_approx="expand"`` the ``m N`` (example, copy) pairs where the rows hold copies."""
+    if kfac.copies_approx is KFACApprox.EXPAND and copies_per_example(t.shape[dim], N, index, name) > 1:
+        return t
+    return example_sum(t, dim, N, index, name)
+
+
 def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
     """Input-side statistics of all calls of one module in this batch."""
     rule = s.rule
@@ -647,30 +707,41 @@ def _add_input_stats(kfac: KFAC, s: _ModuleState, N: int) -> None:
     assert isinstance(rule, KroneckerRule)
     if kfac.approx is KFACApprox.EXPAND:
         for c in s.calls:
-            XtX, xsum, M = rule.expand_input_stats(m, c.x, gram=has_w)  # (G, din, din), (G, din)
+            x = c.x
+            if kfac.copies_approx is KFACApprox.REDUCE:  # one position per (example, position)
+                x = _over_copies(x, 0, N, c.index, s.name, mean=True)
+            XtX, xsum, M = rule.expand_input_stats(m, x, gram=has_w)  # (G, din, din), (G, din)
             A = _augment_with_bias(XtX, xsum, xsum.new_tensor(float(M)), has_w, has_b)
             s.add("A_sum", A)
             s.A_count += M
         return
-    # reduce: per-example means over all positions of all calls
+    # reduce: per-unit means over all positions of all calls (units: examples, or (example, copy)
+    # pairs with copies_approx="expand")
     sums, counts = None, None
     for c in s.calls:
         rows, P = rule.reduce_inputs(m, c.x)  # (T, G, din)
-        ex = example_sum(rows, 0, N, c.index, s.name)
-        cnt = example_sum(rows.new_full((rows.shape[0],), float(P)), 0, N, c.index, s.name)
+        ex = _unit_sum(kfac, rows, 0, N, c.index, s.name)
+        cnt = _unit_sum(kfac, rows.new_full((rows.shape[0],), float(P)), 0, N, c.index, s.name)
+        if sums is not None and ex.shape[0] != sums.shape[0]:
+            raise ValueError(
+                f"module {s.name!r}: its calls in one forward pass hold different numbers of augmented copies "
+                f"({sums.shape[0] // N} and {ex.shape[0] // N} per example); copies_approx='expand' with "
+                "approx='reduce' needs the same number in every call"
+            )
         sums = ex if sums is None else sums + ex
         counts = cnt if counts is None else counts + cnt
-    mean = sums / counts.clamp_min(1.0).view(N, 1, 1)  # (N, G, din)
-    present = (counts > 0).to(mean.dtype)  # the bias input's mean: 1 where the example was seen
+    U = sums.shape[0]
+    mean = sums / counts.clamp_min(1.0).view(U, 1, 1)  # (U, G, din)
+    present = (counts > 0).to(mean.dtype)  # the bias input's mean: 1 where the unit was seen
     if has_w and has_b:
-        mean = torch.cat([mean, present.view(N, 1, 1).expand(N, mean.shape[1], 1)], dim=-1)
+        mean = torch.cat([mean, present.view(U, 1, 1).expand(U, mean.shape[1], 1)], dim=-1)
     if has_w:
-        flat = mean.transpose(0, 1)  # (G, N, da)
+        flat = mean.transpose(0, 1)  # (G, U, da)
         A = flat.transpose(1, 2) @ flat
     else:
         A = present.sum().reshape(1, 1, 1).expand(mean.shape[1], 1, 1).clone()
     s.add("A_sum", A)
-    s.A_count += N
+    s.A_count += U
 
 
 def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pending: Dict[int, Tensor]) -> None:
@@ -678,10 +749,12 @@ def _add_grad_stats(kfac: KFAC, s: _ModuleState, c: _Call, g: Tensor, N: int, pe
     rule, m = s.rule, s.module
     if isinstance(rule, KroneckerRule):
         if kfac.approx is KFACApprox.EXPAND:
+            if kfac.copies_approx is KFACApprox.REDUCE:
+                g = _over_copies(g, 1, N, c.index, s.name, mean=False)
             s.add("B_sum", rule.expand_grad_gram(m, g))  # (G, dout, dout)
             return
         rows = rule.reduce_grads(m, g)  # (K, T, G, dout)
-        ex = example_sum(rows, 1, N, c.index, s.name)
+        ex = _unit_sum(kfac, rows, 1, N, c.index, s.name)
     else:
         parts = []
         if s.weight is not None:
@@ -701,7 +774,7 @@ def _close_pending(states: List[_ModuleState], pending: Dict[int, Tensor]) -> No
 
 
 def _close_reduce_grads(s: _ModuleState, ex: Tensor) -> None:
-    """Outer products of per-example gradient sums: ``(K, N, G|C, d)`` -> ``(G|C, d, d)``."""
+    """Outer products of per-unit gradient sums: ``(K, U, G|C, d)`` -> ``(G|C, d, d)``."""
     K, N = ex.shape[:2]
     flat = ex.reshape(K * N, ex.shape[2], ex.shape[3]).transpose(0, 1)  # (G, K*N, d)
     prod = flat.transpose(1, 2) @ flat

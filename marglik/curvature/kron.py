@@ -144,7 +144,10 @@ class Kron:
         params: covered trainable parameters in ``model.parameters()`` order; this is the
             row/column order of :meth:`to_dense`.
         num_data: number of examples the curvature is summed over.
-        approx: ``"expand"`` or ``"reduce"``.
+        approx: ``"expand"`` or ``"reduce"`` (the positions inside one example / copy).
+        meta: ``loss`` (summed NLL), ``fisher_type``, ``likelihood`` and ``copies_approx``
+            (``"expand"`` / ``"reduce"``: how augmented copies in the batch entered the factors;
+            see :class:`marglik.KFAC` for the formulas and their scaling).
     """
 
     blocks: List[Block]

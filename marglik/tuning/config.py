@@ -40,7 +40,8 @@ class ModelConfig:
 class CurvatureConfig:
     """``curvature`` group: the K-FAC Laplace approximation used for the marginal likelihood."""
 
-    approx: str = "reduce"  #: expand | reduce
+    approx: str = "reduce"  #: expand | reduce (positions inside one image: pixels)
+    copies_approx: str = "reduce"  #: expand | reduce (the S augmented copies; reduce: models average over them)
     fisher_type: str = "type-2"  #: type-2 | mc | empirical
     mc_samples: int = 1
 
@@ -95,7 +96,7 @@ class LoggerConfig:
     mode: str = "offline"  #: offline | online | disabled
     project: str = "marglik"
     group: Optional[str] = None  #: None: data/model/augmentation/prior, so expand vs reduce share a group
-    name: Optional[str] = None  #: None: "<approx>-s<seed>"
+    name: Optional[str] = None  #: None: "<approx>-<copies_approx>-s<seed>"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
 
@@ -161,6 +162,8 @@ class Config:
 
         c, h, t = self.curvature, self.hyper, self.trainer
         check(c.approx in ("expand", "reduce"), f"curvature.approx must be expand|reduce, got {c.approx!r}")
+        check(c.copies_approx in ("expand", "reduce"),
+              f"curvature.copies_approx must be expand|reduce, got {c.copies_approx!r}")
         check(c.fisher_type in ("type-2", "mc", "empirical"),
               f"curvature.fisher_type must be type-2|mc|empirical, got {c.fisher_type!r}")
         check(h.prior_structure in ("scalar", "layerwise"),

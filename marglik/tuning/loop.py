@@ -23,7 +23,9 @@ separate optimizer; the augmented batch is computed under ``no_grad``).
 The estimator. The Laplace log marginal likelihood of :class:`marglik.laplace.KronLaplace`
 (log-likelihood at theta, minus half the log-determinant ratio of posterior and prior precision,
 minus half the prior scatter) is evaluated on the augmented data with the K-FAC GGN
-(``curvature.approx`` = expand | reduce). With ``hyper.marglik_batches = M`` only ``M`` random
+(``curvature.approx`` = expand | reduce on the positions inside an image,
+``curvature.copies_approx`` on the augmented copies, reduce by default as the model averages its
+logits over them; see :class:`marglik.KFAC`). With ``hyper.marglik_batches = M`` only ``M`` random
 batches (``hyper.marglik_batch_size``) are used per Laplace fit: the summed log-likelihood and the
 GGN factor ``B`` are rescaled by ``N / (M * batch size)`` (``num_data`` rescaling), which gives an
 unbiased estimate of the data term and of the GGN, and hence a *stochastic* (and, through the
@@ -347,6 +349,7 @@ class MarglikTuner:
             self.model,
             likelihood="classification",
             approx=c.approx,
+            copies_approx=c.copies_approx,
             fisher_type=c.fisher_type,
             mc_samples=c.mc_samples,
             prior_precision=self.prior_precision().detach(),
@@ -535,7 +538,7 @@ class MarglikTuner:
 
         pbar = tqdm(
             total=c.trainer.epochs, initial=self.epoch, disable=not c.trainer.progress,
-            desc=f"marglik {c.data.name} {c.curvature.approx}", unit="ep", dynamic_ncols=True,
+            desc=f"marglik {c.data.name} {c.curvature.approx}-{c.curvature.copies_approx}", unit="ep", dynamic_ncols=True,
         )
         start = time.perf_counter()
         base_elapsed = self.timing["elapsed"]
@@ -607,6 +610,7 @@ class MarglikTuner:
             "prior_precision": self.log_prior.detach().exp().tolist(),
             "augmentation": self.ranges(),
             "approx": c.curvature.approx,
+            "copies_approx": c.curvature.copies_approx,
             "seconds": self.timing["elapsed"],
             "seconds_per_marglik_step": float(np.mean(steps)) if steps else None,
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
@@ -645,7 +649,7 @@ class MarglikTuner:
             try:
                 plot_curves(
                     self.history, self.run_dir / "curves.png",
-                    title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx} "
+                    title=f"{c.data.name} rot={c.data.rotation:g} {c.model.name} {c.curvature.approx}-{c.curvature.copies_approx} "
                           f"aug={'on' if self.aug_on else 'off'}",
                 )
             except Exception as e:  # plotting must never lose a finished run

@@ -4,7 +4,8 @@
   ``wandb sync``), ``online`` or ``disabled``. ``WANDB_MODE`` in the environment wins.
 * Runs are grouped (``logger.group``, default derived from data / model / augmentation / prior
   structure but *not* from the K-FAC approximation or seed), so expand and reduce runs of the same
-  setting appear side by side in one dashboard group; ``job_type`` is the approximation.
+  setting appear side by side in one dashboard group; ``job_type`` is the approximation,
+  ``<approx>-<copies_approx>`` (positions, then augmented copies; see :func:`flavour`).
 * If wandb is not installed, or ``wandb.init`` / ``log`` fails (no network, no API key, ...), a
   warning is printed once and the run continues without it.
 """
@@ -34,6 +35,12 @@ def default_group(cfg: Dict[str, Any]) -> str:
     return "-".join(parts)
 
 
+def flavour(cfg: Dict[str, Any]) -> str:
+    """``"<approx>-<copies_approx>"``, e.g. ``"expand-reduce"`` (K-FAC on positions, then on copies)."""
+    c = cfg["curvature"]
+    return f"{c['approx']}-{c.get('copies_approx') or c['approx']}"
+
+
 class WandbLogger:
     """Thin wrapper: ``log(metrics, step)``, ``summary(dict)``, ``finish()``; all no-ops when off."""
 
@@ -58,8 +65,8 @@ class WandbLogger:
                 project=lc.get("project") or "marglik",
                 entity=lc.get("entity"),
                 group=lc.get("group") or default_group(cfg),
-                job_type=cfg["curvature"]["approx"],
-                name=lc.get("name") or f"{cfg['curvature']['approx']}-s{cfg['trainer']['seed']}",
+                job_type=flavour(cfg),
+                name=lc.get("name") or f"{flavour(cfg)}-s{cfg['trainer']['seed']}",
                 tags=list(lc.get("tags") or []),
                 config=cfg,
                 dir=run_dir,

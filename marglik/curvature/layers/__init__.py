@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from torch import nn
 
-from .base import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, example_sum
+from .base import ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, copies_per_example, example_sum
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .linear import LinearRule
@@ -30,4 +30,5 @@ __all__ = [
     "ElementwiseRule",
     "UnsupportedModuleError",
     "example_sum",
+    "copies_per_example",
 ]

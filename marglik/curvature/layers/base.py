@@ -61,6 +61,23 @@ def example_sum(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str)
     )
 
 
+def copies_per_example(T: int, N: int, index: Optional[Tensor], name: str) -> int:
+    """How many augmented copies ``m`` the ``T`` rows of a layer input hold per example.
+
+    ``1`` when the rows are declared with :func:`marglik.example_index` (graph nodes are positions,
+    not copies) or ``T == N``; ``T // N`` for example-major copies (``T == m N``, rule 3 of
+    :mod:`marglik.curvature.sharing`); anything else is the error of :func:`example_sum`.
+    """
+    if (index is not None and index.shape[0] == T) or T == N:
+        return 1
+    if N > 0 and T % N == 0:
+        return T // N
+    raise ValueError(
+        f"module {name!r}: its input has {T} rows but the batch has {N} examples; rows must be the "
+        "examples, example-major copies of them (N*m rows), or be declared with marglik.example_index(index)"
+    )
+
+
 class Rule:
     """Base class: which module types a rule covers and which parameters it owns."""
 
