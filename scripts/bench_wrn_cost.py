@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 import marglik
+from marglik.augment import AffineAugmentation
 from marglik.models import WideResNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def marglik_step(model, X, y, S: int, flavour: str, num_data: Optional[int], aug
     log_prior = torch.zeros(n_layers, device=X.device, requires_grad=True)
     hyper = [log_prior]
     if augment:
-        aug = marglik.AffineAugmentation(n_samples=S).to(X.device)
+        aug = AffineAugmentation(n_samples=S).to(X.device)
         with torch.no_grad():
             aug.eta.fill_(0.1)
         data = (aug(X, generator=torch.Generator(device=X.device).manual_seed(0)), y)
@@ -332,8 +333,30 @@ def main(argv=None) -> dict:
     (out / f"wrn_cost{args.tag}.json").write_text(json.dumps(payload, indent=2))
     md = render(payload, args)
     (out / f"wrn_cost{args.tag}.md").write_text(md)
+    if not args.quick:
+        splice_into_wrn_marglik(out, args.tag, payload, md)
     print(md)
     return payload
+
+
+def splice_into_wrn_marglik(out: Path, tag: str, payload: dict, md: str) -> None:
+    """Put the cost-scaling tables into ``wrn_marglik{tag}.md`` (section ``## Cost scaling``, replaced if
+    present) and ``wrn_marglik{tag}.json`` (key ``cost_scaling``); the tuning runs' own generator
+    (``scripts/run_wrn_marglik.py``) keeps both when it rewrites the files."""
+    body = md.split("\n", 1)[1].replace("\n## ", "\n### ")
+    section = f"## Cost scaling\n\nFrom `scripts/bench_wrn_cost.py` (also in `wrn_cost{tag}.md`).\n{body}"
+    md_path, json_path = out / f"wrn_marglik{tag}.md", out / f"wrn_marglik{tag}.json"
+    text = md_path.read_text() if md_path.exists() else f"# WRN-16-4 marginal-likelihood experiment\n"
+    if "## Cost scaling" in text:
+        head, rest = text.split("## Cost scaling", 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    md_path.write_text(text)
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    data["cost_scaling"] = payload
+    json_path.write_text(json.dumps(data, indent=2))
 
 
 def render(payload: dict, args) -> str:
