@@ -28,6 +28,7 @@ Usage::
 
     python scripts/bench_marglik.py              # writes results/marglik_speed.{md,json}
     python scripts/bench_marglik.py --n-data 32 --repeats 5 --out /tmp/bench
+    python scripts/bench_marglik.py --device cuda --tag _cuda   # results/marglik_speed_cuda.{md,json}
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _cuda)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -212,7 +214,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "marglik_speed.json").write_text(json.dumps({"meta": meta, "settings": all_results}, indent=2))
+    (out / f"marglik_speed{args.tag}.json").write_text(json.dumps({"meta": meta, "settings": all_results}, indent=2))
 
     lines = [
         "# Log marginal likelihood + gradient: marglik vs laplace-torch (WRN-16-4)",
@@ -256,7 +258,7 @@ def main() -> None:
         "Reproduce: `python scripts/bench_marglik.py "
         f"--n-data {args.n_data} --batch-size {args.batch_size} --repeats {args.repeats} --threads {args.threads}`",
     ]
-    (out / "marglik_speed.md").write_text("\n".join(lines) + "\n")
+    (out / f"marglik_speed{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

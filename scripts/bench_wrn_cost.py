@@ -1,0 +1,411 @@
+"""Cost of one marginal-likelihood hyperparameter step on WRN-16-4 as the number of augmented copies grows.
+
+The seed paper's claim (Eschenhagen et al. 2023, WRN experiment): K-FAC-reduce makes each
+marginal-likelihood step cheaper than K-FAC-expand, and the gap grows with the number of shared
+positions. Here one *marglik step* is what the tuning loop (:mod:`marglik.tuning.loop`) does per
+hyperstep with learned augmentation:
+
+1. augment a batch of ``B`` images into ``S`` copies with :class:`marglik.AffineAugmentation`
+   (learnable ranges ``eta``, all six affine generators, reparameterised noise);
+2. fit :class:`marglik.KronLaplace` on the augmented batch (type-2 GGN, ``differentiable=True``,
+   so the factors keep their graph to ``eta``);
+3. evaluate the log marginal likelihood at a layerwise prior ``exp(log_prior)``;
+4. back-propagate to ``log_prior`` and ``eta``.
+
+Flavours (``approx`` governs pixels, ``copies_approx`` the copy axis; see
+:class:`marglik.KFAC`):
+
+* ``expand``: expand over pixels and copies (the ablation; not the literature's);
+* ``mixed``: expand over pixels, reduce over copies (LILA's "K-FAC-expand" arm);
+* ``reduce``: reduce over pixels and copies.
+
+Peer (``S = 1`` only, no augmentation gradient -- its factors are not differentiable):
+laplace-torch's ``KronLaplace`` with the ``CurvlinopsGGN`` backend (``kfac_approx`` expand and
+reduce), against marglik's same step without augmentation (``marglik-noaug``), timed in the same
+process.
+
+Model: ``marglik.models.WideResNet(depth=16, widen_factor=4, norm="none")`` (Conv2d and Linear
+only, so curvlinops covers every layer), with the Fixup zero initialisation replaced by a small
+random one (else every factor below the head is zero). Data: random CIFAR-shaped images; the
+cost does not depend on the values.
+
+Reported per (B, S, flavour): median seconds over ``--repeats`` timed steps (round-robin over the
+flavours, so machine load hits all alike), the ratios expand / reduce and mixed / reduce, and the
+peak extra memory of one step (CUDA: ``max_memory_allocated``; CPU: peak resident set size of a
+fresh child process running one step, over model and data alone). ``--quick`` shrinks
+everything for a smoke test (``tests/test_device_check.py``).
+
+Usage::
+
+    python scripts/bench_wrn_cost.py                      # CPU: writes results/wrn_cost.{md,json}
+    python scripts/bench_wrn_cost.py --device cuda --tag _cuda
+    python scripts/bench_wrn_cost.py --quick --out /tmp/x # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import marglik
+from marglik.augment import AffineAugmentation
+from marglik.models import WideResNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: flavour -> (approx over pixels, copies_approx over augmented copies)
+FLAVOURS: Dict[str, Tuple[str, str]] = {
+    "expand": ("expand", "expand"),
+    "mixed": ("expand", "reduce"),
+    "reduce": ("reduce", "reduce"),
+}
+
+
+def build_model(device: torch.device, width: int, depth: int, seed: int = 0) -> nn.Module:
+    """WRN-``depth``-``width`` without normalisation, small random init on the zero-initialised layers."""
+    torch.manual_seed(seed)
+    model = WideResNet(depth=depth, widen_factor=width, num_classes=10, in_channels=3, norm="none").to(device)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().max() == 0:
+                nn.init.kaiming_normal_(m.weight)
+                m.weight.mul_(0.1)
+    model.eval()
+    return model
+
+
+def build_data(batch: int, image: int, device: torch.device, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, 3, image, image, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return X, y
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def marglik_step(model, X, y, S: int, flavour: str, num_data: Optional[int], augment: bool = True) -> float:
+    """One marglik step (augment, fit, log marglik, gradient); returns the log marglik."""
+    approx, copies = FLAVOURS[flavour]
+    n_layers = sum(1 for _ in model.parameters())
+    log_prior = torch.zeros(n_layers, device=X.device, requires_grad=True)
+    hyper = [log_prior]
+    if augment:
+        aug = AffineAugmentation(n_samples=S).to(X.device)
+        with torch.no_grad():
+            aug.eta.fill_(0.1)
+        data = (aug(X, generator=torch.Generator(device=X.device).manual_seed(0)), y)
+        hyper.append(aug.eta)
+    else:
+        data = (X, y)
+    la = marglik.KronLaplace(model, "classification", approx=approx, copies_approx=copies,
+                             prior_precision=1.0, differentiable=augment)
+    la.fit(data, num_data=num_data)
+    lml = la.log_marginal_likelihood(prior_precision=log_prior.exp())
+    torch.autograd.grad(lml, hyper)
+    return float(lml)
+
+
+def peer_step(model, X, y, approx: str, num_data: Optional[int] = None) -> float:
+    """laplace-torch + curvlinops: fit, log marglik, gradient w.r.t. the layerwise log prior."""
+    from laplace import KronLaplace as LTKronLaplace
+    from laplace.curvature import CurvlinopsGGN
+
+    n_layers = sum(1 for _ in model.parameters())
+    log_prior = torch.zeros(n_layers, device=X.device, requires_grad=True)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # laplace-torch passes KronLaplace's ``asdl_fisher_kwargs`` on to every backend's ``kron``;
+    # curvlinops' operator reads ``kfac_approx`` from them. It sets N = len(dataset): the batch.
+    la = LTKronLaplace(model, "classification", backend=CurvlinopsGGN, asdl_fisher_kwargs={"kfac_approx": approx})
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=len(y)))
+    lml = la.log_marginal_likelihood(prior_precision=log_prior.exp())
+    torch.autograd.grad(lml, [log_prior])
+    return float(lml)
+
+
+def contenders(S: int, with_peer: bool) -> Dict[str, Callable]:
+    """name -> fn(model, X, y, num_data)."""
+    out: Dict[str, Callable] = {
+        f: (lambda model, X, y, n, f=f: marglik_step(model, X, y, S, f, n)) for f in FLAVOURS
+    }
+    if with_peer:
+        for approx in ("expand", "reduce"):
+            out[f"marglik-noaug-{approx}"] = (
+                # num_data = the batch, as laplace-torch uses len(dataset)
+                lambda model, X, y, n, a=approx: marglik_step(model, X, y, 1, "reduce" if a == "reduce" else "mixed",
+                                                              None, augment=False)
+            )
+            out[f"laplace-torch-curvlinops-{approx}"] = (lambda model, X, y, n, a=approx: peer_step(model, X, y, a, n))
+    return out
+
+
+def time_round_robin(fns: Dict[str, Callable], args, repeats: int, warmup: int, device) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn(*args)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn(*args)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+# ------------------------------------------------------------------ memory
+class _RSSPeak:
+    """Peak resident set size of this process, sampled every 2 ms from ``/proc/self/statm``."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.base = self.peak = self.current()
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "_RSSPeak":
+        self.base = self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def _memory_child(spec, queue) -> None:
+    name, S, batch, image, width, depth, device_name, threads, num_data = spec
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    device = torch.device(device_name)
+    model = build_model(device, width, depth)
+    X, y = build_data(batch, image, device)
+    fn = contenders(S, with_peer=name.startswith(("marglik-noaug", "laplace-torch")))[name]
+    try:
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(model, X, y, num_data)
+            sync(device)
+            queue.put(max(torch.cuda.max_memory_allocated() - base, 0))
+            return
+        with _RSSPeak() as rss:
+            fn(model, X, y, num_data)
+        queue.put(max(rss.peak - rss.base, 0))
+    except Exception as err:  # reported, not hidden: the table shows the error
+        queue.put(f"error: {type(err).__name__}: {err}")
+
+
+def peak_memory(spec) -> Optional[int]:
+    """Peak extra memory (bytes) of one step in a fresh process (CPU) or this device (CUDA)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(spec, q))
+    p.start()
+    val = q.get()
+    p.join()
+    if isinstance(val, str):
+        print(f"  memory run {spec[0]}: {val}", flush=True)
+        return None
+    return int(val)
+
+
+# ------------------------------------------------------------------ main
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--copies", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="S values")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                    help="B values (default: 4 8 on CPU, 32 128 on CUDA)")
+    ap.add_argument("--image", type=int, default=32)
+    ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-data", type=int, default=50000, help="N the curvature represents (CIFAR-10: 50000)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, S in {1,2}, B=2")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.copies, args.batch_sizes, args.image, args.width, args.depth = [1, 2], [2], 16, 1, 10
+        args.repeats, args.warmup = 1, 0
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if dev == "auto" else dev)
+    if args.batch_sizes is None:
+        args.batch_sizes = [32, 128] if device.type == "cuda" else [4, 8]
+    model = build_model(device, args.width, args.depth)
+    n_params = sum(p.numel() for p in model.parameters())
+    name = f"WRN-{args.depth}-{args.width}"
+    print(f"{name} ({n_params / 1e6:.2f}M params), {args.image}x{args.image}, device {device}", flush=True)
+
+    rows = []
+    for batch in args.batch_sizes:
+        X, y = build_data(batch, args.image, device)
+        for S in args.copies:
+            fns = contenders(S, with_peer=(S == 1))
+            times = time_round_robin(fns, (model, X, y, args.num_data), args.repeats, args.warmup, device)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for cname, t in med.items():
+                mem = None
+                if not args.no_memory:
+                    mem = peak_memory((cname, S, batch, args.image, args.width, args.depth, str(device),
+                                       args.threads, args.num_data))
+                rows.append({"batch_size": batch, "copies": S, "contender": cname, "median_s": t,
+                             "times_s": times[cname], "peak_extra_mib": None if mem is None else mem / 2**20})
+                print(f"B={batch:4d} S={S:3d} {cname:34s} {t:8.3f} s  "
+                      f"{'' if mem is None else f'{mem / 2**20:8.1f} MiB'}", flush=True)
+
+    def get(batch, S, cname, key):
+        for r in rows:
+            if (r["batch_size"], r["copies"], r["contender"]) == (batch, S, cname):
+                return r[key]
+        return None
+
+    ratios = []
+    for batch in args.batch_sizes:
+        for S in args.copies:
+            red = get(batch, S, "reduce", "median_s")
+            entry = {"batch_size": batch, "copies": S,
+                     "expand_over_reduce": get(batch, S, "expand", "median_s") / red,
+                     "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red}
+            if S == 1:
+                for a in ("expand", "reduce"):
+                    ours = get(batch, S, f"marglik-noaug-{a}", "median_s")
+                    peer = get(batch, S, f"laplace-torch-curvlinops-{a}", "median_s")
+                    entry[f"marglik_over_peer_{a}"] = ours / peer
+            ratios.append(entry)
+
+    meta = {
+        "model": f"{name} (norm='none'), {n_params} parameters",
+        "image": f"3x{args.image}x{args.image}, random",
+        "step": "augment (6 affine generators) -> KronLaplace.fit (type-2, differentiable) -> log marglik -> grad "
+                "w.r.t. layerwise log prior and eta",
+        "num_data": args.num_data,
+        "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": rows, "ratios": ratios}
+    (out / f"wrn_cost{args.tag}.json").write_text(json.dumps(payload, indent=2))
+    md = render(payload, args)
+    (out / f"wrn_cost{args.tag}.md").write_text(md)
+    if not args.quick:
+        splice_into_wrn_marglik(out, args.tag, payload, md)
+    print(md)
+    return payload
+
+
+def splice_into_wrn_marglik(out: Path, tag: str, payload: dict, md: str) -> None:
+    """Put the cost-scaling tables into ``wrn_marglik{tag}.md`` (section ``## Cost scaling``, replaced if
+    present) and ``wrn_marglik{tag}.json`` (key ``cost_scaling``); the tuning runs' own generator
+    (``scripts/run_wrn_marglik.py``) keeps both when it rewrites the files."""
+    body = md.split("\n", 1)[1].replace("\n## ", "\n### ")
+    section = f"## Cost scaling\n\nFrom `scripts/bench_wrn_cost.py` (also in `wrn_cost{tag}.md`).\n{body}"
+    md_path, json_path = out / f"wrn_marglik{tag}.md", out / f"wrn_marglik{tag}.json"
+    text = md_path.read_text() if md_path.exists() else f"# WRN-16-4 marginal-likelihood experiment\n"
+    if "## Cost scaling" in text:
+        head, rest = text.split("## Cost scaling", 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    md_path.write_text(text)
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    data["cost_scaling"] = payload
+    json_path.write_text(json.dumps(data, indent=2))
+
+
+def render(payload: dict, args) -> str:
+    meta, rows, ratios = payload["meta"], payload["rows"], payload["ratios"]
+
+    def cell(batch, S, cname):
+        for r in rows:
+            if (r["batch_size"], r["copies"], r["contender"]) == (batch, S, cname):
+                mem = "" if r["peak_extra_mib"] is None else f" / {r['peak_extra_mib']:.0f}"
+                return f"{r['median_s']:.3f}{mem}"
+        return ""
+
+    lines = [
+        f"# Cost of one marglik step vs augmented copies ({meta['model'].split(' ')[0]})",
+        "",
+        f"- model: {meta['model']}; images {meta['image']}; device {meta['device']}"
+        + (f" ({meta['gpu']})" if meta["gpu"] else "") + f"; torch {meta['torch']}, {meta['threads']} threads",
+        f"- one step: {meta['step']}",
+        f"- median of {meta['repeats']} steps after {meta['warmup']} warm-up, round-robin over contenders in one "
+        "process; memory: peak extra memory of one step in a fresh process (CPU: resident set size; CUDA: "
+        "max_memory_allocated)",
+        "- flavours: expand = expand pixels and copies; mixed = expand pixels, reduce copies (LILA's expand arm); "
+        "reduce = reduce both",
+        "",
+        "## Ratios (same process)",
+        "",
+        "| B | S | expand / reduce | mixed / reduce |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in ratios:
+        lines.append(f"| {r['batch_size']} | {r['copies']} | {r['expand_over_reduce']:.2f} | {r['mixed_over_reduce']:.2f} |")
+    peer = [r for r in ratios if "marglik_over_peer_expand" in r]
+    if peer:
+        lines += ["", "S = 1, no augmentation gradient: marglik / laplace-torch + curvlinops (`KronLaplace`, "
+                  "`CurvlinopsGGN`), same step (fit + log marglik + prior gradient):", "",
+                  "| B | expand | reduce |", "|---:|---:|---:|"]
+        for r in peer:
+            lines.append(f"| {r['batch_size']} | {r['marglik_over_peer_expand']:.2f} | {r['marglik_over_peer_reduce']:.2f} |")
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    lines += ["", "## Seconds / peak extra MiB per step", "", "| B | S | " + " | ".join(names) + " |",
+              "|---:|---:|" + "---:|" * len(names)]
+    for batch in dict.fromkeys(r["batch_size"] for r in rows):
+        for S in dict.fromkeys(r["copies"] for r in rows):
+            lines.append(f"| {batch} | {S} | " + " | ".join(cell(batch, S, n) for n in names) + " |")
+    lines += ["", "Reproduce: `python scripts/bench_wrn_cost.py"
+              + (f" --device {meta['device'].split(' ')[0]}" if not meta['device'].startswith('cpu') else "")
+              + f" --batch-sizes {' '.join(map(str, args.batch_sizes))} --copies {' '.join(map(str, args.copies))}`"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

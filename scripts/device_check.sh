@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One-command device check: tests that touch devices, the K-FAC and marglik benchmarks, the WRN-16-4
+# cost-scaling benchmark and a short WRN-16-4 tuning run on one device; writes results/*_<device>.*
+# and prints a summary. On one GPU the full check takes at most ~8 minutes.
+#
+#   bash scripts/device_check.sh                         # cuda if available, else cpu; writes results/
+#   bash scripts/device_check.sh --device cpu --quick    # smoke test on CPU (tiny sizes, ~2 min),
+#                                                        # writes to $TMPDIR/marglik_device_check
+#   bash scripts/device_check.sh --out DIR               # write the result files elsewhere
+#
+# Environment: PYTHON (default: .venv/bin/python if present, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+DEVICE=auto
+QUICK=0
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --device cpu|cuda|auto, --quick, --out DIR)" >&2; exit 2 ;;
+  esac
+done
+if [ "$DEVICE" = auto ]; then
+  DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+fi
+case "$DEVICE" in cpu|cuda) ;; *) echo "device_check.sh: --device must be cpu, cuda or auto, got '$DEVICE'" >&2; exit 2 ;; esac
+if [ -z "$OUT" ]; then
+  if [ "$QUICK" = 1 ]; then OUT="${TMPDIR:-/tmp}/marglik_device_check"; else OUT="$ROOT/results"; fi
+fi
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+TAG="_$DEVICE"
+export WANDB_MODE=disabled PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+THREADS=$(nproc 2>/dev/null || echo 2)
+step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
+
+step "device: $DEVICE, quick=$QUICK, results to $OUT"
+"$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+
+step "tests that touch devices"
+"$PY" -m pytest -q tests/test_device.py
+
+if [ "$QUICK" = 1 ]; then
+  KFAC_ARGS="--batch-size 2 --repeats 1 --no-memory"
+  MARGLIK_ARGS="--n-data 4 --batch-size 2 --repeats 1 --warmup 0"
+  COST_ARGS="--quick --no-memory"
+  # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
+  TUNE_MODEL="model=cnn data.upsample=16"
+  TUNE_ARGS="data.train_size=16 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
+             hyper.n_samples=2 hyper.marglik_batches=1 hyper.marglik_batch_size=8 trainer.eval_every=0"
+else
+  KFAC_ARGS="--repeats 5 --threads $THREADS"
+  MARGLIK_ARGS="--repeats 10 --threads $THREADS"
+  COST_ARGS="--threads $THREADS"
+  TUNE_MODEL="model=wrn16_4 data.upsample=32"
+  TUNE_ARGS="data.train_size=1000 trainer.epochs=6 trainer.batch_size=64 hyper.burn_in=2 hyper.steps=2
+             hyper.n_samples=8 hyper.marglik_batches=2 hyper.marglik_batch_size=64"
+fi
+
+step "bench_kfac.py (K-FAC vs peers, vmapped vs loop backward)"
+"$PY" scripts/bench_kfac.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $KFAC_ARGS > "$OUT/bench_kfac$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/bench_kfac$TAG.log"; exit 1; }
+
+step "bench_marglik.py (log marglik + gradient vs laplace-torch)"
+"$PY" scripts/bench_marglik.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $MARGLIK_ARGS > "$OUT/bench_marglik$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/bench_marglik$TAG.log"; exit 1; }
+
+step "bench_wrn_cost.py (one marglik step vs augmented copies)"
+"$PY" scripts/bench_wrn_cost.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $COST_ARGS > "$OUT/bench_wrn_cost$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/bench_wrn_cost$TAG.log"; exit 1; }
+
+step "short tuning run ($TUNE_MODEL, rotated digits, learned augmentation, K-FAC-reduce)"
+RUN="$OUT/wrn_tuning$TAG"
+rm -rf "$RUN"
+"$PY" -m marglik $TUNE_MODEL data.rotation=90 trainer.device="$DEVICE" logger.mode=disabled \
+  $TUNE_ARGS hydra.run.dir="$RUN" > "$OUT/wrn_tuning$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/wrn_tuning$TAG.log"; exit 1; }
+cp "$RUN/summary.json" "$OUT/wrn_tuning$TAG.json"
+
+step "summary"
+"$PY" - "$OUT" "$TAG" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, tag = Path(sys.argv[1]), sys.argv[2]
+k = json.loads((out / f"kfac_speed{tag}.json").read_text())
+print(f"K-FAC ({k['setup']['device_name']}):")
+for key, v in k["ratios"].items():
+    if any(s in key for s in ("marglik/curvlinops", "backward mode", "expand/reduce")):
+        print(f"  {key}: {v:.2f}")
+m = json.loads((out / f"marglik_speed{tag}.json").read_text())
+for setting, block in m["settings"].items():
+    sp = block["results"]["marglik (separate bias)"]["speedup_vs_laplace_torch"]
+    print(f"log marglik + grad, {setting}: marglik {sp:.2f}x faster than laplace-torch")
+c = json.loads((out / f"wrn_cost{tag}.json").read_text())
+for r in c["ratios"]:
+    extra = "".join(f", marglik/peer {a} {r[f'marglik_over_peer_{a}']:.2f}" for a in ("expand", "reduce")
+                    if f"marglik_over_peer_{a}" in r)
+    print(f"marglik step B={r['batch_size']} S={r['copies']}: expand/reduce {r['expand_over_reduce']:.2f}, "
+          f"mixed/reduce {r['mixed_over_reduce']:.2f}{extra}")
+s = json.loads((out / f"wrn_tuning{tag}.json").read_text())
+print("WRN tuning run:", {key: s.get(key) for key in ("test_accuracy", "test_nll", "log_marglik", "seconds")})
+PYEOF
+echo
+echo "device_check: OK ($DEVICE), results in $OUT"
