@@ -29,47 +29,28 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
-import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import RESULTS, RSSPeak, pick_device, random_batch, sync, timed, wide_resnet
 
-import marglik  # noqa: E402
-from marglik.models import WideResNet  # noqa: E402
+import marglik
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 
 
-def build(batch_size: int, device: torch.device, seed: int = 0):
-    torch.manual_seed(seed)
-    model = WideResNet(depth=16, widen_factor=4, num_classes=10, in_channels=3, norm="none").to(device)
-    X = torch.randn(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+#: the benchmark model: WRN-16-4 on 32x32 (``--quick``: WRN-10-1 on 16x16, a smoke test)
+FULL, QUICK = (16, 4, 32), (10, 1, 16)
+
+
+def build(batch_size: int, device: torch.device, seed: int = 0, size=FULL):
+    depth, width, image = size
+    model = wide_resnet(depth, width, device, seed)
+    X, y = random_batch(batch_size, image, device)
     return model, X, y
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------ the contenders
@@ -133,48 +114,12 @@ def check_against_curvlinops(model, X, y) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------ memory (child processes)
-class _RSSPeak:
-    """Peak of the *current* resident set size, sampled every 2 ms from ``/proc/self/statm``.
-
-    (``ru_maxrss`` is useless here: importing a CUDA build of torch sets a high-water mark above
-    everything the benchmark allocates afterwards.)
-    """
-
-    def __init__(self) -> None:
-        import os
-        import threading
-
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = self.current()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            self._stop.wait(0.002)
-
-    def __enter__(self):
-        self.base = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
 def _memory_child(args, queue) -> None:
     """Peak memory of one run in a fresh process, over the model and data alone."""
-    what, approx, fisher_type, batch_size, device_name, threads = args
+    what, approx, fisher_type, batch_size, device_name, threads, size = args
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    model, X, y = build(batch_size, device)
+    model, X, y = build(batch_size, device, size=size)
 
     def run():
         if what == "plain":
@@ -191,15 +136,15 @@ def _memory_child(args, queue) -> None:
         run()
         queue.put(max(torch.cuda.max_memory_allocated() - base, 0))
         return
-    with _RSSPeak() as rss:
+    with RSSPeak() as rss:
         run()
     queue.put(max(rss.peak - rss.base, 0))
 
 
-def peak_extra_memory(what, approx, fisher_type, batch_size, device, threads) -> int:
+def peak_extra_memory(what, approx, fisher_type, batch_size, device, threads, size=FULL) -> int:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=((what, approx, fisher_type, batch_size, str(device), threads), q))
+    p = ctx.Process(target=_memory_child, args=((what, approx, fisher_type, batch_size, str(device), threads, size), q))
     p.start()
     val = q.get()
     p.join()
@@ -213,9 +158,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _h100)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16 (scripts/device_check.sh)")
     ap.add_argument("--backpack", action="store_true",
                     help="instead: BackPACK's KFLR/KFAC vs marglik and curvlinops on an nn.Sequential CNN "
                          "(results/kfac_speed_backpack.{md,json})")
@@ -224,17 +170,17 @@ def main(argv=None) -> dict:
     if args.backpack:
         return backpack_benchmark(args)
     if args.vit:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_kfac_vit import run as run_vit
 
         return run_vit(args.batch_size, args.repeats, args.threads, args.device, args.out, args.tag)
 
     torch.set_num_threads(args.threads)
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if dev == "auto" else dev)
-    model, X, y = build(args.batch_size, device)
+    device = pick_device(args.device)
+    size = QUICK if args.quick else FULL
+    model, X, y = build(args.batch_size, device, size=size)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"WRN-16-4 ({n_params / 1e6:.2f}M params), batch {args.batch_size}, device {device}, "
+    model_name = f"WRN-{size[0]}-{size[1]} on {size[2]}x{size[2]}"
+    print(f"{model_name} ({n_params / 1e6:.2f}M params), batch {args.batch_size}, device {device}, "
           f"{args.threads} threads", flush=True)
 
     errs = check_against_curvlinops(model, X, y)
@@ -305,11 +251,11 @@ def main(argv=None) -> dict:
 
     memory = {}
     if not args.no_memory:
-        memory["plain_forward_backward"] = peak_extra_memory("plain", "", "", args.batch_size, device, args.threads)
+        memory["plain_forward_backward"] = peak_extra_memory("plain", "", "", args.batch_size, device, args.threads, size)
         for what in ("marglik", "curvlinops"):
             for approx, ft in CONFIGS:
                 memory[f"{what}_{approx}_{ft}"] = peak_extra_memory(
-                    what, approx, ft, args.batch_size, device, args.threads
+                    what, approx, ft, args.batch_size, device, args.threads, size
                 )
         for what in ("marglik", "curvlinops"):
             for ft in ("type-2", "mc"):
@@ -324,7 +270,7 @@ def main(argv=None) -> dict:
     }
     result = {
         "setup": {
-            "model": "WRN-16-4 (norm='none', Conv2d+Linear only)", "params": n_params,
+            "model": f"{model_name} (norm='none', Conv2d+Linear only)", "params": n_params,
             "batch_size": args.batch_size, "input": "random CIFAR-shaped 3x32x32, 10 classes",
             "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
             "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import RESULTS, sync
 
-import marglik  # noqa: E402
+import marglik
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 VIT = dict(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
@@ -63,11 +62,6 @@ def curvlinops_modules(model: nn.Module) -> Dict[str, nn.Module]:
 def subset_ignores(model: nn.Module) -> List[nn.Module]:
     keep = {id(m) for m in curvlinops_modules(model).values()}
     return [m for m in model.modules() if id(m) not in keep and any(True for _ in m.parameters(recurse=False))]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device) -> Dict[str, float]:
@@ -124,7 +118,7 @@ def check_subset(model, X, y) -> Dict[str, float]:
 
 
 def run(batch_size: int = 32, repeats: int = 3, threads: int = 2, device: str = "auto",
-        out: str = str(ROOT / "results"), tag: str = "") -> dict:
+        out: str = str(RESULTS), tag: str = "") -> dict:
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -199,7 +193,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     return run(a.batch_size, a.repeats, a.threads, a.device, a.out, a.tag)

@@ -37,38 +37,25 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import RESULTS, random_batch, sync, wide_resnet
 
-import marglik  # noqa: E402
-from marglik.models import WideResNet  # noqa: E402
+import marglik
 
 
-def build(n_data: int, device: torch.device, seed: int = 0):
-    torch.manual_seed(seed)
-    model = WideResNet(depth=16, widen_factor=4, num_classes=10, in_channels=3, norm="none").to(device)
-    with torch.no_grad():  # undo the zero initialisation (else every B factor below the head is 0)
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().max() == 0:
-                nn.init.kaiming_normal_(m.weight)
-                m.weight.mul_(0.1)
-    X = torch.randn(n_data, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (n_data,), device=device)
+def build(n_data: int, device: torch.device, seed: int = 0, quick: bool = False):
+    """WRN-16-4 (``quick``: WRN-10-1 on 16x16) with the zero initialisation undone (else every B
+    factor below the head is 0), and ``n_data`` random images."""
+    model = wide_resnet(10, 1, device, seed, reinit_zero=True) if quick else wide_resnet(16, 4, device, seed,
+                                                                                           reinit_zero=True)
+    X, y = random_batch(n_data, 16 if quick else 32, device)
     return model, X, y
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def lml_step(la, log_prior: torch.Tensor):
@@ -125,7 +112,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16 (scripts/device_check.sh)")
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _cuda)")
     args = ap.parse_args()
 
@@ -135,7 +123,7 @@ def main() -> None:
     from laplace import KronLaplace as LTKronLaplace
     from laplace.curvature import CurvlinopsGGN
 
-    model, X, y = build(args.n_data, device)
+    model, X, y = build(args.n_data, device, quick=args.quick)
     loader = DataLoader(TensorDataset(X, y), batch_size=args.batch_size)
     n_layers = sum(1 for _ in model.parameters())
     g = torch.Generator().manual_seed(1)
@@ -201,7 +189,8 @@ def main() -> None:
         }
 
     meta = {
-        "model": "WRN-16-4 (norm='none'), 2,747,530 parameters, 34 parameter tensors",
+        "model": f"{'WRN-10-1' if args.quick else 'WRN-16-4'} (norm='none'), {sum(p.numel() for p in model.parameters()):,} "
+                 f"parameters, {sum(1 for _ in model.parameters())} parameter tensors",
         "data": f"{args.n_data} random CIFAR-shaped images (3x32x32), 10 random labels, batch size {args.batch_size}",
         "kfac": "expand, type-2 GGN (both libraries), float32",
         "timed": "one log_marginal_likelihood(prior_precision=exp(log_prior)) + backward to the layerwise log_prior",

@@ -73,11 +73,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from marglik.data import collate_graphs, load_dataset, make_graph_dataset  # noqa: E402
-from marglik.models import GNN, TorchvisionViT, ViT  # noqa: E402
-from marglik.optim import KFACOptimizer  # noqa: E402
+from marglik.data import collate_graphs, load_dataset, make_graph_dataset
+from marglik.models import GNN, TorchvisionViT, ViT
+from marglik.optim import KFACOptimizer
 
 OPTIMIZERS = ("adamw", "kfac_expand", "kfac_reduce")
 PAPER_RANGE = (0.50, 0.75)

@@ -57,11 +57,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from benchlib import RESULTS, peak_extra_memory, pick_device, random_batch, sync, wide_resnet
+
 import marglik
 from marglik.augment import AffineAugmentation
-from marglik.models import WideResNet
-
-ROOT = Path(__file__).resolve().parents[1]
 
 #: flavour -> (approx over pixels, copies_approx over augmented copies)
 FLAVOURS: Dict[str, Tuple[str, str]] = {
@@ -73,27 +72,11 @@ FLAVOURS: Dict[str, Tuple[str, str]] = {
 
 def build_model(device: torch.device, width: int, depth: int, seed: int = 0) -> nn.Module:
     """WRN-``depth``-``width`` without normalisation, small random init on the zero-initialised layers."""
-    torch.manual_seed(seed)
-    model = WideResNet(depth=depth, widen_factor=width, num_classes=10, in_channels=3, norm="none").to(device)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().max() == 0:
-                nn.init.kaiming_normal_(m.weight)
-                m.weight.mul_(0.1)
-    model.eval()
-    return model
+    return wide_resnet(depth, width, device, seed, reinit_zero=True).eval()
 
 
 def build_data(batch: int, image: int, device: torch.device, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch, 3, image, image, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    return X, y
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return random_batch(batch, image, device, torch.Generator().manual_seed(seed))
 
 
 def marglik_step(model, X, y, S: int, flavour: str, num_data: Optional[int], augment: bool = True) -> float:
@@ -168,38 +151,6 @@ def time_round_robin(fns: Dict[str, Callable], args, repeats: int, warmup: int, 
 
 
 # ------------------------------------------------------------------ memory
-class _RSSPeak:
-    """Peak resident set size of this process, sampled every 2 ms from ``/proc/self/statm``."""
-
-    def __init__(self) -> None:
-        import os
-        import threading
-
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.base = self.peak = self.current()
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            self._stop.wait(0.002)
-
-    def __enter__(self) -> "_RSSPeak":
-        self.base = self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
 def _memory_child(spec, queue) -> None:
     name, S, batch, image, width, depth, device_name, threads, num_data = spec
     torch.set_num_threads(threads)
@@ -209,17 +160,7 @@ def _memory_child(spec, queue) -> None:
     X, y = build_data(batch, image, device)
     fn = contenders(S, with_peer=name.startswith(("marglik-noaug", "laplace-torch")))[name]
     try:
-        if device.type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn(model, X, y, num_data)
-            sync(device)
-            queue.put(max(torch.cuda.max_memory_allocated() - base, 0))
-            return
-        with _RSSPeak() as rss:
-            fn(model, X, y, num_data)
-        queue.put(max(rss.peak - rss.base, 0))
+        queue.put(peak_extra_memory(lambda: fn(model, X, y, num_data), device))
     except Exception as err:  # reported, not hidden: the table shows the error
         queue.put(f"error: {type(err).__name__}: {err}")
 
@@ -254,7 +195,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-data", type=int, default=50000, help="N the curvature represents (CIFAR-10: 50000)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, S in {1,2}, B=2")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     args = ap.parse_args(argv)
     if args.quick:
@@ -267,8 +208,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if dev == "auto" else dev)
+    device = pick_device(args.device)
     if args.batch_sizes is None:
         args.batch_sizes = [32, 128] if device.type == "cuda" else [4, 8]
     model = build_model(device, args.width, args.depth)

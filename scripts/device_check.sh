@@ -4,7 +4,7 @@
 # and prints a summary. On one GPU the full check takes at most ~8 minutes.
 #
 #   bash scripts/device_check.sh                         # cuda if available, else cpu; writes results/
-#   bash scripts/device_check.sh --device cpu --quick    # smoke test on CPU (tiny sizes, ~2 min),
+#   bash scripts/device_check.sh --device cpu --quick    # smoke test on CPU (tiny models, ~1-2 min),
 #                                                        # writes to $TMPDIR/marglik_device_check
 #   bash scripts/device_check.sh --out DIR               # write the result files elsewhere
 #
@@ -49,8 +49,8 @@ step "tests that touch devices"
 "$PY" -m pytest -q tests/test_device.py
 
 if [ "$QUICK" = 1 ]; then
-  KFAC_ARGS="--batch-size 2 --repeats 1 --no-memory"
-  MARGLIK_ARGS="--n-data 4 --batch-size 2 --repeats 1 --warmup 0"
+  KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory"
+  MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0"
   COST_ARGS="--quick --no-memory"
   # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
   TUNE_MODEL="model=cnn data.upsample=16"

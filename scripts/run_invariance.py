@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FLAVOURS = ("expand-expand", "expand-reduce", "reduce-reduce", "reduce-expand")
 KEEP = ("test_accuracy", "test_nll", "log_marglik", "log_marglik_per_example", "prior_precision", "augmentation",

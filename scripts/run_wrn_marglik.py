@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STEM = "wrn_marglik"
 RUNS_HEADING = "## Tuning runs"

@@ -1,0 +1,128 @@
+"""Helpers shared by the benchmark scripts in ``scripts/``: the benchmark model and data, device
+choice, synchronised timing and peak-memory measurement.
+
+The scripts import it as a sibling module (``python scripts/<name>.py`` puts ``scripts/`` first on
+``sys.path``); ``marglik`` itself comes from the installed package (``pip install -e .``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA), so that wall-clock times measure the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_runs(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> List[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    return statistics.median(timed_runs(fn, repeats, device))
+
+
+def wide_resnet(depth: int = 16, width: int = 4, device: torch.device = torch.device("cpu"), seed: int = 0,
+                reinit_zero: bool = False) -> nn.Module:
+    """``WRN-depth-width`` with ``norm="none"`` (only Conv2d and Linear, so every peer covers every
+    layer). ``reinit_zero``: replace the Fixup-style zero initialisation by a small random one, so
+    that no factor below the head is trivially zero."""
+    from marglik.models import WideResNet
+
+    torch.manual_seed(seed)
+    model = WideResNet(depth=depth, widen_factor=width, num_classes=10, in_channels=3, norm="none").to(device)
+    if reinit_zero:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().max() == 0:
+                    nn.init.kaiming_normal_(m.weight)
+                    m.weight.mul_(0.1)
+    return model
+
+
+def random_batch(n: int, image: int = 32, device: torch.device = torch.device("cpu"),
+                 generator: torch.Generator = None) -> Tuple[Tensor, Tensor]:
+    """``n`` random CIFAR-shaped images ``(n, 3, image, image)`` and labels in ``[0, 10)``."""
+    X = torch.randn(n, 3, image, image, generator=generator).to(device)
+    y = torch.randint(0, 10, (n,), generator=generator).to(device)
+    return X, y
+
+
+class RSSPeak:
+    """Peak of the *current* resident set size, sampled every 2 ms from ``/proc/self/statm``
+    (``ru_maxrss`` is useless here: importing a CUDA build of torch sets a high-water mark above
+    everything a benchmark allocates afterwards). Use as a context manager; ``peak - base`` is the
+    extra memory of what ran inside."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.base = self.peak = self.current()
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "RSSPeak":
+        self.base = self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes of extra memory ``fn()`` needs at its peak: CUDA ``max_memory_allocated`` over the
+    current allocation, CPU the resident-set-size peak over the process before the call (run it in
+    a fresh process for a clean number)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return max(torch.cuda.max_memory_allocated(device) - base, 0)
+    with RSSPeak() as rss:
+        fn()
+    return max(rss.peak - rss.base, 0)
