@@ -35,9 +35,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from benchlib import RESULTS, RSSPeak, pick_device, random_batch, sync, timed, wide_resnet
-
 import marglik
+
+from benchlib import RESULTS, RSSPeak, pick_device, random_batch, timed, wide_resnet
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 

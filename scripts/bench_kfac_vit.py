@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchlib import RESULTS, sync
-
 import marglik
+
+from benchlib import RESULTS, sync
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 VIT = dict(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)

@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchlib import RESULTS, random_batch, sync, wide_resnet
-
 import marglik
+
+from benchlib import RESULTS, random_batch, sync, wide_resnet
 
 
 def build(n_data: int, device: torch.device, seed: int = 0, quick: bool = False):

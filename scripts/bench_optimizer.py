@@ -63,7 +63,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -72,7 +71,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-
 
 from marglik.data import collate_graphs, load_dataset, make_graph_dataset
 from marglik.models import GNN, TorchvisionViT, ViT

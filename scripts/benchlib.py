@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
+CPU = torch.device("cpu")
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,7 +52,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return statistics.median(timed_runs(fn, repeats, device))
 
 
-def wide_resnet(depth: int = 16, width: int = 4, device: torch.device = torch.device("cpu"), seed: int = 0,
+def wide_resnet(depth: int = 16, width: int = 4, device: torch.device = CPU, seed: int = 0,
                 reinit_zero: bool = False) -> nn.Module:
     """``WRN-depth-width`` with ``norm="none"`` (only Conv2d and Linear, so every peer covers every
     layer). ``reinit_zero``: replace the Fixup-style zero initialisation by a small random one, so
@@ -69,7 +70,7 @@ def wide_resnet(depth: int = 16, width: int = 4, device: torch.device = torch.de
     return model
 
 
-def random_batch(n: int, image: int = 32, device: torch.device = torch.device("cpu"),
+def random_batch(n: int, image: int = 32, device: torch.device = CPU,
                  generator: torch.Generator = None) -> Tuple[Tensor, Tensor]:
     """``n`` random CIFAR-shaped images ``(n, 3, image, image)`` and labels in ``[0, 10)``."""
     X = torch.randn(n, 3, image, image, generator=generator).to(device)

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
