@@ -58,13 +58,12 @@ Data parallel (``torchrun``): see :mod:`marglik.tuning.distributed`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -78,7 +77,10 @@ from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs
 from .config import Config, ConfigError
 from .distributed import DistContext
+from .estimator import MarglikSubset
 from .reporting import plot_curves, summary_record, write_history, write_json
+from .schedules import hyper_lr_factor, map_lr, marglik_update_due
+from .seeds import Stream, run_generators, seed_everything, stream_generator
 from .wandb_logger import WandbLogger
 
 log = logging.getLogger("marglik.tuning")
@@ -90,21 +92,30 @@ class NonFiniteError(RuntimeError):
     """Raised when a run keeps producing non-finite values after ``trainer.max_rollbacks`` rollbacks."""
 
 
+class _RolledBack(Exception):
+    """The epoch in flight was rolled back (state restored, lr scaled, event recorded): retry it.
+
+    Raised by :meth:`MarglikTuner._rollback`, caught by :meth:`MarglikTuner.fit` only."""
+
+
 def resolve_device(spec: str) -> torch.device:
+    """The torch device for ``trainer.device``.
+
+    Args:
+        spec: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
+
+    Returns:
+        The device.
+
+    Raises:
+        RuntimeError: ``spec`` names a CUDA device but CUDA is not available.
+    """
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={spec!r} but CUDA is not available; use trainer.device=cpu or auto")
     return dev
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _sync(device: torch.device) -> None:
@@ -156,7 +167,7 @@ class MarglikTuner:
         self.X_test, self.y_test = (t.to(self.device) for t in test.tensors)
         self.N = len(self.X)
 
-        _seed_everything(c.trainer.seed)
+        seed_everything(c.trainer.seed)
         self.model = get_model(
             c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
         ).to(self.device)
@@ -186,12 +197,8 @@ class MarglikTuner:
             groups.append({"params": [self.aug.eta], "lr": c.hyper.aug_lr, "base_lr": c.hyper.aug_lr})
         self.hyper_opt = torch.optim.Adam(groups)
 
-        seed = c.trainer.seed
-        self.generators = {
-            "data": torch.Generator().manual_seed(seed * 7919 + 1),
-            "aug": torch.Generator().manual_seed(seed * 7919 + 2),
-            "hyper": torch.Generator().manual_seed(seed * 7919 + 3),
-        }
+        self.generators = run_generators(c.trainer.seed)
+        self.marglik_subset = MarglikSubset.from_config(c, self.N)
         self.batches_per_epoch = math.ceil(self.N / t.batch_size)
         if self.dist.enabled:
             self._check_shards()
@@ -242,11 +249,9 @@ class MarglikTuner:
 
     def _check_shards(self) -> None:
         """Every global batch must give each rank at least one example."""
-        c, k = self.cfg, self.dist.world_size
-        mb = c.hyper.marglik_batch_size or c.trainer.batch_size
-        m_total = self.N if c.hyper.marglik_batches is None else min(self.N, c.hyper.marglik_batches * mb)
+        c, k, sub = self.cfg, self.dist.world_size, self.marglik_subset
         sizes = {"trainer.batch_size": (c.trainer.batch_size, self.N % c.trainer.batch_size),
-                 "hyper.marglik_batch_size": (mb, m_total % mb)}
+                 "hyper.marglik_batch_size": (sub.batch_size, sub.size % sub.batch_size)}
         for key, (full, rest) in sizes.items():
             if full < k or 0 < rest < k:
                 raise ValueError(
@@ -298,8 +303,10 @@ class MarglikTuner:
         self.last_log_marglik = state["last_log_marglik"]
         self.wandb_id = state.get("wandb_id")
 
-    def _rollback(self, kind: str, value: float, where: str) -> None:
-        """Restore the last good state after a non-finite ``kind`` ('loss' or 'marglik')."""
+    def _rollback(self, kind: str, value: Any, where: str) -> NoReturn:
+        """Restore the last good state after a non-finite ``kind`` ('loss' or 'marglik') and raise
+        :class:`_RolledBack` (the epoch is retried), or :class:`NonFiniteError` past
+        ``trainer.max_rollbacks``."""
         events = self.events + [{
             "epoch": self.epoch + 1, "kind": kind, "value": str(value), "where": where,
             "action": "restored end of epoch %d; %s x %g" % (
@@ -325,6 +332,7 @@ class MarglikTuner:
             f"epoch {self.epoch}, {'MAP' if kind == 'loss' else 'hyperparameter'} learning rate x {factor:g} "
             f"(rollback {len(events)}/{self.cfg.trainer.max_rollbacks})"
         )
+        raise _RolledBack
 
     def _report(self, msg: str) -> None:
         if not self.is_main:  # one voice per job: rank 0
@@ -343,22 +351,12 @@ class MarglikTuner:
         return prec.squeeze(0) if self.cfg.hyper.prior_structure == "scalar" else prec
 
     def _set_lrs(self) -> float:
-        t, c = self.cfg.trainer, self.cfg
-        total = max(1, t.epochs * self.batches_per_epoch)
-        if t.schedule == "cosine":
-            frac = min(self.global_step / total, 1.0)
-            lr = t.lr_min + (t.lr - t.lr_min) * 0.5 * (1 + math.cos(math.pi * frac))
-        else:
-            lr = t.lr
-        lr *= self.lr_scale
+        """Set the MAP and hyper learning rates (schedules times rollback scales); returns the MAP lr."""
+        t = self.cfg.trainer
+        lr = map_lr(t, self.global_step, self.batches_per_epoch) * self.lr_scale
         for g in self.map_opt.param_groups:
             g["lr"] = lr
-        h = c.hyper
-        factor = self.hyper_lr_scale
-        if h.schedule == "cosine":
-            span = max(1, t.epochs - h.burn_in)
-            frac = min(max(self.epoch - h.burn_in, 0) / span, 1.0)
-            factor *= 0.5 * (1 + math.cos(math.pi * frac))
+        factor = self.hyper_lr_scale * hyper_lr_factor(t, self.cfg.hyper, self.epoch)
         for g in self.hyper_opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         return lr
@@ -408,19 +406,12 @@ class MarglikTuner:
         return 0.5 * reg / self.N
 
     def _marglik_data(self) -> List[Tuple[Tensor, Tensor]]:
-        """Batches for one Laplace fit: all data, or ``marglik_batches`` random batches; augmented
-        with the current ``eta`` (differentiable w.r.t. ``eta``)."""
-        h = self.cfg.hyper
-        bs = h.marglik_batch_size or self.cfg.trainer.batch_size
-        if h.marglik_batches is None:
-            idx = torch.arange(self.N)
-        else:
-            perm = torch.randperm(self.N, generator=self.generators["hyper"])
-            idx = perm[: min(self.N, h.marglik_batches * bs)]
-        idx = idx.to(self.device)
+        """Batches for one Laplace fit (:class:`MarglikSubset`: all data, or ``marglik_batches``
+        random batches); augmented with the current ``eta`` (differentiable w.r.t. ``eta``)."""
+        batches = self.marglik_subset.index_batches(self.generators["hyper"], self.device)
         if self.dist.enabled:  # this rank's shard of every batch; the fit all-reduces the sums
-            return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in idx.split(bs)]
-        return [(self._augment(self.X[i]), self.y[i]) for i in idx.split(bs)]
+            return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in batches]
+        return [(self._augment(self.X[i]), self.y[i]) for i in batches]
 
     def make_laplace(self):
         """marglik's :class:`KronLaplace`, or a laplace-torch peer (``curvature.backend``, see
@@ -428,30 +419,34 @@ class MarglikTuner:
         return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
 
     def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
+        """Fit a fresh Laplace approximation at the current weights.
+
+        Args:
+            data: ``(X_aug, y)`` batches (this rank's shards under ``torchrun``); a subset or a
+                shard is rescaled to ``N`` (:meth:`MarglikSubset.num_data`).
+
+        Returns:
+            The fitted approximation (:meth:`make_laplace`).
+
+        Raises:
+            RuntimeError: the approximation does not cover every trainable parameter tensor.
+        """
         la = self.make_laplace()
-        seen = sum(len(yb) for _, yb in data)
-        kwargs = {}
-        params = inspect.signature(la.fit).parameters
-        if seen != self.N or self.dist.enabled:  # a shard: the global count is reduced in the fit
-            if "num_data" in params:
-                kwargs["num_data"] = self.N
-            elif "N" in params:
-                kwargs["N"] = self.N
-            else:
-                raise RuntimeError("KronLaplace.fit has no num_data argument: cannot fit on a subset")
-        if getattr(la, "n_layers", len(self.params)) != len(self.params):
+        if la.n_layers != len(self.params):
             raise RuntimeError(
                 f"the Laplace approximation covers {la.n_layers} parameter tensors but the model trains "
                 f"{len(self.params)}: every trainable module must be covered by the K-FAC engine"
             )
-        la.fit(data, **kwargs)
+        seen = sum(len(yb) for _, yb in data)
+        la.fit(data, num_data=self.marglik_subset.num_data(seen, self.dist.enabled))
         return la
 
     def log_marglik(self, la) -> Tensor:
         return la.log_marginal_likelihood(prior_precision=self.prior_precision())
 
     # ------------------------------------------------------------------ epoch
-    def _map_epoch(self) -> Optional[Dict[str, float]]:
+    def _map_epoch(self) -> Dict[str, float]:
+        """One epoch of MAP steps; returns its training metrics (rolls back on a non-finite loss)."""
         self.model.train()
         t = self.cfg.trainer
         perm = torch.randperm(self.N, generator=self.generators["data"]).to(self.device)
@@ -482,7 +477,6 @@ class MarglikTuner:
                 if self.dist.enabled:  # DDP needs the backward of every forward; the grads are discarded
                     loss.backward()
                 self._rollback("loss", loss_value, f"MAP step, batch {b + 1}/{self.batches_per_epoch}")
-                return None
             self.map_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.map_opt.step()
@@ -492,8 +486,9 @@ class MarglikTuner:
             correct += hits_value
         return {"lr": lr, "train_loss": tot_loss / self.N, "train_nll": tot_nll / self.N, "train_acc": correct / self.N}
 
-    def _hyper_update(self) -> Optional[Dict[str, float]]:
-        """K hypersteps; ``None`` after a rollback. Returns the last log marglik estimate."""
+    def _hyper_update(self) -> Dict[str, float]:
+        """``hyper.steps`` hypersteps (rolls back on a non-finite value or gradient); returns the
+        last log marglik estimate (and the first one)."""
         h = self.cfg.hyper
         self._set_lrs()
         self.model.eval()
@@ -508,7 +503,6 @@ class MarglikTuner:
                 fitted = la is None or self.aug_on
                 if not torch.isfinite(self.log_prior).all() or not torch.isfinite(self.aug.eta).all():
                     self._rollback("marglik", "non-finite hyperparameters", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 try:
                     if fitted:
                         la = self.fit_laplace(self._marglik_data())
@@ -516,10 +510,8 @@ class MarglikTuner:
                     lml = self.log_marglik(la)
                 except torch.linalg.LinAlgError as err:
                     self._rollback("marglik", f"LinAlgError: {err}", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 if not torch.isfinite(lml):
                     self._rollback("marglik", lml.item(), f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
                 if self.dist.enabled and self.aug_on:
                     # eta acts through each rank's own shard: its gradient is the sum over ranks.
@@ -530,7 +522,6 @@ class MarglikTuner:
                 bad = [g for g in grads if g is not None and not torch.isfinite(g).all()]
                 if bad:
                     self._rollback("marglik", "non-finite gradient", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 for p, g in zip(hyper_params, grads):
                     p.grad = torch.zeros_like(p) if g is None else g
                 self.hyper_opt.step()
@@ -565,7 +556,7 @@ class MarglikTuner:
         was_training = self.model.training
         self.model.eval()
         self.aug_test.eta.copy_(self.aug.eta)
-        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + 4)
+        gen = stream_generator(self.cfg.trainer.seed, Stream.eval)
         nll = correct = 0.0
         bs = self.cfg.trainer.eval_batch_size
         for i in range(0, len(X), bs):
@@ -590,22 +581,22 @@ class MarglikTuner:
         log-factors, shear dimensionless); all zero when augmentation is off."""
         return self.aug.ranges(image_size=self.info["image_size"])
 
-    def _run_epoch(self) -> Optional[Dict[str, Any]]:
+    def _run_epoch(self) -> Dict[str, Any]:
+        """MAP steps, the marglik update when due, evaluation: the epoch's history row.
+
+        Raises:
+            _RolledBack: a non-finite value rolled the run back to the end of the previous epoch.
+        """
         c = self.cfg
         _sync(self.device)
         t0 = time.perf_counter()
         train = self._map_epoch()
-        if train is None:
-            return None
         row: Dict[str, Any] = {"epoch": self.epoch + 1, **train}
         e = self.epoch + 1
         hyper_s = 0.0
-        due = e > c.hyper.burn_in and (e - c.hyper.burn_in) % c.hyper.frequency == 0
-        if due:
+        if marglik_update_due(c.hyper, e):
             th = time.perf_counter()
             res = self._hyper_update()
-            if res is None:
-                return None
             hyper_s = time.perf_counter() - th
             row["log_marglik"] = res["log_marglik"]
             row["log_marglik_per_example"] = res["log_marglik"] / self.N
@@ -668,8 +659,9 @@ class MarglikTuner:
         base_elapsed = self.timing["elapsed"]
         try:
             while self.epoch < c.trainer.epochs:
-                row = self._run_epoch()
-                if row is None:  # rolled back: retry the epoch from the restored state
+                try:
+                    row = self._run_epoch()
+                except _RolledBack:  # retry the epoch from the restored state
                     base_elapsed = self.timing["elapsed"]
                     start = time.perf_counter()
                     continue
@@ -792,11 +784,7 @@ class MarglikTuner:
             "world_size": self.dist.world_size,
             "rollbacks": len(self.events),
             "rollback_events": self.events,
-            "marglik_estimator": (
-                "whole training set" if c.hyper.marglik_batches is None else
-                f"stochastic: {c.hyper.marglik_batches} random batches of "
-                f"{c.hyper.marglik_batch_size or c.trainer.batch_size} per fit, rescaled to N={self.N}"
-            ),
+            "marglik_estimator": self.marglik_subset.describe(),
             "warnings": c.warnings(),
         })
         if not self.is_main:
