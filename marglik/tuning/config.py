@@ -451,6 +451,16 @@ class Config:
         ``model`` accepts either ``{"name": ..., "kwargs": {...}}`` or a flat dict whose keys other
         than ``name`` are constructor kwargs. ``overrides`` are merged per section, e.g.
         ``Config.from_dict(trainer={"epochs": 3})``.
+
+        Args:
+            d: the nested dict (``None``: all defaults).
+            **overrides: ``section={field: value}`` merged over ``d``'s sections.
+
+        Returns:
+            The typed, validated configuration.
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or an invalid value.
         """
         d = dict(d or {})
         for key, val in overrides.items():
@@ -477,15 +487,33 @@ class Config:
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain nested dict (enums as strings): ``config.json``, checkpoints, W&B."""
+        """The configuration as plain data: ``config.json``, checkpoints, W&B.
+
+        Returns:
+            A nested dict of sections (enums as their strings).
+        """
         return plain(self)
 
     def replace(self, **sections: Dict[str, Any]) -> "Config":
-        """A copy with some fields of some sections replaced: ``cfg.replace(trainer={"epochs": 2})``."""
+        """A copy with some fields of some sections replaced: ``cfg.replace(trainer={"epochs": 2})``.
+
+        Args:
+            **sections: ``section={field: value}``.
+
+        Returns:
+            A new validated configuration.
+
+        Raises:
+            ConfigError: as :meth:`from_dict`.
+        """
         return Config.from_dict(self.to_dict(), **sections)
 
     def validate(self) -> None:
-        """Value ranges (types are checked by :meth:`from_dict`); raises :class:`ConfigError`."""
+        """Check value ranges and curvature combinations (types are checked by :meth:`from_dict`).
+
+        Raises:
+            ConfigError: naming the first invalid key, its value and what is allowed.
+        """
 
         def check(ok: bool, key: str, allowed: str) -> None:
             if not ok:
@@ -528,13 +556,21 @@ class Config:
 
     # ------------------------------------------------------------------ schedule facts
     def marglik_updates(self) -> int:
-        """Number of marginal-likelihood updates the schedule performs: epochs ``e`` with
-        ``e > burn_in`` and ``(e - burn_in) % frequency == 0``."""
+        """Number of marginal-likelihood updates the schedule performs.
+
+        Returns:
+            The count of epochs ``e <= epochs`` with ``e > burn_in`` and
+            ``(e - burn_in) % frequency == 0`` (:func:`marglik.tuning.schedules.marglik_update_due`).
+        """
         h = self.hyper
         return max(0, (self.trainer.epochs - h.burn_in) // h.frequency)
 
     def warnings(self) -> List[str]:
-        """Problems worth a warning line before a run starts (empty when none)."""
+        """Problems worth a warning line before a run starts.
+
+        Returns:
+            One message per problem (empty when none), e.g. that no tuning happens.
+        """
         out = []
         if self.marglik_updates() == 0:
             h, t = self.hyper, self.trainer
@@ -552,8 +588,15 @@ class Config:
                    "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger")
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
-        """Dotted keys whose values differ from ``other`` (a saved ``to_dict()``), ignoring
-        :attr:`RESUME_FREE`."""
+        """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.
+
+        Args:
+            other: a saved :meth:`to_dict`.
+
+        Returns:
+            One ``"key: checkpoint <theirs> vs now <mine>"`` line per differing dotted key (empty:
+            resumable).
+        """
         out = []
         mine = _flatten(self.to_dict())
         theirs = _flatten(plain(other))

@@ -1,5 +1,10 @@
 """Marginal-likelihood hyperparameter tuning with learned augmentation (the outer loop).
 
+Classification only: the MAP loss and the evaluation are the cross-entropy of the model's logits
+``(B, num_classes)`` against integer labels, and the Laplace approximation is built with
+``likelihood="classification"`` (:func:`marglik.tuning.backends.build_laplace`). Regression or
+binary likelihoods are supported by :class:`marglik.KronLaplace`, not by this loop.
+
 Immer et al. (ICML 2021), Algorithm 1, with the invariance learning of Immer et al. (NeurIPS 2022)
 and the K-FAC-expand/reduce Laplace of Eschenhagen et al. (NeurIPS 2023):
 
@@ -31,7 +36,9 @@ GGN factor ``B`` are rescaled by ``N / (M * batch size)`` (``num_data`` rescalin
 unbiased estimate of the data term and of the GGN, and hence a *stochastic* (and, through the
 log-determinant, slightly biased) estimate of the log marginal likelihood and of its gradient; a
 fresh subset (and fresh augmentation noise) is drawn every hyperstep. ``marglik_batches = None``
-uses the whole training set (deterministic up to the augmentation noise).
+uses the whole training set (deterministic up to the augmentation noise). The subset and its
+rescaling: :class:`marglik.tuning.estimator.MarglikSubset`; the learning-rate schedules and when
+an update is due: :mod:`marglik.tuning.schedules`; the random streams: :mod:`marglik.tuning.seeds`.
 
 With augmentation on, ``eta`` moves the data, so every hyperstep refits the Laplace
 approximation with ``differentiable=True`` (the gradient reaches ``eta`` through the K-FAC
@@ -124,8 +131,9 @@ def _sync(device: torch.device) -> None:
 
 
 class MarglikTuner:
-    """One tuning run. ``MarglikTuner(cfg, run_dir).fit()`` trains, tunes, evaluates and writes
-    ``summary.json``, ``history.csv``, ``curves.png`` and ``checkpoints/`` into ``run_dir``.
+    """One tuning run of a classifier. ``MarglikTuner(cfg, run_dir).fit()`` trains, tunes,
+    evaluates and writes ``summary.json`` (schema: :class:`marglik.tuning.reporting.RunSummary`),
+    ``history.csv``, ``curves.png`` and ``checkpoints/`` into ``run_dir``.
 
     Args:
         cfg: a :class:`Config` (or a nested dict for :meth:`Config.from_dict`).
@@ -134,6 +142,16 @@ class MarglikTuner:
             epoch; an exception raised there interrupts the run (the checkpoint is already saved).
         datasets: optional ``(train, test, info)`` as returned by :func:`marglik.data.load_dataset`
             (default: loaded from ``cfg.data``).
+
+    Raises:
+        ConfigError: a bad configuration (``cfg`` as a dict), or a laplace-torch peer backend
+            under ``torchrun``.
+        ValueError: a peer backend cannot run the model; a batch gives some rank no example;
+            resuming from a checkpoint whose configuration differs.
+        PermissionError: the run or checkpoint directory is not writable.
+        CheckpointError: no readable checkpoint where ``trainer.resume`` names one.
+        FileNotFoundError: ``trainer.resume`` names no checkpoint file or run directory.
+        RuntimeError: ``trainer.device`` names CUDA but none is available.
     """
 
     def __init__(
@@ -261,7 +279,12 @@ class MarglikTuner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Everything the run depends on (see :mod:`marglik.tuning.checkpoint`); tensors cloned."""
+        """Everything the run depends on (see :mod:`marglik.tuning.checkpoint`).
+
+        Returns:
+            The run state (weights, hyperparameters, optimizers, RNG streams, history, best
+            checkpoint, timing, config), tensors detached and cloned.
+        """
         return ckpt.detach_copy({
             "version": 1,
             "epoch": self.epoch,
@@ -284,6 +307,11 @@ class MarglikTuner:
         })
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a run state (the inverse of :meth:`state_dict`).
+
+        Args:
+            state: a :meth:`state_dict` (e.g. a checkpoint); copied, not aliased.
+        """
         state = ckpt.detach_copy(state)
         self.epoch = state["epoch"]
         self.global_step = state["global_step"]
@@ -346,7 +374,12 @@ class MarglikTuner:
 
     # ------------------------------------------------------------------ pieces
     def prior_precision(self) -> Tensor:
-        """Current prior precision: 0-d (scalar) or one entry per parameter tensor (layerwise)."""
+        """The current prior precision ``exp(log delta)`` (differentiable w.r.t. ``log delta``).
+
+        Returns:
+            A 0-d tensor (``hyper.prior_structure=scalar``) or one entry per trainable parameter
+            tensor, shape ``(L,)`` (layerwise).
+        """
         prec = self.log_prior.exp()
         return prec.squeeze(0) if self.cfg.hyper.prior_structure == "scalar" else prec
 
@@ -382,12 +415,21 @@ class MarglikTuner:
         return aug(x, generator=gen)
 
     def map_loss(self, x: Tensor, y: Tensor, n_global: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """Negative log joint / N on one batch: ``(loss, mean nll, logits)``.
+        """Negative log joint / N on one batch (cross-entropy plus the prior term).
 
         Data parallel: ``x``, ``y`` are this rank's shard of a global batch of ``n_global``
         examples; ``nll`` is then the shard's share of the global mean (its summed NLL /
         ``n_global``) and ``loss`` is ``world_size * nll`` plus the prior term, whose average
         over ranks (DDP's gradient reduction) is the global batch's loss.
+
+        Args:
+            x: inputs ``(n, C, H, W)``, or augmented copies ``(n, S, C, H, W)``.
+            y: integer labels ``(n,)``.
+            n_global: the global batch size when ``x`` is one rank's shard; ``None`` otherwise.
+
+        Returns:
+            ``(loss, nll, logits)``: the 0-d loss to back-propagate, the mean NLL (0-d) and the
+            logits ``(n, num_classes)``.
         """
         out = self.net(x)
         if n_global is None:
@@ -414,8 +456,12 @@ class MarglikTuner:
         return [(self._augment(self.X[i]), self.y[i]) for i in batches]
 
     def make_laplace(self):
-        """marglik's :class:`KronLaplace`, or a laplace-torch peer (``curvature.backend``, see
-        :mod:`marglik.tuning.backends`)."""
+        """An unfitted Laplace approximation of the model at the current prior precision.
+
+        Returns:
+            marglik's :class:`KronLaplace`, or a laplace-torch :class:`PeerLaplace`
+            (``curvature.backend``, see :mod:`marglik.tuning.backends`).
+        """
         return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
 
     def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
@@ -442,6 +488,15 @@ class MarglikTuner:
         return la
 
     def log_marglik(self, la) -> Tensor:
+        """The Laplace log marginal likelihood at the current hyperparameters.
+
+        Args:
+            la: a fitted approximation (:meth:`fit_laplace`).
+
+        Returns:
+            A 0-d tensor, differentiable w.r.t. ``log delta`` (and ``eta`` through a
+            differentiable fit).
+        """
         return la.log_marginal_likelihood(prior_precision=self.prior_precision())
 
     # ------------------------------------------------------------------ epoch
@@ -550,7 +605,15 @@ class MarglikTuner:
     @torch.no_grad()
     def evaluate(self, X: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Dict[str, float]:
         """Accuracy and mean NLL of the MAP invariant model (``S_test`` augmented copies with the
-        current ``eta``; a fixed noise seed, so repeated evaluations agree)."""
+        current ``eta``; a fixed noise seed, so repeated evaluations agree).
+
+        Args:
+            X: inputs ``(n, C, H, W)`` (default: the test set).
+            y: integer labels ``(n,)`` (default: the test labels).
+
+        Returns:
+            ``{"test_acc": accuracy, "test_nll": mean NLL}`` over all ``n`` examples (all ranks).
+        """
         X = self.X_test if X is None else X
         y = self.y_test if y is None else y
         was_training = self.model.training
@@ -577,8 +640,12 @@ class MarglikTuner:
         return {"test_acc": correct / len(X), "test_nll": nll / len(X)}
 
     def ranges(self) -> Dict[str, float]:
-        """Learned augmentation ranges (rotation in degrees, translations in pixels, scales as
-        log-factors, shear dimensionless); all zero when augmentation is off."""
+        """Learned augmentation ranges.
+
+        Returns:
+            ``{generator: range}``: rotation in degrees, translations in pixels, scales as
+            log-factors, shear dimensionless; all zero when augmentation is off.
+        """
         return self.aug.ranges(image_size=self.info["image_size"])
 
     def _run_epoch(self) -> Dict[str, Any]:
@@ -629,6 +696,13 @@ class MarglikTuner:
         loses at most the epoch in flight. A resumed run rewrites ``history.csv`` from the
         checkpoint's history (no lost or duplicated epoch) and logs the checkpoint's last epoch to
         its W&B run again (same id, ``resume="allow"``), in case the kill came between the two.
+
+        Returns:
+            The summary (:meth:`finalize`; the fields of
+            :class:`marglik.tuning.reporting.RunSummary`).
+
+        Raises:
+            NonFiniteError: non-finite values persist after ``trainer.max_rollbacks`` rollbacks.
         """
         c = self.cfg
         cfg_dict = c.to_dict()
@@ -726,7 +800,14 @@ class MarglikTuner:
                          "(a re-run starts at epoch 0)")
 
     def finalize(self) -> Dict[str, Any]:
-        """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``."""
+        """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``.
+
+        Loads the best-marglik checkpoint into the model first when ``trainer.final_model=best``
+        (and an update ran); only rank 0 writes.
+
+        Returns:
+            The summary, checked against :class:`marglik.tuning.reporting.RunSummary`.
+        """
         c = self.cfg
         last_metrics = self.evaluate()
         last_ranges = self.ranges()
@@ -807,5 +888,17 @@ class MarglikTuner:
 
 
 def tune(cfg: Union[Config, Dict[str, Any]], run_dir: Union[str, Path], **kwargs: Any) -> Dict[str, Any]:
-    """Convenience: ``MarglikTuner(cfg, run_dir, **kwargs).fit()``."""
+    """Run one tuning run: ``MarglikTuner(cfg, run_dir, **kwargs).fit()``.
+
+    Args:
+        cfg: a :class:`Config`, or a nested dict for :meth:`Config.from_dict`.
+        run_dir: output directory (created; a resumable run continues in it).
+        **kwargs: ``callbacks`` / ``datasets`` of :class:`MarglikTuner`.
+
+    Returns:
+        The run's summary (the fields of :class:`marglik.tuning.reporting.RunSummary`).
+
+    Raises:
+        NonFiniteError: see :meth:`MarglikTuner.fit`; construction errors as :class:`MarglikTuner`.
+    """
     return MarglikTuner(cfg, run_dir, **kwargs).fit()
