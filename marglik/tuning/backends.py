@@ -137,7 +137,14 @@ def curvature_label(curvature: Dict[str, Any]) -> str:
     """Short name of the curvature of a run, e.g. ``marglik-expand-reduce`` (K-FAC-expand on
     positions, reduce on augmented copies), ``curvlinops-kron-expand``,
     ``asdl-diag``; used as the W&B ``job_type`` and default run name. Missing keys take the defaults
-    (``marglik``, ``kron``)."""
+    (``marglik``, ``kron``).
+
+    Args:
+        curvature: the ``curvature`` section of a config dict.
+
+    Returns:
+        The label.
+    """
     backend = curvature.get("backend", "marglik")
     structure = curvature.get("structure", "kron")
     if backend == "marglik":  # K-FAC on positions, then on augmented copies (null: as on positions)
@@ -152,6 +159,12 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
 
     ``model`` itself if it is one, else ``model.as_sequential()`` (:class:`marglik.models.MLP` and
     :class:`marglik.models.SmallCNN` have it; it computes the single-image forward pass).
+
+    Args:
+        model: the network.
+
+    Returns:
+        A sequential view whose parameters are ``model``'s.
 
     Raises:
         ValueError: the model has no sequential form, or its parameters differ from the view's.

@@ -305,7 +305,14 @@ class ConfigError(ValueError):
 
 
 def show_value(value: Any) -> str:
-    """A value as it would be written on the command line (``null``, ``true``, ``[a, b]``)."""
+    """A value as it would be written on the command line.
+
+    Args:
+        value: a config value.
+
+    Returns:
+        Its command-line spelling (``null``, ``true``, ``[a, b]``, an enum's value).
+    """
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -320,7 +327,14 @@ def show_value(value: Any) -> str:
 
 
 def describe_type(tp: Any) -> str:
-    """What a field of type ``tp`` accepts, in words (for error messages and ``--help``)."""
+    """What a field accepts, in words (for error messages and ``--help``).
+
+    Args:
+        tp: the field's type annotation.
+
+    Returns:
+        e.g. ``"an integer or null"``, ``"one of expand, reduce"``.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union and type(None) in args:
@@ -337,7 +351,14 @@ def describe_type(tp: Any) -> str:
 
 
 def type_problem(tp: Any) -> str:
-    """The problem of a value that does not fit a field of type ``tp``."""
+    """The problem of a value that does not fit a field.
+
+    Args:
+        tp: the field's type annotation.
+
+    Returns:
+        ``"not a boolean"``, ``"not a valid choice"`` or ``"wrong type"``.
+    """
     text = describe_type(tp)
     if text.startswith("true or false"):
         return "not a boolean"
@@ -349,6 +370,15 @@ def _resolved_types(klass: Type[Any]) -> Dict[str, Any]:
 
 
 def field_type(klass: Type[Any], key: str) -> Any:
+    """The resolved type of a field of a config section.
+
+    Args:
+        klass: the section's dataclass.
+        key: the field name.
+
+    Returns:
+        Its type annotation (forward references resolved).
+    """
     return _resolved_types(klass)[key]
 
 
@@ -373,6 +403,17 @@ def _is_interpolation(value: Any) -> bool:
 
 
 def unknown_key_error(key: str, value: Any, known: List[str], where: str) -> ConfigError:
+    """The error for an unknown key, suggesting the closest known one.
+
+    Args:
+        key: the dotted key given.
+        value: its value.
+        known: the keys allowed there.
+        where: what holds them, for the message (e.g. ``"HyperConfig"``).
+
+    Returns:
+        The :class:`ConfigError` to raise.
+    """
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "." in key else ""
     return ConfigError(key, value, f"unknown key{hint}", f"the keys of {where}: " + ", ".join(sorted(known)))
@@ -402,7 +443,14 @@ def _typed(klass: Type[Any], raw: Dict[str, Any], prefix: str, where: str) -> An
 
 
 def plain(value: Any) -> Any:
-    """Enums -> their string values, dataclasses -> dicts, recursively (JSON / checkpoint safe)."""
+    """Plain data for JSON and checkpoints.
+
+    Args:
+        value: enums, dataclasses, dicts, lists and tuples, nested.
+
+    Returns:
+        The same with enums as their string values, dataclasses as dicts and tuples as lists.
+    """
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

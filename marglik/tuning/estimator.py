@@ -82,7 +82,11 @@ class MarglikSubset:
         return self.n_data if seen != self.n_data or sharded else None
 
     def describe(self) -> str:
-        """One line for ``summary.json['marglik_estimator']``."""
+        """Say which estimate this is.
+
+        Returns:
+            The line of ``summary.json['marglik_estimator']``.
+        """
         if self.n_batches is None:
             return "whole training set"
         return (f"stochastic: {self.n_batches} random batches of {self.batch_size} per fit, "
