@@ -376,7 +376,7 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
 
         return KronLaplace(
             model, likelihood="classification", approx=curvature.approx,
-            copies_approx=getattr(curvature, "copies_approx", None), fisher_type=curvature.fisher_type,
+            copies_approx=curvature.copies_approx, fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
         )
     return PeerLaplace(
