@@ -20,9 +20,13 @@ Constructor: ``KFACLinearOperator(model_func, loss_func, params, data, *, check_
 seed=2147483647, fisher_type="mc"|"type-2"|"empirical"|"forward-only", mc_samples=1,
 kfac_approx="expand"|"reduce", num_per_example_loss_terms=None, separate_weight_and_bias=True,
 num_data=None)``; ``data`` is an iterable of ``(X, y)`` batches. ``compute_kronecker_factors()``
-fills the private dicts ``_input_covariances[module_name]`` (A, "aaT") and
-``_gradient_covariances[module_name]`` (B, "ggT"); ``_mapping`` is ``{module_name: {"weight":
-pos, "bias": pos}}``. There is no public getter for the factors.
+computes the factors; the public ``state_dict()`` returns them as ``"input_covariances"``
+(``{module_name: A}``, "aaT") and ``"gradient_covariances"`` (``{module_name: B}``, "ggT"), with
+``"num_per_example_loss_terms"``; the public classmethod ``compute_parameter_mapping(params,
+model)`` gives ``{module_name: {"weight": pos, "bias": pos}}``. This reference reads only these
+(no private attribute). Both are public API of curvlinops 3.x; its unreleased development branch
+(a breaking, i.e. major, release) builds the operator from factor "computers" and drops
+``compute_kronecker_factors`` / ``state_dict``, hence the ``<4`` bound in ``pyproject.toml``.
 
 * Supported: losses ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss`` (reduction
   ``"sum"`` or ``"mean"``); layers ``nn.Linear`` and ``nn.Conv2d`` only (no Conv1d/Conv3d; any
@@ -243,15 +247,17 @@ def curvlinops_factors(
         num_data=N,
     )
     op.compute_kronecker_factors()
+    state = op.state_dict()  # public: the computed factors and the loss-term count
+    mapping = KFACLinearOperator.compute_parameter_mapping(params, net)  # public: {module: {param: pos}}
 
-    R = op._num_per_example_loss_terms
+    R = state["num_per_example_loss_terms"]
     C = 1 if (lik == "binary" and out.dim() == 1) else out.shape[-1]
     s = b_scale(lik, fisher_type, reduction, N, R, C)
 
     result = {}
-    for name, pos in op._mapping.items():
-        B = op._gradient_covariances[name] * s
-        A = op._input_covariances.get(name)
+    for name in mapping:
+        B = state["gradient_covariances"][name] * s
+        A = state["input_covariances"].get(name)
         if A is None:  # bias only
             A = B.new_ones(1, 1)
         key = name[len(prefix) :] if name.startswith(prefix) else name

@@ -137,7 +137,14 @@ def curvature_label(curvature: Dict[str, Any]) -> str:
     """Short name of the curvature of a run, e.g. ``marglik-expand-reduce`` (K-FAC-expand on
     positions, reduce on augmented copies), ``curvlinops-kron-expand``,
     ``asdl-diag``; used as the W&B ``job_type`` and default run name. Missing keys take the defaults
-    (``marglik``, ``kron``)."""
+    (``marglik``, ``kron``).
+
+    Args:
+        curvature: the ``curvature`` section of a config dict.
+
+    Returns:
+        The label.
+    """
     backend = curvature.get("backend", "marglik")
     structure = curvature.get("structure", "kron")
     if backend == "marglik":  # K-FAC on positions, then on augmented copies (null: as on positions)
@@ -152,6 +159,12 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
 
     ``model`` itself if it is one, else ``model.as_sequential()`` (:class:`marglik.models.MLP` and
     :class:`marglik.models.SmallCNN` have it; it computes the single-image forward pass).
+
+    Args:
+        model: the network.
+
+    Returns:
+        A sequential view whose parameters are ``model``'s.
 
     Raises:
         ValueError: the model has no sequential form, or its parameters differ from the view's.
@@ -213,6 +226,10 @@ class PeerLaplace:
             ``"empirical"`` (``*EF``).
         mc_samples: MC samples (curvlinops kron only; 1 elsewhere).
         prior_precision: 0-d (scalar) or ``(L,)`` (layerwise, one per trainable parameter tensor).
+
+    Raises:
+        ValueError: an unknown backend, structure or fisher type; ``backend="marglik"``; a layer
+            the peer cannot handle.
     """
 
     def __init__(
@@ -267,6 +284,17 @@ class PeerLaplace:
         laplace-torch sums the loss and ``B`` (or the diagonal) over the batches and averages ``A``
         over the ``M`` examples seen; with ``num_data = N`` the loss and ``B`` / the 1-d blocks /
         the diagonal are multiplied by ``N / M`` (marglik's subset estimator).
+
+        Args:
+            batches: ``(X, y)`` batches, ``M`` examples in all.
+            num_data: the data-set size ``N`` to represent (``None``: ``M``).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``batches`` hold no example.
+            RuntimeError: BackPACK cannot hook a model ASDL has run on (the message says the fix).
         """
         batches = list(batches)
         loader = _Batches(batches)
@@ -302,7 +330,14 @@ class PeerLaplace:
         return self
 
     def log_marginal_likelihood(self, prior_precision: Optional[Tensor] = None) -> Tensor:
-        """laplace-torch's Laplace log marginal likelihood (differentiable w.r.t. the prior)."""
+        """laplace-torch's Laplace log marginal likelihood.
+
+        Args:
+            prior_precision: 0-d or ``(L,)`` (``None``: the one given at construction).
+
+        Returns:
+            A 0-d tensor, differentiable w.r.t. ``prior_precision``.
+        """
         return self.la.log_marginal_likelihood(prior_precision=prior_precision)
 
 
@@ -319,15 +354,29 @@ def _remove_backpack_hooks(model: nn.Module) -> None:
 
 
 def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, differentiable: bool):
-    """The Laplace approximation the tuning loop fits: :class:`marglik.KronLaplace` for
-    ``backend=marglik``, else a :class:`PeerLaplace`."""
+    """The Laplace approximation the tuning loop fits (classification likelihood).
+
+    Args:
+        curvature: the ``curvature`` section of a config (``backend``, ``structure``, ``approx``,
+            ``copies_approx``, ``fisher_type``, ``mc_samples``).
+        model: the network.
+        prior_precision: 0-d or ``(L,)``.
+        differentiable: keep the fit differentiable (gradients to the augmentation parameters;
+            marglik backend only).
+
+    Returns:
+        An unfitted :class:`marglik.KronLaplace` for ``backend=marglik``, else a :class:`PeerLaplace`.
+
+    Raises:
+        ValueError: an unknown backend.
+    """
     backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
     if backend is CurvatureBackend.marglik:
         from ..laplace import KronLaplace
 
         return KronLaplace(
             model, likelihood="classification", approx=curvature.approx,
-            copies_approx=getattr(curvature, "copies_approx", None), fisher_type=curvature.fisher_type,
+            copies_approx=curvature.copies_approx, fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
         )
     return PeerLaplace(
@@ -339,6 +388,11 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
 def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> None:
     """Fit the peer once on a tiny batch before training, so that a model a peer cannot run fails
     at start-up with a message naming the backend (no-op for ``backend=marglik``).
+
+    Args:
+        curvature: the ``curvature`` section of a config.
+        model: the network (its mode and gradients are restored afterwards).
+        batch: a tiny ``(X, y)`` batch on the model's device.
 
     Raises:
         ValueError: the peer cannot build or fit a Laplace approximation of ``model``.

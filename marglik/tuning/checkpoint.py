@@ -36,7 +36,14 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
-    """Snapshot of the global RNGs and of the named generators."""
+    """Snapshot of the global RNGs and of the named generators.
+
+    Args:
+        generators: the run's named streams (:func:`marglik.tuning.seeds.run_generators`).
+
+    Returns:
+        ``{"torch", "numpy", "python", "generators"[, "cuda"]}`` states (CPU tensors / tuples).
+    """
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -49,6 +56,12 @@ def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+    """Restore a :func:`rng_state` snapshot (CUDA streams only where the device count matches).
+
+    Args:
+        state: the snapshot.
+        generators: the named streams to set (a name missing from ``state`` is left as it is).
+    """
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -63,7 +76,14 @@ def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator])
 
 
 def detach_copy(obj: Any) -> Any:
-    """Deep copy with every tensor cloned (a snapshot unaffected by later in-place updates)."""
+    """Deep copy with every tensor detached and cloned.
+
+    Args:
+        obj: tensors, dicts, lists, tuples and other deep-copyable values, nested.
+
+    Returns:
+        A snapshot unaffected by later in-place updates of ``obj``.
+    """
     if torch.is_tensor(obj):
         return obj.detach().clone()
     if isinstance(obj, dict):
@@ -82,6 +102,11 @@ def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = Fa
     With ``keep_previous`` the file being replaced is first renamed to ``prev.ckpt`` in the same
     folder, so the last two good checkpoints survive (a crash between the two renames leaves
     ``prev.ckpt`` and ``last.ckpt.tmp``; :func:`resume_candidates` then falls back to ``prev``).
+
+    Args:
+        state: what to save (``torch.save``-able).
+        path: the checkpoint file (its folder is created).
+        keep_previous: keep the replaced file as ``prev.ckpt``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +121,19 @@ def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = Fa
 
 
 def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
-    """Read a checkpoint; :class:`CheckpointError` naming ``path`` if it is truncated, corrupt or
-    lacks one of the ``required`` keys (default: a run checkpoint; ``()`` for ``best.ckpt``)."""
+    """Read a checkpoint.
+
+    Args:
+        path: the checkpoint file.
+        map_location: as for ``torch.load``.
+        required: keys it must have (default: a run checkpoint's; ``()`` for ``best.ckpt``).
+
+    Returns:
+        The saved dict.
+
+    Raises:
+        CheckpointError: naming ``path``, if it is truncated, corrupt or lacks a ``required`` key.
+    """
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
@@ -122,6 +158,16 @@ def resume_candidates(spec: Optional[str], run_dir: Union[str, Path]) -> List[Pa
     * a run directory: its ``checkpoints/last.ckpt`` then ``prev.ckpt`` (``FileNotFoundError`` if
       it has neither).
     * a checkpoint file: that file, then ``prev.ckpt`` beside it if the file is ``last.ckpt``.
+
+    Args:
+        spec: ``trainer.resume``.
+        run_dir: this run's directory.
+
+    Returns:
+        Existing checkpoint files, newest first (empty: start fresh).
+
+    Raises:
+        FileNotFoundError: ``spec`` names a run directory without checkpoints, or no such path.
     """
     if _is_off(spec):
         return []
@@ -142,7 +188,18 @@ def resume_candidates(spec: Optional[str], run_dir: Union[str, Path]) -> List[Pa
 
 
 def find_checkpoint(spec: Optional[str], run_dir: Union[str, Path]) -> Optional[Path]:
-    """The newest candidate of :func:`resume_candidates` (without reading it), or ``None``."""
+    """The newest checkpoint ``trainer.resume`` points at, without reading it.
+
+    Args:
+        spec: ``trainer.resume``.
+        run_dir: this run's directory.
+
+    Returns:
+        The first of :func:`resume_candidates`, or ``None``.
+
+    Raises:
+        FileNotFoundError: as :func:`resume_candidates`.
+    """
     cands = resume_candidates(spec, run_dir)
     return cands[0] if cands else None
 
@@ -155,6 +212,18 @@ def load_resume_state(
     A candidate that cannot be read is reported (by path) through ``report`` and the next one is
     tried; if none is good the run starts fresh, saying so (``resume=auto``), or, for an explicit
     ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed.
+
+    Args:
+        spec: ``trainer.resume``.
+        run_dir: this run's directory.
+        report: called with one line per problem.
+
+    Returns:
+        ``(state, path)`` of the checkpoint loaded (on the CPU), or ``(None, None)``.
+
+    Raises:
+        CheckpointError: an explicit ``spec`` whose candidates are all unreadable.
+        FileNotFoundError: as :func:`resume_candidates`.
     """
     cands = resume_candidates(spec, run_dir)
     failed = []
@@ -175,7 +244,15 @@ def load_resume_state(
 def check_writable(path: Union[str, Path], what: str) -> None:
     """Create folder ``path`` if needed and write/delete a probe file in it; ``PermissionError``
     naming ``path`` (and ``what`` it is for) otherwise. Run before training, so an unwritable
-    output folder fails at once instead of after the first epoch."""
+    output folder fails at once instead of after the first epoch.
+
+    Args:
+        path: the folder.
+        what: what it is for, for the message (e.g. ``"run directory"``).
+
+    Raises:
+        PermissionError: the folder cannot be created or written.
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -305,7 +305,14 @@ class ConfigError(ValueError):
 
 
 def show_value(value: Any) -> str:
-    """A value as it would be written on the command line (``null``, ``true``, ``[a, b]``)."""
+    """A value as it would be written on the command line.
+
+    Args:
+        value: a config value.
+
+    Returns:
+        Its command-line spelling (``null``, ``true``, ``[a, b]``, an enum's value).
+    """
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -320,7 +327,14 @@ def show_value(value: Any) -> str:
 
 
 def describe_type(tp: Any) -> str:
-    """What a field of type ``tp`` accepts, in words (for error messages and ``--help``)."""
+    """What a field accepts, in words (for error messages and ``--help``).
+
+    Args:
+        tp: the field's type annotation.
+
+    Returns:
+        e.g. ``"an integer or null"``, ``"one of expand, reduce"``.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union and type(None) in args:
@@ -337,7 +351,14 @@ def describe_type(tp: Any) -> str:
 
 
 def type_problem(tp: Any) -> str:
-    """The problem of a value that does not fit a field of type ``tp``."""
+    """The problem of a value that does not fit a field.
+
+    Args:
+        tp: the field's type annotation.
+
+    Returns:
+        ``"not a boolean"``, ``"not a valid choice"`` or ``"wrong type"``.
+    """
     text = describe_type(tp)
     if text.startswith("true or false"):
         return "not a boolean"
@@ -349,6 +370,15 @@ def _resolved_types(klass: Type[Any]) -> Dict[str, Any]:
 
 
 def field_type(klass: Type[Any], key: str) -> Any:
+    """The resolved type of a field of a config section.
+
+    Args:
+        klass: the section's dataclass.
+        key: the field name.
+
+    Returns:
+        Its type annotation (forward references resolved).
+    """
     return _resolved_types(klass)[key]
 
 
@@ -373,6 +403,17 @@ def _is_interpolation(value: Any) -> bool:
 
 
 def unknown_key_error(key: str, value: Any, known: List[str], where: str) -> ConfigError:
+    """The error for an unknown key, suggesting the closest known one.
+
+    Args:
+        key: the dotted key given.
+        value: its value.
+        known: the keys allowed there.
+        where: what holds them, for the message (e.g. ``"HyperConfig"``).
+
+    Returns:
+        The :class:`ConfigError` to raise.
+    """
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "." in key else ""
     return ConfigError(key, value, f"unknown key{hint}", f"the keys of {where}: " + ", ".join(sorted(known)))
@@ -402,7 +443,14 @@ def _typed(klass: Type[Any], raw: Dict[str, Any], prefix: str, where: str) -> An
 
 
 def plain(value: Any) -> Any:
-    """Enums -> their string values, dataclasses -> dicts, recursively (JSON / checkpoint safe)."""
+    """Plain data for JSON and checkpoints.
+
+    Args:
+        value: enums, dataclasses, dicts, lists and tuples, nested.
+
+    Returns:
+        The same with enums as their string values, dataclasses as dicts and tuples as lists.
+    """
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -451,6 +499,16 @@ class Config:
         ``model`` accepts either ``{"name": ..., "kwargs": {...}}`` or a flat dict whose keys other
         than ``name`` are constructor kwargs. ``overrides`` are merged per section, e.g.
         ``Config.from_dict(trainer={"epochs": 3})``.
+
+        Args:
+            d: the nested dict (``None``: all defaults).
+            **overrides: ``section={field: value}`` merged over ``d``'s sections.
+
+        Returns:
+            The typed, validated configuration.
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or an invalid value.
         """
         d = dict(d or {})
         for key, val in overrides.items():
@@ -477,15 +535,33 @@ class Config:
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain nested dict (enums as strings): ``config.json``, checkpoints, W&B."""
+        """The configuration as plain data: ``config.json``, checkpoints, W&B.
+
+        Returns:
+            A nested dict of sections (enums as their strings).
+        """
         return plain(self)
 
     def replace(self, **sections: Dict[str, Any]) -> "Config":
-        """A copy with some fields of some sections replaced: ``cfg.replace(trainer={"epochs": 2})``."""
+        """A copy with some fields of some sections replaced: ``cfg.replace(trainer={"epochs": 2})``.
+
+        Args:
+            **sections: ``section={field: value}``.
+
+        Returns:
+            A new validated configuration.
+
+        Raises:
+            ConfigError: as :meth:`from_dict`.
+        """
         return Config.from_dict(self.to_dict(), **sections)
 
     def validate(self) -> None:
-        """Value ranges (types are checked by :meth:`from_dict`); raises :class:`ConfigError`."""
+        """Check value ranges and curvature combinations (types are checked by :meth:`from_dict`).
+
+        Raises:
+            ConfigError: naming the first invalid key, its value and what is allowed.
+        """
 
         def check(ok: bool, key: str, allowed: str) -> None:
             if not ok:
@@ -528,13 +604,21 @@ class Config:
 
     # ------------------------------------------------------------------ schedule facts
     def marglik_updates(self) -> int:
-        """Number of marginal-likelihood updates the schedule performs: epochs ``e`` with
-        ``e > burn_in`` and ``(e - burn_in) % frequency == 0``."""
+        """Number of marginal-likelihood updates the schedule performs.
+
+        Returns:
+            The count of epochs ``e <= epochs`` with ``e > burn_in`` and
+            ``(e - burn_in) % frequency == 0`` (:func:`marglik.tuning.schedules.marglik_update_due`).
+        """
         h = self.hyper
         return max(0, (self.trainer.epochs - h.burn_in) // h.frequency)
 
     def warnings(self) -> List[str]:
-        """Problems worth a warning line before a run starts (empty when none)."""
+        """Problems worth a warning line before a run starts.
+
+        Returns:
+            One message per problem (empty when none), e.g. that no tuning happens.
+        """
         out = []
         if self.marglik_updates() == 0:
             h, t = self.hyper, self.trainer
@@ -552,8 +636,15 @@ class Config:
                    "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger")
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
-        """Dotted keys whose values differ from ``other`` (a saved ``to_dict()``), ignoring
-        :attr:`RESUME_FREE`."""
+        """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.
+
+        Args:
+            other: a saved :meth:`to_dict`.
+
+        Returns:
+            One ``"key: checkpoint <theirs> vs now <mine>"`` line per differing dotted key (empty:
+            resumable).
+        """
         out = []
         mine = _flatten(self.to_dict())
         theirs = _flatten(plain(other))

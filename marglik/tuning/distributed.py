@@ -32,20 +32,30 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def env_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (1 when not launched by ``torchrun``)."""
+def _env_int(name: str, default: int) -> int:
+    """Integer environment variable ``name`` as set by ``torchrun``; ``default`` if unset or not an integer."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get(name, str(default)))
     except ValueError:
-        return 1
+        return default
+
+
+def env_world_size() -> int:
+    """The number of processes of the job.
+
+    Returns:
+        ``WORLD_SIZE`` from the environment (1 when not launched by ``torchrun``).
+    """
+    return _env_int("WORLD_SIZE", 1)
 
 
 def env_rank() -> int:
-    """``RANK`` from the environment (0 when not launched by ``torchrun``)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    """This process's rank.
+
+    Returns:
+        ``RANK`` from the environment (0 when not launched by ``torchrun``).
+    """
+    return _env_int("RANK", 0)
 
 
 @dataclass
@@ -69,7 +79,14 @@ class DistContext:
     def setup(cls, device_spec: str) -> "DistContext":
         """Join the process group: an existing one (e.g. initialised by the caller), or a new one
         from ``torchrun``'s environment (``nccl`` if the run uses CUDA, else ``gloo``); a single
-        process otherwise."""
+        process otherwise.
+
+        Args:
+            device_spec: ``trainer.device`` (``"cpu"`` forces ``gloo``).
+
+        Returns:
+            The context (``owns_group`` when it initialised the process group).
+        """
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
         if env_world_size() <= 1 or not dist.is_available():
@@ -82,13 +99,28 @@ class DistContext:
         return cls(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
 
     def device(self, device: torch.device) -> torch.device:
-        """``cuda:<local rank>`` for a CUDA run, else ``device`` unchanged."""
+        """The device of this rank.
+
+        Args:
+            device: the resolved ``trainer.device``.
+
+        Returns:
+            ``cuda:<local rank>`` for an unindexed CUDA device under ``torchrun``, else ``device``.
+        """
         if self.enabled and device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_rank)
         return device
 
     def shard(self, n: int) -> slice:
-        """This rank's contiguous part of a global batch of ``n`` examples (sizes differ by <= 1)."""
+        """This rank's contiguous part of a global batch.
+
+        Args:
+            n: the global batch size.
+
+        Returns:
+            A slice of ``n // world_size`` or one more examples (the first ``n % world_size``
+            ranks get one more); ``slice(0, n)`` for one process.
+        """
         if not self.enabled:
             return slice(0, n)
         base, extra = divmod(n, self.world_size)
@@ -96,19 +128,40 @@ class DistContext:
         return slice(lo, lo + base + (1 if self.rank < extra else 0))
 
     def sum_(self, t: Tensor) -> Tensor:
-        """In-place all-reduce (sum) of a tensor without autograd history; returns it."""
+        """In-place all-reduce (sum) over ranks.
+
+        Args:
+            t: a tensor without autograd history.
+
+        Returns:
+            ``t``, now the sum over ranks (unchanged for one process).
+        """
         if self.enabled:
             dist.all_reduce(t)
         return t
 
     def broadcast_(self, t: Tensor) -> Tensor:
-        """In-place broadcast from rank 0 of a tensor without autograd history; returns it."""
+        """In-place broadcast from rank 0.
+
+        Args:
+            t: a tensor without autograd history.
+
+        Returns:
+            ``t``, now rank 0's values.
+        """
         if self.enabled:
             dist.broadcast(t, 0)
         return t
 
     def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled; for the resume state and the run directory)."""
+        """Rank 0's object on every rank (pickled; for the resume state and the run directory).
+
+        Args:
+            obj: the object (only rank 0's is used).
+
+        Returns:
+            Rank 0's ``obj``.
+        """
         if not self.enabled:
             return obj
         box: List[Optional[Any]] = [obj if self.is_main else None]

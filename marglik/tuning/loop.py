@@ -1,5 +1,10 @@
 """Marginal-likelihood hyperparameter tuning with learned augmentation (the outer loop).
 
+Classification only: the MAP loss and the evaluation are the cross-entropy of the model's logits
+``(B, num_classes)`` against integer labels, and the Laplace approximation is built with
+``likelihood="classification"`` (:func:`marglik.tuning.backends.build_laplace`). Regression or
+binary likelihoods are supported by :class:`marglik.KronLaplace`, not by this loop.
+
 Immer et al. (ICML 2021), Algorithm 1, with the invariance learning of Immer et al. (NeurIPS 2022)
 and the K-FAC-expand/reduce Laplace of Eschenhagen et al. (NeurIPS 2023):
 
@@ -31,7 +36,9 @@ GGN factor ``B`` are rescaled by ``N / (M * batch size)`` (``num_data`` rescalin
 unbiased estimate of the data term and of the GGN, and hence a *stochastic* (and, through the
 log-determinant, slightly biased) estimate of the log marginal likelihood and of its gradient; a
 fresh subset (and fresh augmentation noise) is drawn every hyperstep. ``marglik_batches = None``
-uses the whole training set (deterministic up to the augmentation noise).
+uses the whole training set (deterministic up to the augmentation noise). The subset and its
+rescaling: :class:`marglik.tuning.estimator.MarglikSubset`; the learning-rate schedules and when
+an update is due: :mod:`marglik.tuning.schedules`; the random streams: :mod:`marglik.tuning.seeds`.
 
 With augmentation on, ``eta`` moves the data, so every hyperstep refits the Laplace
 approximation with ``differentiable=True`` (the gradient reaches ``eta`` through the K-FAC
@@ -58,13 +65,12 @@ Data parallel (``torchrun``): see :mod:`marglik.tuning.distributed`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -78,7 +84,10 @@ from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs
 from .config import Config, ConfigError
 from .distributed import DistContext
+from .estimator import MarglikSubset
 from .reporting import plot_curves, summary_record, write_history, write_json
+from .schedules import hyper_lr_factor, map_lr, marglik_update_due
+from .seeds import Stream, run_generators, seed_everything, stream_generator
 from .wandb_logger import WandbLogger
 
 log = logging.getLogger("marglik.tuning")
@@ -90,7 +99,24 @@ class NonFiniteError(RuntimeError):
     """Raised when a run keeps producing non-finite values after ``trainer.max_rollbacks`` rollbacks."""
 
 
+class _RolledBack(Exception):
+    """The epoch in flight was rolled back (state restored, lr scaled, event recorded): retry it.
+
+    Raised by :meth:`MarglikTuner._rollback`, caught by :meth:`MarglikTuner.fit` only."""
+
+
 def resolve_device(spec: str) -> torch.device:
+    """The torch device for ``trainer.device``.
+
+    Args:
+        spec: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
+
+    Returns:
+        The device.
+
+    Raises:
+        RuntimeError: ``spec`` names a CUDA device but CUDA is not available.
+    """
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
@@ -99,22 +125,15 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class MarglikTuner:
-    """One tuning run. ``MarglikTuner(cfg, run_dir).fit()`` trains, tunes, evaluates and writes
-    ``summary.json``, ``history.csv``, ``curves.png`` and ``checkpoints/`` into ``run_dir``.
+    """One tuning run of a classifier. ``MarglikTuner(cfg, run_dir).fit()`` trains, tunes,
+    evaluates and writes ``summary.json`` (schema: :class:`marglik.tuning.reporting.RunSummary`),
+    ``history.csv``, ``curves.png`` and ``checkpoints/`` into ``run_dir``.
 
     Args:
         cfg: a :class:`Config` (or a nested dict for :meth:`Config.from_dict`).
@@ -123,6 +142,16 @@ class MarglikTuner:
             epoch; an exception raised there interrupts the run (the checkpoint is already saved).
         datasets: optional ``(train, test, info)`` as returned by :func:`marglik.data.load_dataset`
             (default: loaded from ``cfg.data``).
+
+    Raises:
+        ConfigError: a bad configuration (``cfg`` as a dict), or a laplace-torch peer backend
+            under ``torchrun``.
+        ValueError: a peer backend cannot run the model; a batch gives some rank no example;
+            resuming from a checkpoint whose configuration differs.
+        PermissionError: the run or checkpoint directory is not writable.
+        CheckpointError: no readable checkpoint where ``trainer.resume`` names one.
+        FileNotFoundError: ``trainer.resume`` names no checkpoint file or run directory.
+        RuntimeError: ``trainer.device`` names CUDA but none is available.
     """
 
     def __init__(
@@ -156,7 +185,7 @@ class MarglikTuner:
         self.X_test, self.y_test = (t.to(self.device) for t in test.tensors)
         self.N = len(self.X)
 
-        _seed_everything(c.trainer.seed)
+        seed_everything(c.trainer.seed)
         self.model = get_model(
             c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
         ).to(self.device)
@@ -186,12 +215,8 @@ class MarglikTuner:
             groups.append({"params": [self.aug.eta], "lr": c.hyper.aug_lr, "base_lr": c.hyper.aug_lr})
         self.hyper_opt = torch.optim.Adam(groups)
 
-        seed = c.trainer.seed
-        self.generators = {
-            "data": torch.Generator().manual_seed(seed * 7919 + 1),
-            "aug": torch.Generator().manual_seed(seed * 7919 + 2),
-            "hyper": torch.Generator().manual_seed(seed * 7919 + 3),
-        }
+        self.generators = run_generators(c.trainer.seed)
+        self.marglik_subset = MarglikSubset.from_config(c, self.N)
         self.batches_per_epoch = math.ceil(self.N / t.batch_size)
         if self.dist.enabled:
             self._check_shards()
@@ -242,11 +267,9 @@ class MarglikTuner:
 
     def _check_shards(self) -> None:
         """Every global batch must give each rank at least one example."""
-        c, k = self.cfg, self.dist.world_size
-        mb = c.hyper.marglik_batch_size or c.trainer.batch_size
-        m_total = self.N if c.hyper.marglik_batches is None else min(self.N, c.hyper.marglik_batches * mb)
+        c, k, sub = self.cfg, self.dist.world_size, self.marglik_subset
         sizes = {"trainer.batch_size": (c.trainer.batch_size, self.N % c.trainer.batch_size),
-                 "hyper.marglik_batch_size": (mb, m_total % mb)}
+                 "hyper.marglik_batch_size": (sub.batch_size, sub.size % sub.batch_size)}
         for key, (full, rest) in sizes.items():
             if full < k or 0 < rest < k:
                 raise ValueError(
@@ -256,7 +279,12 @@ class MarglikTuner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Everything the run depends on (see :mod:`marglik.tuning.checkpoint`); tensors cloned."""
+        """Everything the run depends on (see :mod:`marglik.tuning.checkpoint`).
+
+        Returns:
+            The run state (weights, hyperparameters, optimizers, RNG streams, history, best
+            checkpoint, timing, config), tensors detached and cloned.
+        """
         return ckpt.detach_copy({
             "version": 1,
             "epoch": self.epoch,
@@ -279,6 +307,11 @@ class MarglikTuner:
         })
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a run state (the inverse of :meth:`state_dict`).
+
+        Args:
+            state: a :meth:`state_dict` (e.g. a checkpoint); copied, not aliased.
+        """
         state = ckpt.detach_copy(state)
         self.epoch = state["epoch"]
         self.global_step = state["global_step"]
@@ -298,8 +331,10 @@ class MarglikTuner:
         self.last_log_marglik = state["last_log_marglik"]
         self.wandb_id = state.get("wandb_id")
 
-    def _rollback(self, kind: str, value: float, where: str) -> None:
-        """Restore the last good state after a non-finite ``kind`` ('loss' or 'marglik')."""
+    def _rollback(self, kind: str, value: Any, where: str) -> NoReturn:
+        """Restore the last good state after a non-finite ``kind`` ('loss' or 'marglik') and raise
+        :class:`_RolledBack` (the epoch is retried), or :class:`NonFiniteError` past
+        ``trainer.max_rollbacks``."""
         events = self.events + [{
             "epoch": self.epoch + 1, "kind": kind, "value": str(value), "where": where,
             "action": "restored end of epoch %d; %s x %g" % (
@@ -325,6 +360,7 @@ class MarglikTuner:
             f"epoch {self.epoch}, {'MAP' if kind == 'loss' else 'hyperparameter'} learning rate x {factor:g} "
             f"(rollback {len(events)}/{self.cfg.trainer.max_rollbacks})"
         )
+        raise _RolledBack
 
     def _report(self, msg: str) -> None:
         if not self.is_main:  # one voice per job: rank 0
@@ -338,27 +374,22 @@ class MarglikTuner:
 
     # ------------------------------------------------------------------ pieces
     def prior_precision(self) -> Tensor:
-        """Current prior precision: 0-d (scalar) or one entry per parameter tensor (layerwise)."""
+        """The current prior precision ``exp(log delta)`` (differentiable w.r.t. ``log delta``).
+
+        Returns:
+            A 0-d tensor (``hyper.prior_structure=scalar``) or one entry per trainable parameter
+            tensor, shape ``(L,)`` (layerwise).
+        """
         prec = self.log_prior.exp()
         return prec.squeeze(0) if self.cfg.hyper.prior_structure == "scalar" else prec
 
     def _set_lrs(self) -> float:
-        t, c = self.cfg.trainer, self.cfg
-        total = max(1, t.epochs * self.batches_per_epoch)
-        if t.schedule == "cosine":
-            frac = min(self.global_step / total, 1.0)
-            lr = t.lr_min + (t.lr - t.lr_min) * 0.5 * (1 + math.cos(math.pi * frac))
-        else:
-            lr = t.lr
-        lr *= self.lr_scale
+        """Set the MAP and hyper learning rates (schedules times rollback scales); returns the MAP lr."""
+        t = self.cfg.trainer
+        lr = map_lr(t, self.global_step, self.batches_per_epoch) * self.lr_scale
         for g in self.map_opt.param_groups:
             g["lr"] = lr
-        h = c.hyper
-        factor = self.hyper_lr_scale
-        if h.schedule == "cosine":
-            span = max(1, t.epochs - h.burn_in)
-            frac = min(max(self.epoch - h.burn_in, 0) / span, 1.0)
-            factor *= 0.5 * (1 + math.cos(math.pi * frac))
+        factor = self.hyper_lr_scale * hyper_lr_factor(t, self.cfg.hyper, self.epoch)
         for g in self.hyper_opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         return lr
@@ -384,12 +415,21 @@ class MarglikTuner:
         return aug(x, generator=gen)
 
     def map_loss(self, x: Tensor, y: Tensor, n_global: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """Negative log joint / N on one batch: ``(loss, mean nll, logits)``.
+        """Negative log joint / N on one batch (cross-entropy plus the prior term).
 
         Data parallel: ``x``, ``y`` are this rank's shard of a global batch of ``n_global``
         examples; ``nll`` is then the shard's share of the global mean (its summed NLL /
         ``n_global``) and ``loss`` is ``world_size * nll`` plus the prior term, whose average
         over ranks (DDP's gradient reduction) is the global batch's loss.
+
+        Args:
+            x: inputs ``(n, C, H, W)``, or augmented copies ``(n, S, C, H, W)``.
+            y: integer labels ``(n,)``.
+            n_global: the global batch size when ``x`` is one rank's shard; ``None`` otherwise.
+
+        Returns:
+            ``(loss, nll, logits)``: the 0-d loss to back-propagate, the mean NLL (0-d) and the
+            logits ``(n, num_classes)``.
         """
         out = self.net(x)
         if n_global is None:
@@ -408,50 +448,60 @@ class MarglikTuner:
         return 0.5 * reg / self.N
 
     def _marglik_data(self) -> List[Tuple[Tensor, Tensor]]:
-        """Batches for one Laplace fit: all data, or ``marglik_batches`` random batches; augmented
-        with the current ``eta`` (differentiable w.r.t. ``eta``)."""
-        h = self.cfg.hyper
-        bs = h.marglik_batch_size or self.cfg.trainer.batch_size
-        if h.marglik_batches is None:
-            idx = torch.arange(self.N)
-        else:
-            perm = torch.randperm(self.N, generator=self.generators["hyper"])
-            idx = perm[: min(self.N, h.marglik_batches * bs)]
-        idx = idx.to(self.device)
+        """Batches for one Laplace fit (:class:`MarglikSubset`: all data, or ``marglik_batches``
+        random batches); augmented with the current ``eta`` (differentiable w.r.t. ``eta``)."""
+        batches = self.marglik_subset.index_batches(self.generators["hyper"], self.device)
         if self.dist.enabled:  # this rank's shard of every batch; the fit all-reduces the sums
-            return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in idx.split(bs)]
-        return [(self._augment(self.X[i]), self.y[i]) for i in idx.split(bs)]
+            return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in batches]
+        return [(self._augment(self.X[i]), self.y[i]) for i in batches]
 
     def make_laplace(self):
-        """marglik's :class:`KronLaplace`, or a laplace-torch peer (``curvature.backend``, see
-        :mod:`marglik.tuning.backends`)."""
+        """An unfitted Laplace approximation of the model at the current prior precision.
+
+        Returns:
+            marglik's :class:`KronLaplace`, or a laplace-torch :class:`PeerLaplace`
+            (``curvature.backend``, see :mod:`marglik.tuning.backends`).
+        """
         return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
 
     def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
+        """Fit a fresh Laplace approximation at the current weights.
+
+        Args:
+            data: ``(X_aug, y)`` batches (this rank's shards under ``torchrun``); a subset or a
+                shard is rescaled to ``N`` (:meth:`MarglikSubset.num_data`).
+
+        Returns:
+            The fitted approximation (:meth:`make_laplace`).
+
+        Raises:
+            RuntimeError: the approximation does not cover every trainable parameter tensor.
+        """
         la = self.make_laplace()
-        seen = sum(len(yb) for _, yb in data)
-        kwargs = {}
-        params = inspect.signature(la.fit).parameters
-        if seen != self.N or self.dist.enabled:  # a shard: the global count is reduced in the fit
-            if "num_data" in params:
-                kwargs["num_data"] = self.N
-            elif "N" in params:
-                kwargs["N"] = self.N
-            else:
-                raise RuntimeError("KronLaplace.fit has no num_data argument: cannot fit on a subset")
-        if getattr(la, "n_layers", len(self.params)) != len(self.params):
+        if la.n_layers != len(self.params):
             raise RuntimeError(
                 f"the Laplace approximation covers {la.n_layers} parameter tensors but the model trains "
                 f"{len(self.params)}: every trainable module must be covered by the K-FAC engine"
             )
-        la.fit(data, **kwargs)
+        seen = sum(len(yb) for _, yb in data)
+        la.fit(data, num_data=self.marglik_subset.num_data(seen, self.dist.enabled))
         return la
 
     def log_marglik(self, la) -> Tensor:
+        """The Laplace log marginal likelihood at the current hyperparameters.
+
+        Args:
+            la: a fitted approximation (:meth:`fit_laplace`).
+
+        Returns:
+            A 0-d tensor, differentiable w.r.t. ``log delta`` (and ``eta`` through a
+            differentiable fit).
+        """
         return la.log_marginal_likelihood(prior_precision=self.prior_precision())
 
     # ------------------------------------------------------------------ epoch
-    def _map_epoch(self) -> Optional[Dict[str, float]]:
+    def _map_epoch(self) -> Dict[str, float]:
+        """One epoch of MAP steps; returns its training metrics (rolls back on a non-finite loss)."""
         self.model.train()
         t = self.cfg.trainer
         perm = torch.randperm(self.N, generator=self.generators["data"]).to(self.device)
@@ -482,7 +532,6 @@ class MarglikTuner:
                 if self.dist.enabled:  # DDP needs the backward of every forward; the grads are discarded
                     loss.backward()
                 self._rollback("loss", loss_value, f"MAP step, batch {b + 1}/{self.batches_per_epoch}")
-                return None
             self.map_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.map_opt.step()
@@ -492,8 +541,9 @@ class MarglikTuner:
             correct += hits_value
         return {"lr": lr, "train_loss": tot_loss / self.N, "train_nll": tot_nll / self.N, "train_acc": correct / self.N}
 
-    def _hyper_update(self) -> Optional[Dict[str, float]]:
-        """K hypersteps; ``None`` after a rollback. Returns the last log marglik estimate."""
+    def _hyper_update(self) -> Dict[str, float]:
+        """``hyper.steps`` hypersteps (rolls back on a non-finite value or gradient); returns the
+        last log marglik estimate (and the first one)."""
         h = self.cfg.hyper
         self._set_lrs()
         self.model.eval()
@@ -508,7 +558,6 @@ class MarglikTuner:
                 fitted = la is None or self.aug_on
                 if not torch.isfinite(self.log_prior).all() or not torch.isfinite(self.aug.eta).all():
                     self._rollback("marglik", "non-finite hyperparameters", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 try:
                     if fitted:
                         la = self.fit_laplace(self._marglik_data())
@@ -516,10 +565,8 @@ class MarglikTuner:
                     lml = self.log_marglik(la)
                 except torch.linalg.LinAlgError as err:
                     self._rollback("marglik", f"LinAlgError: {err}", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 if not torch.isfinite(lml):
                     self._rollback("marglik", lml.item(), f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
                 if self.dist.enabled and self.aug_on:
                     # eta acts through each rank's own shard: its gradient is the sum over ranks.
@@ -530,7 +577,6 @@ class MarglikTuner:
                 bad = [g for g in grads if g is not None and not torch.isfinite(g).all()]
                 if bad:
                     self._rollback("marglik", "non-finite gradient", f"hyperstep {k + 1}/{h.steps}")
-                    return None
                 for p, g in zip(hyper_params, grads):
                     p.grad = torch.zeros_like(p) if g is None else g
                 self.hyper_opt.step()
@@ -559,13 +605,21 @@ class MarglikTuner:
     @torch.no_grad()
     def evaluate(self, X: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Dict[str, float]:
         """Accuracy and mean NLL of the MAP invariant model (``S_test`` augmented copies with the
-        current ``eta``; a fixed noise seed, so repeated evaluations agree)."""
+        current ``eta``; a fixed noise seed, so repeated evaluations agree).
+
+        Args:
+            X: inputs ``(n, C, H, W)`` (default: the test set).
+            y: integer labels ``(n,)`` (default: the test labels).
+
+        Returns:
+            ``{"test_acc": accuracy, "test_nll": mean NLL}`` over all ``n`` examples (all ranks).
+        """
         X = self.X_test if X is None else X
         y = self.y_test if y is None else y
         was_training = self.model.training
         self.model.eval()
         self.aug_test.eta.copy_(self.aug.eta)
-        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + 4)
+        gen = stream_generator(self.cfg.trainer.seed, Stream.eval)
         nll = correct = 0.0
         bs = self.cfg.trainer.eval_batch_size
         for i in range(0, len(X), bs):
@@ -586,26 +640,30 @@ class MarglikTuner:
         return {"test_acc": correct / len(X), "test_nll": nll / len(X)}
 
     def ranges(self) -> Dict[str, float]:
-        """Learned augmentation ranges (rotation in degrees, translations in pixels, scales as
-        log-factors, shear dimensionless); all zero when augmentation is off."""
+        """Learned augmentation ranges.
+
+        Returns:
+            ``{generator: range}``: rotation in degrees, translations in pixels, scales as
+            log-factors, shear dimensionless; all zero when augmentation is off.
+        """
         return self.aug.ranges(image_size=self.info["image_size"])
 
-    def _run_epoch(self) -> Optional[Dict[str, Any]]:
+    def _run_epoch(self) -> Dict[str, Any]:
+        """MAP steps, the marglik update when due, evaluation: the epoch's history row.
+
+        Raises:
+            _RolledBack: a non-finite value rolled the run back to the end of the previous epoch.
+        """
         c = self.cfg
         _sync(self.device)
         t0 = time.perf_counter()
         train = self._map_epoch()
-        if train is None:
-            return None
         row: Dict[str, Any] = {"epoch": self.epoch + 1, **train}
         e = self.epoch + 1
         hyper_s = 0.0
-        due = e > c.hyper.burn_in and (e - c.hyper.burn_in) % c.hyper.frequency == 0
-        if due:
+        if marglik_update_due(c.hyper, e):
             th = time.perf_counter()
             res = self._hyper_update()
-            if res is None:
-                return None
             hyper_s = time.perf_counter() - th
             row["log_marglik"] = res["log_marglik"]
             row["log_marglik_per_example"] = res["log_marglik"] / self.N
@@ -638,6 +696,13 @@ class MarglikTuner:
         loses at most the epoch in flight. A resumed run rewrites ``history.csv`` from the
         checkpoint's history (no lost or duplicated epoch) and logs the checkpoint's last epoch to
         its W&B run again (same id, ``resume="allow"``), in case the kill came between the two.
+
+        Returns:
+            The summary (:meth:`finalize`; the fields of
+            :class:`marglik.tuning.reporting.RunSummary`).
+
+        Raises:
+            NonFiniteError: non-finite values persist after ``trainer.max_rollbacks`` rollbacks.
         """
         c = self.cfg
         cfg_dict = c.to_dict()
@@ -668,8 +733,9 @@ class MarglikTuner:
         base_elapsed = self.timing["elapsed"]
         try:
             while self.epoch < c.trainer.epochs:
-                row = self._run_epoch()
-                if row is None:  # rolled back: retry the epoch from the restored state
+                try:
+                    row = self._run_epoch()
+                except _RolledBack:  # retry the epoch from the restored state
                     base_elapsed = self.timing["elapsed"]
                     start = time.perf_counter()
                     continue
@@ -734,7 +800,14 @@ class MarglikTuner:
                          "(a re-run starts at epoch 0)")
 
     def finalize(self) -> Dict[str, Any]:
-        """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``."""
+        """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``.
+
+        Loads the best-marglik checkpoint into the model first when ``trainer.final_model=best``
+        (and an update ran); only rank 0 writes.
+
+        Returns:
+            The summary, checked against :class:`marglik.tuning.reporting.RunSummary`.
+        """
         c = self.cfg
         last_metrics = self.evaluate()
         last_ranges = self.ranges()
@@ -792,11 +865,7 @@ class MarglikTuner:
             "world_size": self.dist.world_size,
             "rollbacks": len(self.events),
             "rollback_events": self.events,
-            "marglik_estimator": (
-                "whole training set" if c.hyper.marglik_batches is None else
-                f"stochastic: {c.hyper.marglik_batches} random batches of "
-                f"{c.hyper.marglik_batch_size or c.trainer.batch_size} per fit, rescaled to N={self.N}"
-            ),
+            "marglik_estimator": self.marglik_subset.describe(),
             "warnings": c.warnings(),
         })
         if not self.is_main:
@@ -819,5 +888,17 @@ class MarglikTuner:
 
 
 def tune(cfg: Union[Config, Dict[str, Any]], run_dir: Union[str, Path], **kwargs: Any) -> Dict[str, Any]:
-    """Convenience: ``MarglikTuner(cfg, run_dir, **kwargs).fit()``."""
+    """Run one tuning run: ``MarglikTuner(cfg, run_dir, **kwargs).fit()``.
+
+    Args:
+        cfg: a :class:`Config`, or a nested dict for :meth:`Config.from_dict`.
+        run_dir: output directory (created; a resumable run continues in it).
+        **kwargs: ``callbacks`` / ``datasets`` of :class:`MarglikTuner`.
+
+    Returns:
+        The run's summary (the fields of :class:`marglik.tuning.reporting.RunSummary`).
+
+    Raises:
+        NonFiniteError: see :meth:`MarglikTuner.fit`; construction errors as :class:`MarglikTuner`.
+    """
     return MarglikTuner(cfg, run_dir, **kwargs).fit()

@@ -105,8 +105,18 @@ _SUMMARY_TYPES = typing.get_type_hints(RunSummary)
 
 
 def summary_record(values: Dict[str, Any]) -> Dict[str, Any]:
-    """``values`` checked against :class:`RunSummary` (same keys, declared types; ints to floats
-    where a float is declared, non-finite floats to ``None``); raises ``TypeError`` otherwise."""
+    """A summary checked against :class:`RunSummary`, the one schema of ``summary.json``.
+
+    Args:
+        values: one value per :class:`RunSummary` field.
+
+    Returns:
+        The values in field order, of the declared types (ints to floats where a float is
+        declared, non-finite floats to ``None``, enums to strings).
+
+    Raises:
+        TypeError: a missing or unknown field, or a value not of its declared type.
+    """
     names = [f.name for f in dataclasses.fields(RunSummary)]
     extra, missing = sorted(set(values) - set(names)), sorted(set(names) - set(values))
     if extra or missing:
@@ -115,6 +125,12 @@ def summary_record(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_json(obj: Dict[str, Any], path: Union[str, Path]) -> None:
+    """Write ``obj`` as indented JSON (non-finite floats as ``null``, tensors as lists).
+
+    Args:
+        obj: the data.
+        path: the file.
+    """
     Path(path).write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
 
 
@@ -122,7 +138,12 @@ def write_history(history: Sequence[Dict[str, Any]], path: Union[str, Path]) -> 
     """CSV with the union of the rows' keys as columns (first-seen order); missing cells empty.
 
     Written to a temporary file and renamed over ``path``: a kill mid-write leaves the previous
-    complete file."""
+    complete file.
+
+    Args:
+        history: one dict per epoch.
+        path: the CSV file.
+    """
     cols: List[str] = []
     for row in history:
         for k in row:
@@ -139,7 +160,14 @@ def write_history(history: Sequence[Dict[str, Any]], path: Union[str, Path]) -> 
 
 
 def read_history(path: Union[str, Path]) -> List[Dict[str, Any]]:
-    """Rows of a ``history.csv`` with numbers parsed (empty cells -> ``None``)."""
+    """Read a ``history.csv``.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        One dict per row, numbers parsed as floats, empty cells as ``None``.
+    """
     out = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -168,6 +196,16 @@ def make_figure(
 
     Every panel shades the burn-in (epochs ``<= burn_in``: MAP training only, no marglik update)
     and marks the reported epoch (the best-marglik checkpoint, or the last epoch) with a dashed line.
+
+    Args:
+        history: one dict per epoch (the columns of ``history.csv``).
+        title: the figure title.
+        burn_in: epochs to shade (``None``: none).
+        reported_epoch: epoch to mark (``None``: none).
+        reported_label: the mark's legend label.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
     """
     import matplotlib
 
@@ -232,7 +270,14 @@ def make_figure(
 
 
 def plot_curves(history: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "", **marks: Any) -> None:
-    """Write :func:`make_figure` (``marks``: ``burn_in``, ``reported_epoch``, ``reported_label``) to ``path``."""
+    """Write :func:`make_figure` to ``path``.
+
+    Args:
+        history: one dict per epoch.
+        path: the image file.
+        title: the figure title.
+        **marks: ``burn_in``, ``reported_epoch``, ``reported_label`` of :func:`make_figure`.
+    """
     import matplotlib.pyplot as plt
 
     fig = make_figure(history, title, **marks)

@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 
 def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
     """W&B tags naming the curvature: ``backend:<b>``, ``structure:<s>``, (Kronecker only)
-    ``approx:<a>`` and (marglik only) ``copies_approx:<c>``."""
+    ``approx:<a>`` and (marglik only) ``copies_approx:<c>``.
+
+    Args:
+        curvature: the ``curvature`` section of a config dict.
+
+    Returns:
+        The tags.
+    """
     structure, backend = curvature.get("structure", "kron"), curvature.get("backend", "marglik")
     tags = [f"backend:{backend}", f"structure:{structure}"]
     if structure == "kron":
@@ -45,6 +52,14 @@ def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
 
 
 def default_group(cfg: Dict[str, Any]) -> str:
+    """The W&B group of a run: what its data, model and tuning set-up are (not its curvature).
+
+    Args:
+        cfg: a config dict (:meth:`marglik.tuning.Config.to_dict`).
+
+    Returns:
+        e.g. ``digits-rot90-n200-cnn-aug8-layerwise``.
+    """
     d, h = cfg["data"], cfg["hyper"]
     parts = [d["name"]]
     if d.get("rotation"):
@@ -113,6 +128,12 @@ class WandbLogger:
         return getattr(self.run, "id", None)
 
     def log(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
+        """Log one step's metrics (``None`` values left out); a W&B failure disables logging.
+
+        Args:
+            metrics: name -> value.
+            step: the W&B step (the epoch).
+        """
         if self.run is None:
             return
         try:
@@ -122,6 +143,11 @@ class WandbLogger:
             self.run = None
 
     def summary(self, values: Dict[str, Any]) -> None:
+        """Set the run summary; a nested dict ``k: {kk: v}`` becomes keys ``k/kk``.
+
+        Args:
+            values: the run's summary (``summary.json``).
+        """
         if self.run is None:
             return
         try:
@@ -129,8 +155,6 @@ class WandbLogger:
             for k, v in values.items():
                 if isinstance(v, dict):
                     flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
-                elif isinstance(v, list) and len(v) > 1:
-                    flat[k] = v
                 else:
                     flat[k] = v
             self.run.summary.update(flat)
@@ -138,6 +162,11 @@ class WandbLogger:
             warnings.warn(f"wandb summary failed ({e})")
 
     def save(self, path: str) -> None:
+        """Log a figure file to the run (``.png`` only, as ``curves``; other files are ignored).
+
+        Args:
+            path: the file.
+        """
         if self.run is None:
             return
         try:
@@ -147,8 +176,12 @@ class WandbLogger:
             warnings.warn(f"wandb image upload failed ({e})")
 
     def finish(self) -> Optional[str]:
-        """Close the run; for an offline run return a line naming its folder(s) and the
-        ``wandb sync`` command (``None`` otherwise)."""
+        """Close the run.
+
+        Returns:
+            For an offline run, a line naming its folder(s) and the ``wandb sync`` command;
+            ``None`` otherwise.
+        """
         if self.run is None:
             return None
         run_id = self.run_id
@@ -169,13 +202,28 @@ class WandbLogger:
 
 def default_name(cfg: Dict[str, Any], run_id: Optional[str]) -> str:
     """``<curvature label>-s<seed>-<run id>`` (e.g. ``marglik-reduce-s0-1a2b3c4d``): unique per run,
-    the same for a resumed run."""
+    the same for a resumed run.
+
+    Args:
+        cfg: a config dict.
+        run_id: the W&B run id (``None``: left out).
+
+    Returns:
+        The run name.
+    """
     base = f"{curvature_label(cfg['curvature'])}-s{cfg['trainer']['seed']}"
     return f"{base}-{run_id}" if run_id else base
 
 
 def offline_run_dirs(run_dir: str, run_id: str) -> List[Path]:
-    """The offline run folders of run ``run_id`` under ``<run_dir>/wandb`` (one per resumed
-    segment), oldest first."""
+    """The offline run folders of one W&B run.
+
+    Args:
+        run_dir: the marglik run directory.
+        run_id: the W&B run id.
+
+    Returns:
+        Its folders under ``<run_dir>/wandb`` (one per resumed segment), oldest first.
+    """
     root = Path(run_dir) / "wandb"
     return sorted(p for p in root.glob(f"offline-run-*-{run_id}") if p.is_dir())
