@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Tuple
 
 import torch
-from torch import nn
-
 from reference import conv_expand, conv_reduce, deep_linear_expand, deep_linear_reduce
+from torch import nn
 
 
 @dataclass

@@ -141,9 +141,8 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from reference import canonical_likelihood
+from torch import Tensor, nn
 
 
 class _ClassDimSecond(nn.Module):

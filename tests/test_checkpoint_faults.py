@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tuning import _interrupt_after, _strip, tiny
 
 from marglik.tuning import MarglikTuner, tune
 from marglik.tuning import checkpoint as ckpt
 from marglik.tuning.reporting import read_history
-from test_tuning import _interrupt_after, _strip, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

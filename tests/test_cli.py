@@ -71,7 +71,9 @@ def test_paper_experiment_is_one_override_away():
 
 
 def test_unknown_group_option_fails():
-    with pytest.raises(Exception):
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException, match="resnet1000"):
         _compose(["model=resnet1000"])
 
 

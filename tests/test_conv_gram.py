@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import CASES
+from reference import block_diagonal_mask, exact_ggn
 from torch import nn
 
 import marglik
-from cases import CASES
 from marglik.curvature.layers import conv as conv_rule
 from marglik.curvature.layers.conv import ConvRule, unfold, zero_pad_geometry
 from marglik.curvature.layers.conv_gram import lag_gram_applies, lag_gram_cost, lag_patch_gram, unfold_gram_cost
-from reference import block_diagonal_mask, exact_ggn
 
 GEOMETRIES = {
     "3x3_same": (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 7, 5)),

@@ -12,8 +12,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from curvlinops_ref import curvlinops_factors
 from reference import (
     ConvExpand,
@@ -26,6 +24,7 @@ from reference import (
     make_targets,
     module_indices,
 )
+from torch import nn
 
 DT = torch.float64
 

@@ -87,7 +87,6 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
 
 def _rollback_worker(rank, init_file, out_dir):
     import torch.distributed as dist_
-
     from test_tuning import tiny
 
     dist_.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -16,9 +16,9 @@ DATA = Path(__file__).parent / "data" / "rank_deficient_factor.pt"
 def test_rank_deficient_float32_factor():
     B = torch.load(DATA)
     assert B.dtype == torch.float32
-    l, V = eigh_psd(B)
-    assert torch.isfinite(l).all() and torch.isfinite(V).all()
-    assert (l >= 0).all()
-    rec = V @ torch.diag(l) @ V.T
+    lam, V = eigh_psd(B)
+    assert torch.isfinite(lam).all() and torch.isfinite(V).all()
+    assert (lam >= 0).all()
+    rec = V @ torch.diag(lam) @ V.T
     assert ((rec - B).norm() / B.norm()).item() < 1e-5
-    assert l.dtype == torch.float32
+    assert lam.dtype == torch.float32

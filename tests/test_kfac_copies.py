@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import block_diagonal_mask, conv_expand, conv_reduce, deep_linear_expand, deep_linear_reduce, exact_ggn
 from torch import nn
 
 import marglik
 from marglik import KFAC, KronLaplace
 from marglik.augment import AffineAugmentation
-from reference import block_diagonal_mask, conv_expand, conv_reduce, deep_linear_expand, deep_linear_reduce, exact_ggn
 
 RTOL = 1e-10
 N, M = 3, 4  # examples, copies per example

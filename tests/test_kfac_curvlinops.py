@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from curvlinops_ref import curvlinops_factors
 from torch import nn
 
 import marglik
-from curvlinops_ref import curvlinops_factors
 
 RTOL = 1e-8
 

@@ -87,7 +87,6 @@ def test_rows_not_mappable_to_examples():
         def forward(self, x):
             return self.lin(x.reshape(-1, 2))[:2]  # 6 rows for 2 examples, then cut to 2
 
-    X = torch.randn(2, 3, 2)[:, :2].reshape(2, 2, 2)[:, :, :].reshape(2, 4)[:, :3]
     with pytest.raises(ValueError):
         marglik.KFAC(Bad(), "regression", approx="reduce").fit((torch.randn(3, 2), torch.randn(2, 2)))
 

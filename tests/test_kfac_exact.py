@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import CASES
+from reference import block, block_diagonal_mask, conv_expand, conv_reduce, exact_empirical_fisher, exact_ggn
 from torch import nn
 
 import marglik
-from cases import CASES
-from reference import block, block_diagonal_mask, conv_expand, conv_reduce, exact_empirical_fisher, exact_ggn
 
 RTOL = 1e-10
 

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from reference import block_diagonal_mask, conv_reduce, exact_ggn
 from torch import nn
 
 import marglik
-from reference import block_diagonal_mask, conv_reduce, exact_ggn
 
 RTOL = 1e-10
 

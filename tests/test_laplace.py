@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
+from reference import jacobian, summed_loss
 from torch import nn
 
 from marglik import KFAC, Bias, DecomposedKron, KronLaplace, Scale, kron_logdet, kron_logdet_projected
 from marglik.curvature.kron import DiagonalBlock, KronBlock
-from reference import jacobian, summed_loss
 
 DT = torch.float64
 
@@ -165,7 +165,12 @@ def test_log_marglik_joint_blocks_differ_from_split():
 def test_posterior_block_classes_per_prior_structure():
     """Each block becomes the documented case; ``exact`` follows from the classes."""
     from marglik.curvature.posterior_blocks import (
-        ChannelPosterior, ConstantPriorKron, DenseKron, ProjectedPriorKron, WeightBiasPriorKron)
+        ChannelPosterior,
+        ConstantPriorKron,
+        DenseKron,
+        ProjectedPriorKron,
+        WeightBiasPriorKron,
+    )
 
     model = mixed(1)  # fc2 has a single output: nB == 1
     X, y = data(model, "regression", 6, (2, 5, 5))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marglik import DiagonalBlock, KFAC, KronBlock, UnsupportedModuleError
+from marglik import KFAC, DiagonalBlock, KronBlock, UnsupportedModuleError
 from marglik.optim import KFACOptimizer
 
 

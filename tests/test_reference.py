@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from reference import (
     ConvExpand,
     ConvReduce,
@@ -19,6 +17,7 @@ from reference import (
     module_indices,
     summed_loss,
 )
+from torch import nn
 
 DT = torch.float64
 

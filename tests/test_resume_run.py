@@ -16,10 +16,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from test_tuning import _interrupt_after, _strip, tiny
 
 from marglik.tuning import Config, MarglikTuner
 from marglik.tuning.reporting import read_history
-from test_tuning import _interrupt_after, _strip, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("epoch_seconds", "hyper_seconds")

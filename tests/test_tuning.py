@@ -273,9 +273,9 @@ def test_summary_types_are_the_same_in_every_run(tmp_path):
 
 
 def test_summary_record_rejects_drift():
-    from marglik.tuning.reporting import RunSummary, summary_record
-
     import typing
+
+    from marglik.tuning.reporting import RunSummary, summary_record
 
     blank = {float: 0.0, int: 0, str: "", bool: False}
     good = {}

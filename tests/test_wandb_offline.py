@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tuning import tiny
 
 from marglik.tuning import MarglikTuner
-from test_tuning import tiny
 
 
 @pytest.fixture
