@@ -1,5 +1,13 @@
-"""marglik: fast Bayesian hyperparameter selection with K-FAC-expand/reduce Laplace marginal likelihoods."""
+"""marglik: fast Bayesian hyperparameter selection with K-FAC-expand/reduce Laplace marginal likelihoods.
 
+Public API: the K-FAC engine (:class:`KFAC`, :class:`Kron` and its blocks, :func:`example_index`),
+the Laplace posterior (:class:`KronLaplace`, :class:`DecomposedKron`, the log-determinant
+functions), the K-FAC optimizer (:class:`KFACOptimizer`), learnable augmentation
+(:class:`AffineAugmentation`), the Fixup scalars (:class:`Scale`, :class:`Bias`) and the tuning loop
+(:class:`Config`, :class:`MarglikTuner`, :func:`tune`).
+"""
+
+from .augment import AffineAugmentation
 from .curvature import (
     KFAC,
     DecomposedKron,
@@ -15,7 +23,12 @@ from .curvature import (
     kron_logdet,
     kron_logdet_projected,
 )
+from .laplace import KronLaplace
 from .nn import Bias, Scale
+from .optim import KFACOptimizer
+from .tuning import Config, MarglikTuner, tune
+
+__version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
@@ -31,19 +44,12 @@ __all__ = [
     "PriorStructure",
     "kron_logdet",
     "kron_logdet_projected",
+    "KronLaplace",
+    "KFACOptimizer",
+    "AffineAugmentation",
     "Scale",
     "Bias",
+    "Config",
+    "MarglikTuner",
+    "tune",
 ]
-__version__ = "0.1.0"
-
-from .optim import KFACOptimizer  # noqa: E402  (K-FAC optimizer, issue 5)
-
-__all__.append("KFACOptimizer")
-
-from .laplace import KronLaplace  # noqa: E402  (Laplace posterior / log marglik, issue 3)
-
-__all__ += ["KronLaplace"]
-
-from .tuning import Config, MarglikTuner, tune  # noqa: E402  (marglik tuning loop, issue 4)
-
-__all__ += ["Config", "MarglikTuner", "tune"]

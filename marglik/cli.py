@@ -40,8 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .launch import is_main_process, prepare_overrides
 from .tuning import Config, tune
-from .tuning.config import ConfigError
 from .tuning.checkpoint import CheckpointError
+from .tuning.config import ConfigError
 
 log = logging.getLogger("marglik")
 

@@ -37,6 +37,7 @@ def yaml_variants(group: str) -> List[str]:
 
 
 def experiments() -> List[str]:
+    """Names of the ``+experiment=...`` YAML variants."""
     return yaml_variants("experiment")
 
 

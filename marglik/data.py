@@ -203,6 +203,7 @@ class Graph:
 
     @property
     def num_nodes(self) -> int:
+        """Number of nodes ``T`` of the graph."""
         return self.x.shape[0]
 
 
@@ -217,6 +218,7 @@ class GraphBatch(NamedTuple):
     num_graphs: int
 
     def to(self, device: Any) -> "GraphBatch":
+        """A copy with every tensor on ``device``."""
         return GraphBatch(self.x.to(device), self.edge_index.to(device), self.batch.to(device), self.num_graphs)
 
 

@@ -77,7 +77,7 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
         check_writable(target, "run directory" if run_dir is not None else "output folder")
     except PermissionError as e:
         print(f"marglik: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     return out
 
 

@@ -9,6 +9,8 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
   (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
 """
 
+from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
+from .checkpoint import CheckpointError
 from .config import (
     Config,
     ConfigError,
@@ -19,8 +21,6 @@ from .config import (
     ModelConfig,
     TrainerConfig,
 )
-from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
-from .checkpoint import CheckpointError
 from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
 
 __all__ = [

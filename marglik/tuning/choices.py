@@ -18,4 +18,5 @@ class Choice(str, enum.Enum):
 
     @classmethod
     def values(cls) -> List[str]:
+        """The allowed strings, in declaration order."""
         return [m.value for m in cls]

@@ -69,10 +69,12 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
+        """More than one process takes part."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """This process is rank 0 (the one that writes files and logs)."""
         return self.rank == 0
 
     @classmethod
@@ -169,6 +171,7 @@ class DistContext:
         return box[0]
 
     def close(self) -> None:
+        """Destroy the process group if this object created it."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False

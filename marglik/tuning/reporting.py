@@ -12,9 +12,9 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 

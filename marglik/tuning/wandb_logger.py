@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import shlex
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -95,7 +95,7 @@ class WandbLogger:
         try:
             import wandb
         except Exception as e:  # not installed / broken install
-            warnings.warn(f"wandb unavailable ({e}); continuing without it")
+            warnings.warn(f"wandb unavailable ({e}); continuing without it", stacklevel=2)
             return
         self._wandb = wandb
         if mode == "offline" and resume_id and offline_run_dirs(run_dir, resume_id):
@@ -119,12 +119,13 @@ class WandbLogger:
                 settings=wandb.Settings(console="off", silent=True),
             )
         except Exception as e:
-            warnings.warn(f"wandb.init failed in mode {mode!r} ({type(e).__name__}: {e}); continuing without it")
+            warnings.warn(f"wandb.init failed in mode {mode!r} ({type(e).__name__}: {e}); continuing without it", stacklevel=2)
             self.run = None
         self.name: Optional[str] = getattr(self.run, "name", None)  #: the W&B run name (None: no run)
 
     @property
     def run_id(self) -> Optional[str]:
+        """The W&B run id (``None`` without a run)."""
         return getattr(self.run, "id", None)
 
     def log(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
@@ -139,7 +140,7 @@ class WandbLogger:
         try:
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
         except Exception as e:
-            warnings.warn(f"wandb.log failed ({e}); disabling wandb for this run")
+            warnings.warn(f"wandb.log failed ({e}); disabling wandb for this run", stacklevel=2)
             self.run = None
 
     def summary(self, values: Dict[str, Any]) -> None:
@@ -159,7 +160,7 @@ class WandbLogger:
                     flat[k] = v
             self.run.summary.update(flat)
         except Exception as e:
-            warnings.warn(f"wandb summary failed ({e})")
+            warnings.warn(f"wandb summary failed ({e})", stacklevel=2)
 
     def save(self, path: str) -> None:
         """Log a figure file to the run (``.png`` only, as ``curves``; other files are ignored).
@@ -173,7 +174,7 @@ class WandbLogger:
             if path.endswith(".png"):
                 self.run.log({"curves": self._wandb.Image(path)})
         except Exception as e:
-            warnings.warn(f"wandb image upload failed ({e})")
+            warnings.warn(f"wandb image upload failed ({e})", stacklevel=2)
 
     def finish(self) -> Optional[str]:
         """Close the run.
@@ -189,7 +190,7 @@ class WandbLogger:
         try:
             self.run.finish()
         except Exception as e:
-            warnings.warn(f"wandb.finish failed ({e})")
+            warnings.warn(f"wandb.finish failed ({e})", stacklevel=2)
         self.run = None
         if not offline or not run_id:
             return None
