@@ -28,6 +28,7 @@ USE = {
     "tqdm": r"^\s*(import|from) tqdm\b",
     "matplotlib": r"^\s*(import|from) matplotlib\b",
     "pytest": r"^\s*import pytest\b",
+    "ruff": r"\bruff\b",  # tests/test_lint.py runs it
 }
 MODULE_OF = {"sklearn": "scikit-learn", "laplace": "laplace-torch", "curvlinops": "curvlinops-for-pytorch",
              "backpack": "backpack-for-pytorch", "hydra": "hydra-core", "omegaconf": "hydra-core"}
