@@ -44,6 +44,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Type
 
 from ..augment import ALL_GENERATORS
+from ..curvature.options import FisherType as EngineFisherType
+from ..curvature.options import KFACApprox
+from ..curvature.prior import PriorStructure as EnginePriorStructure
 from .backends import CurvatureBackend, CurvatureStructure, check_curvature_config
 from .choices import Choice
 
@@ -56,21 +59,20 @@ class DataName(Choice):
     cifar10 = "cifar10"
 
 
-class Approx(Choice):
-    """How augmented copies / weight-sharing axes enter the K-FAC factors."""
-
-    expand = "expand"
-    reduce = "reduce"
+#: The engine's options (:mod:`marglik.curvature.options`, :mod:`marglik.curvature.prior`) as config
+#: choices: the values come from the engine's enums, the member names equal the values (how
+#: OmegaConf parses a string into an enum); ``type-2`` is not an identifier, hence the functional form.
+Approx = Choice("Approx", [(m.value, m.value) for m in KFACApprox], module=__name__)
 
 
 #: ``type-2`` is not an identifier, hence the functional form (member names = values).
-FisherType = Choice("FisherType", [(v, v) for v in ("type-2", "mc", "empirical")], module=__name__)
+FisherType = Choice("FisherType", [(m.value, m.value) for m in EngineFisherType], module=__name__)
 AugGenerator = Choice("AugGenerator", [(g, g) for g in ALL_GENERATORS], module=__name__)
 
 
-class PriorStructure(Choice):
-    scalar = "scalar"
-    layerwise = "layerwise"
+#: the tuning loop learns a scalar or a layerwise prior precision (not the engine's diagonal one)
+PriorStructure = Choice("PriorStructure", [(m.value, m.value) for m in EnginePriorStructure
+                                           if m is not EnginePriorStructure.DIAGONAL], module=__name__)
 
 
 class Schedule(Choice):
