@@ -40,6 +40,12 @@ class CoveredModule:
         """The block's parameters: ``[weight, bias]`` without the missing ones."""
         return [p for p in (self.weight, self.bias) if p is not None]
 
+    @property
+    def key(self) -> nn.Parameter:
+        """The block's first parameter (``weight``, else ``bias``): a handle for per-block state,
+        such as the optimizer state holding a block's factors and inverses."""
+        return self.weight if self.weight is not None else self.bias
+
 
 def _plus(total: Optional[Tensor], new: Optional[Tensor]) -> Optional[Tensor]:
     if new is None:

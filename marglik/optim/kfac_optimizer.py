@@ -35,14 +35,17 @@ What is preconditioned (the ``"kfac"`` parameter group, ``param_groups[0]``):
 
 Everything else falls back to a first-order update (the ``"fallback"`` group,
 ``param_groups[1]`` when non-empty): SGD with momentum (``fallback="sgd"``) or AdamW
-(``fallback="adamw"``), learning rate ``fallback_lr`` (default ``lr``). That is
+(``fallback="adamw"``, torch's functional ``torch.optim.adamw.adamw``), learning rate
+``fallback_lr`` (default ``lr``). That is
 
 * modules passed in ``ignore_modules`` (names, types or instances; an ignored
   ``nn.MultiheadAttention`` takes its ``out_proj`` with it, since the attention never calls it as
   a module),
-* modules of the types in ``FIRST_ORDER_TYPES`` (``nn.Embedding``, ``nn.EmbeddingBag``, and the
-  raw-parameter holders :class:`marglik.models.PositionalEmbedding` /
-  :class:`marglik.models.ClassToken`) when ``auto_fallback=True`` (default),
+* modules without an engine rule that :func:`marglik.curvature.module_selection.is_first_order`
+  marks -- the types in ``FIRST_ORDER_TYPES`` (``nn.Embedding``, ``nn.EmbeddingBag``) and classes
+  with the attribute ``marglik_first_order = True`` (the model zoo's raw-parameter holders
+  :class:`marglik.models.PositionalEmbedding` / :class:`marglik.models.ClassToken` set it) --
+  when ``auto_fallback=True`` (default),
 * norm layers / Scale / Bias when ``precondition_norms=False``.
 
 Any other module holding trainable parameters without an engine rule (a custom module with a raw
@@ -75,13 +78,13 @@ momentum ``buf <- momentum * buf + u``, decoupled weight decay ``p <- p (1 - lr 
 and ``p <- p - lr * buf``. ``max_grad_norm`` clips the raw gradients of all parameters (joint
 2-norm) before anything else.
 
-Practical settings (``scripts/bench_optimizer.py``: small ViT on digits, GIN on a graph task, mc
-Fisher): KL clipping is what keeps K-FAC stable early in training -- without it the ViT diverged
+Practical settings (``scripts/bench_optimizer.py``, ``results/optimizer_steps_to_target.md``:
+small ViT on digits, GIN on a graph task, mc Fisher): KL clipping is what keeps K-FAC stable early in training -- without it the ViT diverged
 or barely learned, and with ``momentum=0.9`` on top of it the ViT trained slower than AdamW. With
 ``kl_clip`` active the clip sets the step length and ``lr`` mainly matters once it stops binding
 (warm-up, schedule tail); ``damping`` 1e-2 and ``kl_clip`` 5e-4..1e-2 with ``momentum=0`` worked
-for both models. ``factor_update_every=5`` roughly halves the per-step overhead at a small cost
-in steps.
+for both models. ``factor_update_every > 1`` trades per-step overhead for steps (timings in
+``results/optimizer_steps_to_target.md``, columns "s/step" and "overhead").
 """
 
 from __future__ import annotations
@@ -92,57 +95,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
+from ..curvature.blocks import CoveredModule
+from ..curvature.eigen import eigh_psd
 from ..curvature.kfac import KFAC
 from ..curvature.layers import UnsupportedModuleError, find_rule
-from ..curvature.options import FisherType, KFACApprox, Likelihood
+from ..curvature.module_selection import FIRST_ORDER_TYPES, IgnoreSpec, ignored_modules, is_first_order
+from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood
 
-IgnoreSpec = Union[str, type, nn.Module]
+__all__ = ["KFACOptimizer", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
 
 DAMPING_RULES = ("pi", "eigen")
 FALLBACKS = ("sgd", "adamw")
-
-
-def _first_order_types() -> Tuple[type, ...]:
-    types: Tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
-    try:  # the model zoo's raw-parameter holders
-        from ..models.vit import UNCOVERED_MODULES
-
-        types = types + tuple(UNCOVERED_MODULES)
-    except Exception:  # pragma: no cover - models package unavailable
-        pass
-    return types
-
-
-#: Module types whose parameters go to the first-order fallback automatically (``auto_fallback``).
-FIRST_ORDER_TYPES: Tuple[type, ...] = _first_order_types()
-
-
-class _Layer:
-    """A preconditioned module: its parameters, factor kind and grouping."""
-
-    def __init__(self, name: str, module: nn.Module, kind: str, weight, bias, groups: int) -> None:
-        self.name, self.module, self.kind = name, module, kind
-        self.weight, self.bias, self.groups = weight, bias, groups
-
-    @property
-    def params(self) -> List[nn.Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
-    def key(self) -> nn.Parameter:
-        """The parameter whose optimizer state holds the layer's factors and inverses."""
-        return self.weight if self.weight is not None else self.bias
-
-
-def _matches(spec: IgnoreSpec, name: str, module: nn.Module) -> bool:
-    if isinstance(spec, str):
-        return spec == name
-    if isinstance(spec, type):
-        return isinstance(module, spec)
-    if isinstance(spec, nn.Module):
-        return spec is module
-    raise TypeError(f"ignore_modules entries must be module names, types or instances, got {spec!r}")
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -169,13 +134,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         max_grad_norm: clip the joint gradient norm of all parameters first (``None``: off).
         mc_samples: sampled labels per output for ``fisher_type="mc"``.
         ignore_modules: modules (names, types, instances) to update first-order.
-        auto_fallback: send modules of ``FIRST_ORDER_TYPES`` to the fallback without listing them.
+        auto_fallback: send modules without an engine rule that are first-order by type
+            (``FIRST_ORDER_TYPES``) or marker (``marglik_first_order = True``) to the fallback
+            without listing them.
         precondition_norms: precondition norm layers / Scale / Bias with their exact diagonal
             blocks (else: fallback).
         fallback: ``"sgd"`` (momentum ``momentum``) or ``"adamw"`` for non-preconditioned params.
         fallback_lr: learning rate of the fallback group (default ``lr``).
         fallback_betas, fallback_eps: AdamW constants of the fallback.
         generator: torch generator for label sampling.
+
+    Raises:
+        TypeError: ``model`` is not a module, or an ``ignore_modules`` entry is not a name, type
+            or module.
+        ValueError: an option is out of range.
+        UnsupportedModuleError: a module with trainable parameters has no engine rule and is not
+            sent to the fallback, or a parameter is complex.
     """
 
     def __init__(
@@ -257,9 +231,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 "Bias; every other parameter-holding module must go to the first-order fallback via "
                 "ignore_modules (or be one of KFACOptimizer's FIRST_ORDER_TYPES)"
             ) from None
-        self.layers: List[_Layer] = [
-            _Layer(c.name, c.module, c.kind, c.weight, c.bias, c.groups) for c in self.kfac.covered
-        ]
+        self.layers: List[CoveredModule] = self.kfac.covered  # the preconditioned blocks
         covered = {id(p) for layer in self.layers for p in layer.params}
         kfac_params = [p for p in model.parameters() if id(p) in covered]
         fallback_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
@@ -279,31 +251,19 @@ class KFACOptimizer(torch.optim.Optimizer):
         model: nn.Module, specs: List[IgnoreSpec], auto_fallback: bool, precondition_norms: bool
     ) -> List[nn.Module]:
         """Module instances the engine must skip (their parameters become fallback parameters)."""
-        ignored: List[nn.Module] = []
-        seen = set()
-
-        def add(m: nn.Module) -> None:
-            if id(m) not in seen:
-                seen.add(id(m))
-                ignored.append(m)
-
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if any(_matches(s, name, module) for s in specs):
-                add(module)
-                if isinstance(module, nn.MultiheadAttention):  # it never calls out_proj as a module
-                    for sub in module.modules():
-                        add(sub)
-                continue
-            if not own:
+        ignored = ignored_modules(model, specs)
+        seen = {id(m) for m in ignored}
+        for module in model.modules():
+            if id(module) in seen or not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             rule = find_rule(module)
             if rule is None:
-                if auto_fallback and isinstance(module, FIRST_ORDER_TYPES):
-                    add(module)
-                    continue
-            elif not rule.kind == "kron" and not precondition_norms:
-                add(module)
+                first_order = auto_fallback and is_first_order(module)
+            else:  # norm layers, Scale / Bias and raw parameters have blocks other than Kronecker ones
+                first_order = rule.kind is not BlockKind.KRON and not precondition_norms
+            if first_order:
+                seen.add(id(module))
+                ignored.append(module)
         return ignored
 
     # ------------------------------------------------------------------ factor tracking
@@ -360,7 +320,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         beta = self.factor_ema
         for layer, block in zip(self.layers, kron.blocks):
             st = self.state[layer.key]
-            new = {"A": block.A, "B": block.B / N} if layer.kind == "kron" else {"D": block.blocks / N}
+            new = {"A": block.A, "B": block.B / N} if layer.kind is BlockKind.KRON else {"D": block.blocks / N}
             first = "factor_updates" not in st
             for k, v in new.items():
                 v = v.detach()
@@ -369,22 +329,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         return True
 
     # ------------------------------------------------------------------ inverses
-    def _update_inverse(self, layer: _Layer, damping: float) -> None:
+    def _update_inverse(self, layer: CoveredModule, damping: float) -> None:
         st = self.state[layer.key]
-        if layer.kind == "diag":
+        if layer.kind is BlockKind.DIAG:
             D = st["D"].double()
             eye = torch.eye(D.shape[-1], dtype=D.dtype, device=D.device)
             st["D_inv"] = torch.linalg.inv(D + damping * eye).to(st["D"].dtype)
         else:
             A, B = st["A"].double(), st["B"].double()
-            A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
             dtype = st["A"].dtype
             if self.damping_rule == "eigen":
-                dA, QA = torch.linalg.eigh(A)
-                dB, QB = torch.linalg.eigh(B)
-                st["QA"], st["dA"] = QA.to(dtype), dA.clamp_min(0).to(dtype)
-                st["QB"], st["dB"] = QB.to(dtype), dB.clamp_min(0).to(dtype)
+                dA, QA = eigh_psd(A)
+                dB, QB = eigh_psd(B)
+                st["QA"], st["dA"] = QA.to(dtype), dA.to(dtype)
+                st["QB"], st["dB"] = QB.to(dtype), dB.to(dtype)
             else:
+                A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
                 da, db = A.shape[-1], B.shape[-1]
                 trA = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / da
                 trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1) / db
@@ -400,11 +360,11 @@ class KFACOptimizer(torch.optim.Optimizer):
         st["inv_damping"] = float(damping)
         st["inv_rule"] = DAMPING_RULES.index(self.damping_rule)  # an int: torch's load_state_dict mangles str
 
-    def _precondition(self, layer: _Layer, damping: float) -> List[Tensor]:
+    def _precondition(self, layer: CoveredModule, damping: float) -> List[Tensor]:
         """Preconditioned gradients of the layer's parameters (same shapes as the parameters)."""
         st = self.state[layer.key]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
-        if layer.kind == "diag":
+        if layer.kind is BlockKind.DIAG:
             Gm = torch.stack([g.reshape(-1) for g in grads], dim=-1)  # (C, k)
             U = (st["D_inv"] @ Gm.unsqueeze(-1)).squeeze(-1)
             return [U[:, i].reshape(p.shape) for i, p in enumerate(layer.params)]
@@ -530,15 +490,13 @@ class KFACOptimizer(torch.optim.Optimizer):
             if "exp_avg" not in st:
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
-                st["adam_step"] = 0
-            st["adam_step"] += 1
-            t = st["adam_step"]
-            st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(self.fallback_eps)
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1**t))
+                st["adam_step"] = torch.tensor(0.0)
+            elif not torch.is_tensor(st["adam_step"]):  # a state dict written before the step was a tensor
+                st["adam_step"] = torch.tensor(float(st["adam_step"]))
+            adamw(
+                [p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["adam_step"]], foreach=False,
+                amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=wd, eps=self.fallback_eps, maximize=False,
+            )
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
