@@ -142,7 +142,7 @@ def column_grads(
                 allow_unused=True, is_grads_batched=True,
             ))
         except RuntimeError as err:  # an op without a vmap batching rule: fall back to the loop
-            warnings.warn(f"batched backward unavailable ({err}); using one backward per column")
+            warnings.warn(f"batched backward unavailable ({err}); using one backward per column", stacklevel=2)
     K = cols.shape[0]
     per = [
         torch.autograd.grad(

@@ -318,7 +318,8 @@ class KFAC:
             self._channels_last_works = False
             warnings.warn(
                 f"the model failed on a channels-last input ({err}); K-FAC runs it in the input's own "
-                "layout (pass channels_last=False to skip this attempt)"
+                "layout (pass channels_last=False to skip this attempt)",
+                stacklevel=3,
             )
             with self.capture() as record:
                 out = call_model(self.model, X)
