@@ -2,7 +2,8 @@
 algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`)."""
 
 from .eigen import KronEigen, eigh_psd
-from .kfac import KFAC, CoveredModule
+from .blocks import CoveredModule
+from .kfac import KFAC
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError
 from .logdet import kron_logdet, kron_logdet_projected

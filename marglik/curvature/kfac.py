@@ -425,16 +425,8 @@ class _Capture:
         self._kfac, self._recorder = kfac, recorder
 
     def accumulate(self, out: Tensor, y: Tensor, retain_graph: bool = False) -> Tensor:
-        """Add this batch's factor sums given the model output ``out`` and targets ``y``.
-
-        Args:
-            out: the model output of the captured forward.
-            y: the targets.
-            retain_graph: keep the autograd graph (to back-propagate the training loss after).
-
-        Returns:
-            The batch's summed loss.
-        """
+        """:meth:`Recorder.accumulate` (same arguments and errors), its sums added to the engine's;
+        returns the batch's summed loss."""
         batch = self._recorder.accumulate(out, y, retain_graph)
         self._kfac._add(batch)
         return batch.loss
