@@ -283,7 +283,14 @@ class KFACOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def track(self, force: bool = False) -> Iterator[None]:
         """Context for the training forward pass: records the covered layers if a factor update is
-        due this step (or ``force``); follow with :meth:`update_factors` before ``backward``."""
+        due this step; follow with :meth:`update_factors` before ``backward``.
+
+        Args:
+            force: record even when no factor update is due.
+
+        Yields:
+            ``None``.
+        """
         if not (force or self.factors_due):
             self._recording, self._tracked = None, False
             yield None
@@ -294,13 +301,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         self._recording, self._tracked = rec, True
 
     def update_factors(self, out: Tensor, y: Tensor) -> bool:
-        """Turn the tracked forward into factor EMAs; returns whether factors were updated.
+        """Turn the tracked forward into factor EMAs.
 
-        ``out`` is the model output of the tracked forward (``(N, C)``, or ``(N, R, C)`` with one
-        loss term per position) and ``y`` the targets (used by ``fisher_type="empirical"`` and for
-        validation). Runs the engine's sampled-label (mc) / Hessian-square-root (type-2) backward
-        to the layer outputs with ``retain_graph=True``; it never touches ``.grad``. Call it before
+        Runs the engine's sampled-label (mc) / Hessian-square-root (type-2) backward to the layer
+        outputs with ``retain_graph=True``; it never touches ``.grad``. Call it before
         ``loss.backward()``.
+
+        Args:
+            out: the model output of the tracked forward (``(N, C)``, or ``(N, R, C)`` with one
+                loss term per position).
+            y: the targets (used by ``fisher_type="empirical"`` and for validation).
+
+        Returns:
+            Whether factors were updated (``False`` when no factor update was due).
+
+        Raises:
+            RuntimeError: the forward's graph was already freed (``loss.backward()`` ran first).
         """
         rec = self._recording
         if rec is None:
@@ -396,7 +412,19 @@ class KFACOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """Apply one update from the current ``.grad`` (see the module docstring)."""
+        """Apply one update from the current ``.grad`` (see the module docstring).
+
+        Args:
+            closure: optional; re-runs the tracked forward, :meth:`update_factors` and the backward,
+                and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: a tracked forward was not followed by :meth:`update_factors`, no factors
+                exist yet for some layer, or a gradient is sparse.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
