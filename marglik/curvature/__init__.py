@@ -1,8 +1,8 @@
 """Curvature: K-FAC factors (:class:`KFAC`), their containers (:class:`Kron`) and the posterior
 algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`)."""
 
-from .eigen import KronEigen, eigh_psd
 from .blocks import CoveredModule
+from .eigen import KronEigen, eigh_psd
 from .kfac import KFAC
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError

@@ -8,7 +8,6 @@ mirroring saves close to half of it for large ``d`` (the K-FAC timings are in ``
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 _MIN_DIM = 256  # below this the plain GEMM is as fast

@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -102,12 +102,27 @@ from ..curvature.eigen import eigh_psd
 from ..curvature.kfac import KFAC
 from ..curvature.layers import UnsupportedModuleError, find_rule
 from ..curvature.module_selection import FIRST_ORDER_TYPES, IgnoreSpec, ignored_modules, is_first_order
-from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood
+from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood, _StrEnum
 
-__all__ = ["KFACOptimizer", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
+__all__ = ["KFACOptimizer", "DampingRule", "Fallback", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
 
-DAMPING_RULES = ("pi", "eigen")
-FALLBACKS = ("sgd", "adamw")
+
+class DampingRule(_StrEnum):
+    """How the damping enters the preconditioner (see the module docstring)."""
+
+    PI = "pi"  # factored Tikhonov damping, Cholesky inverses
+    EIGEN = "eigen"  # exact damping in the Kronecker eigenbasis
+
+
+class Fallback(_StrEnum):
+    """The first-order update of the parameters that are not preconditioned."""
+
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+DAMPING_RULES = tuple(r.value for r in DampingRule)
+FALLBACKS = tuple(f.value for f in Fallback)
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -165,14 +180,14 @@ class KFACOptimizer(torch.optim.Optimizer):
         factor_ema: float = 0.95,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        damping_rule: str = "pi",
+        damping_rule: Union[str, DampingRule] = "pi",
         kl_clip: Optional[float] = None,
         max_grad_norm: Optional[float] = None,
         mc_samples: int = 1,
         ignore_modules: Optional[Sequence[IgnoreSpec]] = None,
         auto_fallback: bool = True,
         precondition_norms: bool = True,
-        fallback: str = "sgd",
+        fallback: Union[str, Fallback] = "sgd",
         fallback_lr: Optional[float] = None,
         fallback_betas: Tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
@@ -193,10 +208,8 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if damping_rule not in DAMPING_RULES:
-            raise ValueError(f"unknown damping_rule {damping_rule!r}; expected one of {DAMPING_RULES}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+        damping_rule = DampingRule.parse(damping_rule, "damping_rule")
+        fallback = Fallback.parse(fallback, "fallback")
         for name, v in (("kl_clip", kl_clip), ("max_grad_norm", max_grad_norm)):
             if v is not None:
                 _check_positive(name, v)
@@ -354,7 +367,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         else:
             A, B = st["A"].double(), st["B"].double()
             dtype = st["A"].dtype
-            if self.damping_rule == "eigen":
+            if self.damping_rule is DampingRule.EIGEN:
                 dA, QA = eigh_psd(A)
                 dB, QB = eigh_psd(B)
                 st["QA"], st["dA"] = QA.to(dtype), dA.to(dtype)
@@ -396,7 +409,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             parts.append(grads[-1].reshape(G, db, 1))
             sizes.append(1)
         M = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (G, db, da)
-        if self.damping_rule == "eigen":
+        if self.damping_rule is DampingRule.EIGEN:
             QA, QB = st["QA"], st["QB"]
             V = QB.mT @ M @ QA
             V = V / (st["dB"].unsqueeze(-1) * st["dA"].unsqueeze(-2) + damping)
@@ -505,7 +518,7 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def _fallback_group_step(self, group: Dict[str, Any], step: int) -> None:
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if self.fallback == "sgd":
+        if self.fallback is Fallback.SGD:
             for p in group["params"]:
                 if p.grad is not None:
                     self._apply(p, p.grad, lr, mom, wd)
@@ -531,8 +544,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         n_fb = sum(p.numel() for gr in self.param_groups[1:] for p in gr["params"])
         return (
             f"KFACOptimizer(approx={self.kfac.approx.value!r}, fisher_type={self.kfac.fisher_type.value!r}, "
-            f"lr={g['lr']}, damping={g['damping']}, damping_rule={self.damping_rule!r}, "
-            f"layers={len(self.layers)}, fallback={self.fallback!r} on {n_fb} parameters)"
+            f"lr={g['lr']}, damping={g['damping']}, damping_rule={self.damping_rule.value!r}, "
+            f"layers={len(self.layers)}, fallback={self.fallback.value!r} on {n_fb} parameters)"
         )
 
 
