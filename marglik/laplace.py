@@ -45,21 +45,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
 from .curvature import KFAC, DecomposedKron, Kron, PriorStructure
+from .curvature.model_inputs import as_batches, call_args
 from .curvature.options import Likelihood
 from .predictive import LinkApprox, sigmoid_mc, sigmoid_probit, softmax_bridge, softmax_mc, softmax_probit
 
 __all__ = ["KronLaplace"]
 
 TensorLike = Union[float, Tensor]
-
-
-def _is_single_batch(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and torch.is_tensor(data[1])
-        and not (isinstance(data[0], (tuple, list)) and len(data[0]) == 2 and torch.is_tensor(data[0][1]))
-    )
 
 
 class KronLaplace:
@@ -229,7 +221,7 @@ class KronLaplace:
             ValueError: the training data is empty.
         """
         self.model.eval()
-        batches: Iterable = [tuple(train_loader)] if _is_single_batch(train_loader) else train_loader
+        batches: Iterable = as_batches(train_loader)
         if progress:
             from tqdm.auto import tqdm
 
@@ -454,12 +446,7 @@ class KronLaplace:
         values = {k: p.detach() for k, p in zip(keys, self.params)}
 
         def f(pdict):
-            if isinstance(x, (tuple, list)):
-                out = torch.func.functional_call(self.model, pdict, tuple(x))
-            elif isinstance(x, dict):
-                out = torch.func.functional_call(self.model, pdict, (), x)
-            else:
-                out = torch.func.functional_call(self.model, pdict, (x,))
+            out = torch.func.functional_call(self.model, pdict, *call_args(x))
             if out.dim() == 1:
                 out = out.unsqueeze(-1)
             return out, out

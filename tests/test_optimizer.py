@@ -483,3 +483,47 @@ def test_api_misuse_errors():
     F.cross_entropy(out, y).backward()
     with pytest.raises(ValueError, match="damping must be a positive"):
         opt.step()
+
+
+class _RawShift(nn.Module):
+    """A raw parameter no engine rule covers."""
+
+    def __init__(self, first_order: bool) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(3, 4))
+        self.marglik_first_order = first_order
+
+    def forward(self, x):
+        return x * (1.0 + self.shift.sum())
+
+
+def test_first_order_marker_sends_module_to_fallback(float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _RawShift(True), nn.Linear(4, 3))
+    opt = KFACOptimizer(model, lr=0.1)
+    assert [layer.name for layer in opt.layers] == ["0", "2"]
+    assert opt.param_groups[1]["params"] == [model[1].shift]
+    with pytest.raises(UnsupportedModuleError, match="'1'"):  # negative control: no marker, no rule
+        KFACOptimizer(nn.Sequential(nn.Linear(4, 4), _RawShift(False), nn.Linear(4, 3)), lr=0.1)
+    with pytest.raises(UnsupportedModuleError):  # the marker only concerns the optimizer's fallback
+        KFAC(model)
+
+
+def test_adamw_fallback_equals_torch_adamw(float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    opt = KFACOptimizer(model, lr=0.1, damping=1e-2, fallback="adamw", fallback_lr=0.01, weight_decay=0.1,
+                        fallback_betas=(0.8, 0.99), fallback_eps=1e-6)
+    twin = nn.Parameter(model[0].weight.detach().clone())
+    ref = torch.optim.AdamW([twin], lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    for _ in range(3):
+        X, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        with opt.track():
+            out = model(X)
+        opt.update_factors(out, y)
+        F.cross_entropy(out, y).backward()
+        twin.grad = model[0].weight.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(model[0].weight, twin, rtol=1e-12, atol=1e-14)

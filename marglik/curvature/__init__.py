@@ -1,8 +1,9 @@
 """Curvature: K-FAC factors (:class:`KFAC`), their containers (:class:`Kron`) and the posterior
 algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`)."""
 
+from .blocks import CoveredModule
 from .eigen import KronEigen, eigh_psd
-from .kfac import KFAC, CoveredModule
+from .kfac import KFAC
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError
 from .logdet import kron_logdet, kron_logdet_projected

@@ -39,3 +39,11 @@ class KFACApprox(_StrEnum):
 
     EXPAND = "expand"
     REDUCE = "reduce"
+
+
+class BlockKind(_StrEnum):
+    """What a curvature block holds: Kronecker factors ``B ⊗ A`` per group, or exact per-channel
+    ``k x k`` blocks (norm layers, :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias`)."""
+
+    KRON = "kron"
+    DIAG = "diag"

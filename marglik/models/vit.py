@@ -18,8 +18,9 @@ module with attribute ``weight``:
 * :class:`ClassToken` (only with ``pool="cls"``).
 
 The curvature engine does not model these; tell it to ignore them (e.g. skip modules of the
-types in :data:`UNCOVERED_MODULES`), in which case a second-order optimiser treats them
-first-order / they get no Laplace posterior.
+types in :data:`UNCOVERED_MODULES`), in which case they get no Laplace posterior. Both carry the
+marker ``marglik_first_order = True`` (:func:`marglik.curvature.module_selection.is_first_order`),
+so :class:`marglik.optim.KFACOptimizer` updates them first-order without being told.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class PositionalEmbedding(nn.Module):
     Not covered by the curvature engine (a raw parameter); see the module docstring.
     """
 
+    marglik_first_order = True  #: a raw parameter the engine does not cover (see the module docstring)
+
     def __init__(self, num_tokens: int, dim: int, std: float = 0.02) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_tokens, dim) * std)
@@ -52,6 +55,8 @@ class ClassToken(nn.Module):
 
     Not covered by the curvature engine (a raw parameter); see the module docstring.
     """
+
+    marglik_first_order = True  #: a raw parameter the engine does not cover (see the module docstring)
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -35,14 +35,17 @@ What is preconditioned (the ``"kfac"`` parameter group, ``param_groups[0]``):
 
 Everything else falls back to a first-order update (the ``"fallback"`` group,
 ``param_groups[1]`` when non-empty): SGD with momentum (``fallback="sgd"``) or AdamW
-(``fallback="adamw"``), learning rate ``fallback_lr`` (default ``lr``). That is
+(``fallback="adamw"``, torch's functional ``torch.optim.adamw.adamw``), learning rate
+``fallback_lr`` (default ``lr``). That is
 
 * modules passed in ``ignore_modules`` (names, types or instances; an ignored
   ``nn.MultiheadAttention`` takes its ``out_proj`` with it, since the attention never calls it as
   a module),
-* modules of the types in ``FIRST_ORDER_TYPES`` (``nn.Embedding``, ``nn.EmbeddingBag``, and the
-  raw-parameter holders :class:`marglik.models.PositionalEmbedding` /
-  :class:`marglik.models.ClassToken`) when ``auto_fallback=True`` (default),
+* modules without an engine rule that :func:`marglik.curvature.module_selection.is_first_order`
+  marks -- the types in ``FIRST_ORDER_TYPES`` (``nn.Embedding``, ``nn.EmbeddingBag``) and classes
+  with the attribute ``marglik_first_order = True`` (the model zoo's raw-parameter holders
+  :class:`marglik.models.PositionalEmbedding` / :class:`marglik.models.ClassToken` set it) --
+  when ``auto_fallback=True`` (default),
 * norm layers / Scale / Bias when ``precondition_norms=False``.
 
 Any other module holding trainable parameters without an engine rule (a custom module with a raw
@@ -75,13 +78,13 @@ momentum ``buf <- momentum * buf + u``, decoupled weight decay ``p <- p (1 - lr 
 and ``p <- p - lr * buf``. ``max_grad_norm`` clips the raw gradients of all parameters (joint
 2-norm) before anything else.
 
-Practical settings (``scripts/bench_optimizer.py``: small ViT on digits, GIN on a graph task, mc
-Fisher): KL clipping is what keeps K-FAC stable early in training -- without it the ViT diverged
+Practical settings (``scripts/bench_optimizer.py``, ``results/optimizer_steps_to_target.md``:
+small ViT on digits, GIN on a graph task, mc Fisher): KL clipping is what keeps K-FAC stable early in training -- without it the ViT diverged
 or barely learned, and with ``momentum=0.9`` on top of it the ViT trained slower than AdamW. With
 ``kl_clip`` active the clip sets the step length and ``lr`` mainly matters once it stops binding
 (warm-up, schedule tail); ``damping`` 1e-2 and ``kl_clip`` 5e-4..1e-2 with ``momentum=0`` worked
-for both models. ``factor_update_every=5`` roughly halves the per-step overhead at a small cost
-in steps.
+for both models. ``factor_update_every > 1`` trades per-step overhead for steps (timings in
+``results/optimizer_steps_to_target.md``, columns "s/step" and "overhead").
 """
 
 from __future__ import annotations
@@ -92,57 +95,34 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
+from ..curvature.blocks import CoveredModule
+from ..curvature.eigen import eigh_psd
 from ..curvature.kfac import KFAC
 from ..curvature.layers import UnsupportedModuleError, find_rule
-from ..curvature.options import FisherType, KFACApprox, Likelihood
+from ..curvature.module_selection import FIRST_ORDER_TYPES, IgnoreSpec, ignored_modules, is_first_order
+from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood, _StrEnum
 
-IgnoreSpec = Union[str, type, nn.Module]
-
-DAMPING_RULES = ("pi", "eigen")
-FALLBACKS = ("sgd", "adamw")
+__all__ = ["KFACOptimizer", "DampingRule", "Fallback", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
 
 
-def _first_order_types() -> Tuple[type, ...]:
-    types: Tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
-    try:  # the model zoo's raw-parameter holders
-        from ..models.vit import UNCOVERED_MODULES
+class DampingRule(_StrEnum):
+    """How the damping enters the preconditioner (see the module docstring)."""
 
-        types = types + tuple(UNCOVERED_MODULES)
-    except Exception:  # pragma: no cover - models package unavailable
-        pass
-    return types
+    PI = "pi"  # factored Tikhonov damping, Cholesky inverses
+    EIGEN = "eigen"  # exact damping in the Kronecker eigenbasis
 
 
-#: Module types whose parameters go to the first-order fallback automatically (``auto_fallback``).
-FIRST_ORDER_TYPES: Tuple[type, ...] = _first_order_types()
+class Fallback(_StrEnum):
+    """The first-order update of the parameters that are not preconditioned."""
+
+    SGD = "sgd"
+    ADAMW = "adamw"
 
 
-class _Layer:
-    """A preconditioned module: its parameters, factor kind and grouping."""
-
-    def __init__(self, name: str, module: nn.Module, kind: str, weight, bias, groups: int) -> None:
-        self.name, self.module, self.kind = name, module, kind
-        self.weight, self.bias, self.groups = weight, bias, groups
-
-    @property
-    def params(self) -> List[nn.Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
-    def key(self) -> nn.Parameter:
-        """The parameter whose optimizer state holds the layer's factors and inverses."""
-        return self.weight if self.weight is not None else self.bias
-
-
-def _matches(spec: IgnoreSpec, name: str, module: nn.Module) -> bool:
-    if isinstance(spec, str):
-        return spec == name
-    if isinstance(spec, type):
-        return isinstance(module, spec)
-    if isinstance(spec, nn.Module):
-        return spec is module
-    raise TypeError(f"ignore_modules entries must be module names, types or instances, got {spec!r}")
+DAMPING_RULES = tuple(r.value for r in DampingRule)
+FALLBACKS = tuple(f.value for f in Fallback)
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -169,13 +149,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         max_grad_norm: clip the joint gradient norm of all parameters first (``None``: off).
         mc_samples: sampled labels per output for ``fisher_type="mc"``.
         ignore_modules: modules (names, types, instances) to update first-order.
-        auto_fallback: send modules of ``FIRST_ORDER_TYPES`` to the fallback without listing them.
+        auto_fallback: send modules without an engine rule that are first-order by type
+            (``FIRST_ORDER_TYPES``) or marker (``marglik_first_order = True``) to the fallback
+            without listing them.
         precondition_norms: precondition norm layers / Scale / Bias with their exact diagonal
             blocks (else: fallback).
         fallback: ``"sgd"`` (momentum ``momentum``) or ``"adamw"`` for non-preconditioned params.
         fallback_lr: learning rate of the fallback group (default ``lr``).
         fallback_betas, fallback_eps: AdamW constants of the fallback.
         generator: torch generator for label sampling.
+
+    Raises:
+        TypeError: ``model`` is not a module, or an ``ignore_modules`` entry is not a name, type
+            or module.
+        ValueError: an option is out of range.
+        UnsupportedModuleError: a module with trainable parameters has no engine rule and is not
+            sent to the fallback, or a parameter is complex.
     """
 
     def __init__(
@@ -191,14 +180,14 @@ class KFACOptimizer(torch.optim.Optimizer):
         factor_ema: float = 0.95,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        damping_rule: str = "pi",
+        damping_rule: Union[str, DampingRule] = "pi",
         kl_clip: Optional[float] = None,
         max_grad_norm: Optional[float] = None,
         mc_samples: int = 1,
         ignore_modules: Optional[Sequence[IgnoreSpec]] = None,
         auto_fallback: bool = True,
         precondition_norms: bool = True,
-        fallback: str = "sgd",
+        fallback: Union[str, Fallback] = "sgd",
         fallback_lr: Optional[float] = None,
         fallback_betas: Tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
@@ -219,10 +208,8 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if damping_rule not in DAMPING_RULES:
-            raise ValueError(f"unknown damping_rule {damping_rule!r}; expected one of {DAMPING_RULES}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+        damping_rule = DampingRule.parse(damping_rule, "damping_rule")
+        fallback = Fallback.parse(fallback, "fallback")
         for name, v in (("kl_clip", kl_clip), ("max_grad_norm", max_grad_norm)):
             if v is not None:
                 _check_positive(name, v)
@@ -257,9 +244,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 "Bias; every other parameter-holding module must go to the first-order fallback via "
                 "ignore_modules (or be one of KFACOptimizer's FIRST_ORDER_TYPES)"
             ) from None
-        self.layers: List[_Layer] = [
-            _Layer(c.name, c.module, c.kind, c.weight, c.bias, c.groups) for c in self.kfac.covered
-        ]
+        self.layers: List[CoveredModule] = self.kfac.covered  # the preconditioned blocks
         covered = {id(p) for layer in self.layers for p in layer.params}
         kfac_params = [p for p in model.parameters() if id(p) in covered]
         fallback_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
@@ -279,31 +264,19 @@ class KFACOptimizer(torch.optim.Optimizer):
         model: nn.Module, specs: List[IgnoreSpec], auto_fallback: bool, precondition_norms: bool
     ) -> List[nn.Module]:
         """Module instances the engine must skip (their parameters become fallback parameters)."""
-        ignored: List[nn.Module] = []
-        seen = set()
-
-        def add(m: nn.Module) -> None:
-            if id(m) not in seen:
-                seen.add(id(m))
-                ignored.append(m)
-
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if any(_matches(s, name, module) for s in specs):
-                add(module)
-                if isinstance(module, nn.MultiheadAttention):  # it never calls out_proj as a module
-                    for sub in module.modules():
-                        add(sub)
-                continue
-            if not own:
+        ignored = ignored_modules(model, specs)
+        seen = {id(m) for m in ignored}
+        for module in model.modules():
+            if id(module) in seen or not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             rule = find_rule(module)
             if rule is None:
-                if auto_fallback and isinstance(module, FIRST_ORDER_TYPES):
-                    add(module)
-                    continue
-            elif not rule.kind == "kron" and not precondition_norms:
-                add(module)
+                first_order = auto_fallback and is_first_order(module)
+            else:  # norm layers, Scale / Bias and raw parameters have blocks other than Kronecker ones
+                first_order = rule.kind is not BlockKind.KRON and not precondition_norms
+            if first_order:
+                seen.add(id(module))
+                ignored.append(module)
         return ignored
 
     # ------------------------------------------------------------------ factor tracking
@@ -323,7 +296,14 @@ class KFACOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def track(self, force: bool = False) -> Iterator[None]:
         """Context for the training forward pass: records the covered layers if a factor update is
-        due this step (or ``force``); follow with :meth:`update_factors` before ``backward``."""
+        due this step; follow with :meth:`update_factors` before ``backward``.
+
+        Args:
+            force: record even when no factor update is due.
+
+        Yields:
+            ``None``.
+        """
         if not (force or self.factors_due):
             self._recording, self._tracked = None, False
             yield None
@@ -334,13 +314,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         self._recording, self._tracked = rec, True
 
     def update_factors(self, out: Tensor, y: Tensor) -> bool:
-        """Turn the tracked forward into factor EMAs; returns whether factors were updated.
+        """Turn the tracked forward into factor EMAs.
 
-        ``out`` is the model output of the tracked forward (``(N, C)``, or ``(N, R, C)`` with one
-        loss term per position) and ``y`` the targets (used by ``fisher_type="empirical"`` and for
-        validation). Runs the engine's sampled-label (mc) / Hessian-square-root (type-2) backward
-        to the layer outputs with ``retain_graph=True``; it never touches ``.grad``. Call it before
+        Runs the engine's sampled-label (mc) / Hessian-square-root (type-2) backward to the layer
+        outputs with ``retain_graph=True``; it never touches ``.grad``. Call it before
         ``loss.backward()``.
+
+        Args:
+            out: the model output of the tracked forward (``(N, C)``, or ``(N, R, C)`` with one
+                loss term per position).
+            y: the targets (used by ``fisher_type="empirical"`` and for validation).
+
+        Returns:
+            Whether factors were updated (``False`` when no factor update was due).
+
+        Raises:
+            RuntimeError: the forward's graph was already freed (``loss.backward()`` ran first).
         """
         rec = self._recording
         if rec is None:
@@ -360,7 +349,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         beta = self.factor_ema
         for layer, block in zip(self.layers, kron.blocks):
             st = self.state[layer.key]
-            new = {"A": block.A, "B": block.B / N} if layer.kind == "kron" else {"D": block.blocks / N}
+            new = {"A": block.A, "B": block.B / N} if layer.kind is BlockKind.KRON else {"D": block.blocks / N}
             first = "factor_updates" not in st
             for k, v in new.items():
                 v = v.detach()
@@ -369,22 +358,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         return True
 
     # ------------------------------------------------------------------ inverses
-    def _update_inverse(self, layer: _Layer, damping: float) -> None:
+    def _update_inverse(self, layer: CoveredModule, damping: float) -> None:
         st = self.state[layer.key]
-        if layer.kind == "diag":
+        if layer.kind is BlockKind.DIAG:
             D = st["D"].double()
             eye = torch.eye(D.shape[-1], dtype=D.dtype, device=D.device)
             st["D_inv"] = torch.linalg.inv(D + damping * eye).to(st["D"].dtype)
         else:
             A, B = st["A"].double(), st["B"].double()
-            A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
             dtype = st["A"].dtype
-            if self.damping_rule == "eigen":
-                dA, QA = torch.linalg.eigh(A)
-                dB, QB = torch.linalg.eigh(B)
-                st["QA"], st["dA"] = QA.to(dtype), dA.clamp_min(0).to(dtype)
-                st["QB"], st["dB"] = QB.to(dtype), dB.clamp_min(0).to(dtype)
+            if self.damping_rule is DampingRule.EIGEN:
+                dA, QA = eigh_psd(A)
+                dB, QB = eigh_psd(B)
+                st["QA"], st["dA"] = QA.to(dtype), dA.to(dtype)
+                st["QB"], st["dB"] = QB.to(dtype), dB.to(dtype)
             else:
+                A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
                 da, db = A.shape[-1], B.shape[-1]
                 trA = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / da
                 trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1) / db
@@ -400,11 +389,11 @@ class KFACOptimizer(torch.optim.Optimizer):
         st["inv_damping"] = float(damping)
         st["inv_rule"] = DAMPING_RULES.index(self.damping_rule)  # an int: torch's load_state_dict mangles str
 
-    def _precondition(self, layer: _Layer, damping: float) -> List[Tensor]:
+    def _precondition(self, layer: CoveredModule, damping: float) -> List[Tensor]:
         """Preconditioned gradients of the layer's parameters (same shapes as the parameters)."""
         st = self.state[layer.key]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
-        if layer.kind == "diag":
+        if layer.kind is BlockKind.DIAG:
             Gm = torch.stack([g.reshape(-1) for g in grads], dim=-1)  # (C, k)
             U = (st["D_inv"] @ Gm.unsqueeze(-1)).squeeze(-1)
             return [U[:, i].reshape(p.shape) for i, p in enumerate(layer.params)]
@@ -420,7 +409,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             parts.append(grads[-1].reshape(G, db, 1))
             sizes.append(1)
         M = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (G, db, da)
-        if self.damping_rule == "eigen":
+        if self.damping_rule is DampingRule.EIGEN:
             QA, QB = st["QA"], st["QB"]
             V = QB.mT @ M @ QA
             V = V / (st["dB"].unsqueeze(-1) * st["dA"].unsqueeze(-2) + damping)
@@ -436,7 +425,19 @@ class KFACOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """Apply one update from the current ``.grad`` (see the module docstring)."""
+        """Apply one update from the current ``.grad`` (see the module docstring).
+
+        Args:
+            closure: optional; re-runs the tracked forward, :meth:`update_factors` and the backward,
+                and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: a tracked forward was not followed by :meth:`update_factors`, no factors
+                exist yet for some layer, or a gradient is sparse.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -517,7 +518,7 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def _fallback_group_step(self, group: Dict[str, Any], step: int) -> None:
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if self.fallback == "sgd":
+        if self.fallback is Fallback.SGD:
             for p in group["params"]:
                 if p.grad is not None:
                     self._apply(p, p.grad, lr, mom, wd)
@@ -530,23 +531,21 @@ class KFACOptimizer(torch.optim.Optimizer):
             if "exp_avg" not in st:
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
-                st["adam_step"] = 0
-            st["adam_step"] += 1
-            t = st["adam_step"]
-            st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(self.fallback_eps)
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1**t))
+                st["adam_step"] = torch.tensor(0.0)
+            elif not torch.is_tensor(st["adam_step"]):  # a state dict written before the step was a tensor
+                st["adam_step"] = torch.tensor(float(st["adam_step"]))
+            adamw(
+                [p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["adam_step"]], foreach=False,
+                amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=wd, eps=self.fallback_eps, maximize=False,
+            )
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
         n_fb = sum(p.numel() for gr in self.param_groups[1:] for p in gr["params"])
         return (
             f"KFACOptimizer(approx={self.kfac.approx.value!r}, fisher_type={self.kfac.fisher_type.value!r}, "
-            f"lr={g['lr']}, damping={g['damping']}, damping_rule={self.damping_rule!r}, "
-            f"layers={len(self.layers)}, fallback={self.fallback!r} on {n_fb} parameters)"
+            f"lr={g['lr']}, damping={g['damping']}, damping_rule={self.damping_rule.value!r}, "
+            f"layers={len(self.layers)}, fallback={self.fallback.value!r} on {n_fb} parameters)"
         )
 
 

@@ -8,7 +8,13 @@ from torch import nn
 
 from .attention import MultiheadAttentionRule
 from .base import (
-    Binding, ElementwiseRule, KroneckerRule, Rule, UnsupportedModuleError, copies_per_example, example_sum,
+    Binding,
+    ElementwiseRule,
+    KroneckerRule,
+    Rule,
+    UnsupportedModuleError,
+    copies_per_example,
+    example_sum,
 )
 from .conv import ConvRule
 from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule

@@ -86,7 +86,7 @@ class MultiheadAttentionRule(LinearRule):
 
     def attach(self, module: nn.MultiheadAttention, states: Sequence[Any], recorder: Any) -> List[Any]:
         if "forward" in module.__dict__:
-            raise RuntimeError(f"an nn.MultiheadAttention already has an instance-level forward override")
+            raise RuntimeError("an nn.MultiheadAttention already has an instance-level forward override")
         module.forward = _recording_forward(module, states, recorder)  # type: ignore[method-assign]
         return [_RestoreForward(module)]
 

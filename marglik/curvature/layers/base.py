@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gram import sym_gram
+from ..options import BlockKind
 
 
 class UnsupportedModuleError(TypeError):
@@ -104,7 +105,7 @@ class Rule:
     or that must see a per-example copy of a parameter (:mod:`.leaf`) overrides it.
     """
 
-    kind: str = ""
+    kind: Optional[BlockKind] = None  #: the block kind of its bindings; None: decided per binding
     module_types: Tuple[type, ...] = ()
     param_names: Sequence[str] = ("weight", "bias")
 
@@ -137,7 +138,7 @@ class Rule:
 
 
 class KroneckerRule(Rule):
-    kind = "kron"
+    kind = BlockKind.KRON
 
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -160,7 +161,7 @@ class KroneckerRule(Rule):
 
 
 class ElementwiseRule(Rule):
-    kind = "diag"
+    kind = BlockKind.DIAG
 
     def num_channels(self, module: nn.Module) -> int:
         raise NotImplementedError

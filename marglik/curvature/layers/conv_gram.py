@@ -24,12 +24,10 @@ around land on those zeros). Cost: ``(#lags) C^2 T prod(n + frame)`` plus the st
 fewer multiply-adds than the unfolded Gram for 3x3 on 32x32 and 1.6x on 8x8, and no patch matrix.
 :func:`lag_gram_cost` / :func:`unfold_gram_cost` let the rule pick the cheaper path (they count
 copy passes too: for depthwise convolutions, one channel per group, the memory passes per lag
-dominate and unfolding wins, e.g. 7x7 depthwise on 56x56 takes 0.37 s unfolded vs 0.71 s). Measured
-(2 CPU threads, batch 32, float32): 3.9x faster than unfold + Gram for 64 channels on 32x32, 2.7x
-for 128 on 16x16, 1.8x for 256 on 8x8; K-FAC-expand on WRN-16-4 1.5x faster overall
-(``results/kfac_speed.md``). The subtraction rounds differently from the unfolded sum: in
-float32 the WRN-16-4 factors agree with curvlinops' to 3e-6 relative (4e-7 unfolded); float64
-tests agree to 1e-13.
+dominate and unfolding wins, e.g. for 7x7 depthwise convolutions). Timings of the two paths:
+``results/kfac_speed.md``, row "unfolded / shifted-correlation conv input Gram". The subtraction
+rounds differently from the unfolded sum: in float32 the WRN-16-4 factors agree with curvlinops'
+to 3e-6 relative (4e-7 unfolded); float64 tests agree to 1e-13.
 
 Shapes: ``x`` is ``(T, C_in, *spatial)``; the result is ``(G, din, din)`` with
 ``din = C_in / G * K`` in the order of ``weight.flatten(1)`` (channel-major, taps row-major).

@@ -124,8 +124,6 @@ class LeafDiagonalRule(_LeafRecording, ElementwiseRule):
 class LeafParameterRule(Rule):
     """Finds the covered leaves of a module (see the module docstring) and binds one block each."""
 
-    kind = "leaf"
-
     def __init__(self) -> None:
         self.dense, self.diagonal = LeafDenseRule(), LeafDiagonalRule()
 
