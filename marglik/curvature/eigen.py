@@ -41,17 +41,17 @@ def eigh_psd(M: Tensor) -> Tuple[Tensor, Tensor]:
     M = M.detach()
     M = 0.5 * (M + M.transpose(-1, -2))
     try:
-        l, V = torch.linalg.eigh(M)
+        lam, V = torch.linalg.eigh(M)
     except RuntimeError:  # pragma: no cover - convergence failure
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        l, V = torch.linalg.eigh(M + eye)
-        l = l - 1.0
-    if not (torch.isfinite(l).all() and torch.isfinite(V).all()):
+        lam, V = torch.linalg.eigh(M + eye)
+        lam = lam - 1.0
+    if not (torch.isfinite(lam).all() and torch.isfinite(V).all()):
         if not torch.isfinite(M).all():
             raise FloatingPointError("Kronecker factor contains NaN or Inf")
         l64, V64 = torch.linalg.eigh(M.double())
-        l, V = l64.to(M.dtype), V64.to(M.dtype)
-    return l.clamp_min(0.0), V
+        lam, V = l64.to(M.dtype), V64.to(M.dtype)
+    return lam.clamp_min(0.0), V
 
 
 def sym_from_eigen(V: Tensor, d: Tensor) -> Tensor:
@@ -67,25 +67,25 @@ def sym_from_eigen(V: Tensor, d: Tensor) -> Tensor:
     return (V * d.unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
-def eigen_clusters(l: Tensor, rtol: Optional[float] = None) -> Clusters:
+def eigen_clusters(lam: Tensor, rtol: Optional[float] = None) -> Clusters:
     """Groups of (numerically) equal eigenvalues.
 
-    Two neighbours are equal when they differ by at most ``rtol * max(l)`` of their row.
+    Two neighbours are equal when they differ by at most ``rtol * max(lam)`` of their row.
 
     Args:
-        l: ``(G, d)`` eigenvalues, ascending along the last dimension.
-        rtol: relative tolerance; default ``10 d eps`` of ``l``'s dtype.
+        lam: ``(G, d)`` eigenvalues, ascending along the last dimension.
+        rtol: relative tolerance; default ``10 d eps`` of ``lam``'s dtype.
 
     Returns:
         ``(ids, counts)``, both ``(G, d)`` long: the cluster index of each eigenvalue (numbered
         per row from 0) and the size of its cluster.
     """
-    G, d = l.shape
+    G, d = lam.shape
     if rtol is None:
-        rtol = 10 * d * torch.finfo(l.dtype).eps
-    tol = rtol * l.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(l.dtype).tiny)
-    new = torch.zeros_like(l, dtype=torch.long)
-    new[:, 1:] = (l[:, 1:] - l[:, :-1] > tol).long()
+        rtol = 10 * d * torch.finfo(lam.dtype).eps
+    tol = rtol * lam.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
+    new = torch.zeros_like(lam, dtype=torch.long)
+    new[:, 1:] = (lam[:, 1:] - lam[:, :-1] > tol).long()
     ids = new.cumsum(-1)
     size = torch.zeros_like(ids).scatter_add_(-1, ids, torch.ones_like(ids))
     return ids, size.gather(-1, ids)

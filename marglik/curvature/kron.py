@@ -45,6 +45,7 @@ class _WeightBias:
 
     @property
     def num_params(self) -> int:
+        """Number of parameters ``P`` covered."""
         return sum(p.numel() for p in self.params)
 
 
@@ -70,6 +71,7 @@ class KronBlock(_WeightBias):
 
     @property
     def groups(self) -> int:
+        """Number of Kronecker groups ``G``."""
         return self.A.shape[0]
 
     def dense_index(self) -> Tensor:
@@ -161,6 +163,7 @@ class Kron:
 
     @property
     def num_params(self) -> int:
+        """Number of parameters ``P`` covered (the side of :meth:`to_dense`)."""
         return sum(p.numel() for p in self.params)
 
     def param_offsets(self) -> dict:
@@ -197,6 +200,7 @@ class Kron:
         return iter(self.blocks)
 
     def named_blocks(self) -> Sequence[tuple[str, Block]]:
+        """``(name, block)`` pairs in :meth:`to_dense` order."""
         return [(b.name, b) for b in self.blocks]
 
     def split_bias(self) -> "Kron":

@@ -58,8 +58,8 @@ class PrefixSums:
     """
 
     def __init__(self, lA: Tensor, w: Optional[Tensor] = None) -> None:
-        l = lA.detach().double()
-        pows = torch.stack([l, l * l, l * l * l])  # (3, G, nA)
+        lam = lA.detach().double()
+        pows = torch.stack([lam, lam * lam, lam * lam * lam])  # (3, G, nA)
         pad = pows.new_zeros(pows.shape[:-1] + (1,))
         self.powers = torch.cat([pad, pows.cumsum(-1)], -1)
         self.weighted: Optional[Tensor] = None

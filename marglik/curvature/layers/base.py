@@ -110,9 +110,11 @@ class Rule:
     param_names: Sequence[str] = ("weight", "bias")
 
     def matches(self, module: nn.Module) -> bool:
+        """Whether this rule covers ``module`` (by type)."""
         return isinstance(module, self.module_types)
 
     def groups(self, module: nn.Module) -> int:
+        """Number of Kronecker groups ``G`` of ``module``'s block (grouped convolutions; default 1)."""
         return 1
 
     def bindings(self, name: str, module: nn.Module, own: Dict[str, nn.Parameter]) -> List[Binding]:
@@ -138,32 +140,49 @@ class Rule:
 
 
 class KroneckerRule(Rule):
+    """A layer whose block is ``B ⊗ A`` per group (Linear, Conv). Shapes: a recorded input ``x`` has
+    ``T`` rows (examples or example-major copies), a gradient ``g`` has ``K`` curvature columns in
+    front, ``(K, T, ...)``; ``G`` groups, ``din`` inputs per group (without the bias), ``M``
+    positions in all (rows times shared positions)."""
+
     kind = BlockKind.KRON
 
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Every position's input as a column: ``(G, din, M)``."""
         raise NotImplementedError
 
     def expand_input_stats(self, module: nn.Module, x: Tensor, gram: bool = True) -> Tuple[Optional[Tensor], Tensor, int]:
+        """K-FAC-expand input statistics: the Gram ``(G, din, din)`` (``None`` if ``gram`` is off),
+        the column sum ``(G, din)`` and the position count ``M``. Rules with a faster Gram override it."""
         X = self.expand_inputs(module, x)
         return (sym_gram(X) if gram else None), X.sum(2), X.shape[2]
 
     def reduce_inputs(self, module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
+        """K-FAC-reduce inputs: each row's input summed over its shared positions ``(T, G, din)``,
+        and the number of positions ``P`` per row."""
         raise NotImplementedError
 
     def expand_grads(self, module: nn.Module, g: Tensor) -> Tensor:
+        """Every (column, position)'s output gradient as a column: ``(G, dout, K M)``."""
         raise NotImplementedError
 
     def expand_grad_gram(self, module: nn.Module, g: Tensor) -> Tensor:
+        """K-FAC-expand gradient Gram ``(G, dout, dout)``: ``sum_{k, m} g g^T``."""
         return sym_gram(self.expand_grads(module, g))
 
     def reduce_grads(self, module: nn.Module, g: Tensor) -> Tensor:
+        """K-FAC-reduce gradients: each row's output gradient summed over its positions ``(K, T, G, dout)``."""
         raise NotImplementedError
 
 
 class ElementwiseRule(Rule):
+    """A layer whose parameters act per channel (norms, Fixup scalars): an exact ``k x k`` block per
+    channel (``k`` = parameters per channel)."""
+
     kind = BlockKind.DIAG
 
     def num_channels(self, module: nn.Module) -> int:
+        """Number of channels ``C`` (one block each)."""
         raise NotImplementedError
 
     def normalized(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:

@@ -50,7 +50,7 @@ def _pad_spec(module: nn.Module) -> List[Tuple[int, int]]:
 def padded_input(module: nn.Module, x: Tensor) -> Tensor:
     """The input padded exactly as the convolution pads it (any ``padding_mode``)."""
     spec = _pad_spec(module)
-    if all(l == 0 and r == 0 for l, r in spec):
+    if all(left == 0 and right == 0 for left, right in spec):
         return x
     flat = [v for lr in reversed(spec) for v in lr]
     if module.padding_mode == "zeros":

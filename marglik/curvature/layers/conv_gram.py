@@ -1,4 +1,4 @@
-"""The K-FAC-expand input factor of a stride-1, zero-padded convolution without unfolding.
+r"""The K-FAC-expand input factor of a stride-1, zero-padded convolution without unfolding.
 
 The expand factor's weight part is the Gram matrix of the patches, ``sum_{t, o} u u^T`` over
 input rows ``t`` and output positions ``o``, with ``u[(c, tap)] = x_pad[t, c, o + tap * dil]``.
