@@ -61,7 +61,11 @@ class KronLaplace:
         model: the network at its MAP parameters (outputs ``(N, C)``; ``(N, R, C)`` is fine for
             the marginal likelihood, the predictive needs ``(N, C)``).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        approx: ``"expand"`` or ``"reduce"`` (see :class:`marglik.KFAC`).
+        approx: ``"expand"`` or ``"reduce"`` (see :class:`marglik.KFAC`). The default differs from
+            the engine's (``"expand"``, curvlinops' and laplace-torch's convention) on purpose:
+            ``KronLaplace`` is the marginal-likelihood object of the tuning loop, whose models pool
+            or average over their shared axes (reduce's exact setting), and reduce is the cheaper
+            fit.
         copies_approx: how augmented copies flattened into the batch enter the factors,
             ``"expand"`` / ``"reduce"``, or ``None`` (the same as ``approx``); see
             :class:`marglik.KFAC`.

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import time
@@ -218,6 +219,7 @@ def main(argv=None) -> dict:
     name = f"WRN-{args.depth}-{args.width}"
     print(f"{name} ({n_params / 1e6:.2f}M params), {args.image}x{args.image}, device {device}", flush=True)
 
+    load_before = os.getloadavg()[0]
     rows = []
     for batch in args.batch_sizes:
         X, y = build_data(batch, args.image, device)
@@ -270,6 +272,7 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "torch": torch.__version__,
         "quick": args.quick,
+        "load_average_1min": [load_before, os.getloadavg()[0]],  # before / after (a shared machine)
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +324,8 @@ def render(payload: dict, args) -> str:
         f"- one step: {meta['step']}",
         f"- median of {meta['repeats']} steps after {meta['warmup']} warm-up, round-robin over contenders in one "
         "process; memory: peak extra memory of one step in a fresh process (CPU: resident set size; CUDA: "
-        "max_memory_allocated)",
+        "max_memory_allocated); 1-minute load average before / after: "
+        + " / ".join(f"{v:.1f}" for v in meta.get("load_average_1min", [])),
         "- flavours: expand = expand pixels and copies; mixed = expand pixels, reduce copies (LILA's expand arm); "
         "reduce = reduce both",
         "",
