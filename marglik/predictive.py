@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .curvature.options import _StrEnum
+from .curvature.options import StrOption
 
 __all__ = [
     "LinkApprox",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-class LinkApprox(_StrEnum):
+class LinkApprox(StrOption):
     """How the predictive probabilities are computed from ``N(f_mu, f_var)``."""
 
     PROBIT = "probit"  #: probit approximation of the softmax / sigmoid (MacKay 1992)

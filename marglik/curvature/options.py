@@ -5,9 +5,25 @@ from __future__ import annotations
 from enum import Enum
 
 
-class _StrEnum(str, Enum):
+class StrOption(str, Enum):
+    """Base of every string option of the package: members compare equal to (and print as) their
+    value; :meth:`parse` turns a string into a member with an error that lists the choices. The
+    tuning config's :class:`marglik.tuning.choices.Choice` builds on it."""
+
     @classmethod
-    def parse(cls, value: "str | _StrEnum", what: str):
+    def parse(cls, value: "str | StrOption", what: str):
+        """The member for ``value``.
+
+        Args:
+            value: a member or its string value.
+            what: the option's name, for the error message.
+
+        Returns:
+            The member.
+
+        Raises:
+            ValueError: ``value`` is not one of the choices.
+        """
         try:
             return cls(value)
         except ValueError:
@@ -18,7 +34,7 @@ class _StrEnum(str, Enum):
         return self.value
 
 
-class Likelihood(_StrEnum):
+class Likelihood(StrOption):
     """Observation model; fixes the loss whose curvature is approximated (summed over data)."""
 
     CLASSIFICATION = "classification"  # cross-entropy, reduction="sum" over examples and positions
@@ -26,7 +42,7 @@ class Likelihood(_StrEnum):
     BINARY = "binary"  # BCE-with-logits summed
 
 
-class FisherType(_StrEnum):
+class FisherType(StrOption):
     """Which curvature: the GGN with exact loss-Hessian square roots, or a Fisher estimate."""
 
     TYPE2 = "type-2"
@@ -34,14 +50,14 @@ class FisherType(_StrEnum):
     EMPIRICAL = "empirical"
 
 
-class KFACApprox(_StrEnum):
+class KFACApprox(StrOption):
     """How weight-sharing positions enter the Kronecker factors (Eschenhagen et al. 2023)."""
 
     EXPAND = "expand"
     REDUCE = "reduce"
 
 
-class BlockKind(_StrEnum):
+class BlockKind(StrOption):
     """What a curvature block holds: Kronecker factors ``B ⊗ A`` per group, or exact per-channel
     ``k x k`` blocks (norm layers, :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias`)."""
 

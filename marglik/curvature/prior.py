@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .options import _StrEnum
+from .options import StrOption
 
 __all__ = ["PriorStructure"]
 
 
-class PriorStructure(_StrEnum):
+class PriorStructure(StrOption):
     """How a prior precision tensor is laid out (``str``-valued: compares equal to its name).
 
     * ``SCALAR``: one value (0-d tensor or shape ``(1,)``);

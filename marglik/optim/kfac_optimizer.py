@@ -102,19 +102,19 @@ from ..curvature.eigen import eigh_psd
 from ..curvature.kfac import KFAC
 from ..curvature.layers import UnsupportedModuleError, find_rule
 from ..curvature.module_selection import FIRST_ORDER_TYPES, IgnoreSpec, ignored_modules, is_first_order
-from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood, _StrEnum
+from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood, StrOption
 
 __all__ = ["KFACOptimizer", "DampingRule", "Fallback", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
 
 
-class DampingRule(_StrEnum):
+class DampingRule(StrOption):
     """How the damping enters the preconditioner (see the module docstring)."""
 
     PI = "pi"  # factored Tikhonov damping, Cholesky inverses
     EIGEN = "eigen"  # exact damping in the Kronecker eigenbasis
 
 
-class Fallback(_StrEnum):
+class Fallback(StrOption):
     """The first-order update of the parameters that are not preconditioned."""
 
     SGD = "sgd"

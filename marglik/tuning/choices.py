@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from typing import List
 
+from ..curvature.options import StrOption
 
-class Choice(str, enum.Enum):
-    """A string option. Members compare, hash, print and format as their value; member names
-    equal the values (how OmegaConf parses a string into the enum)."""
 
-    def __str__(self) -> str:
-        return self.value
+class Choice(StrOption):
+    """A configuration option: a :class:`~marglik.curvature.options.StrOption` whose member names
+    equal the values (how OmegaConf parses a string into the enum); it also formats as its value."""
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
