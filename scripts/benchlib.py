@@ -127,3 +127,27 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     with RSSPeak() as rss:
         fn()
     return max(rss.peak - rss.base, 0)
+
+
+def time_hypersteps(tuners: dict, repeats: int, rotation_deg: float) -> dict:
+    """Seconds of one marglik hyperstep of the tuning loop (:meth:`MarglikTuner._hyper_update`) per
+    tuner, tuners interleaved, ``repeats`` rounds; the learned rotation range is reset to
+    ``rotation_deg`` before each step (distinct copies). Returns the raw times, medians, minima and
+    both as ratios to the ``"reduce-reduce"`` tuner (``None`` without one)."""
+    import math
+
+    times = {name: [] for name in tuners}
+    for _ in range(repeats):
+        for name, t in tuners.items():
+            with torch.no_grad():
+                t.aug.eta.fill_(math.radians(rotation_deg))
+            start = time.perf_counter()
+            t._hyper_update()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    low = {name: min(v) for name, v in times.items()}
+    base, base_low = med.get("reduce-reduce"), low.get("reduce-reduce")
+    return {"seconds": times, "median_seconds": med, "min_seconds": low,
+            "ratio_to_reduce_reduce": {k: v / base for k, v in med.items()} if base else None,
+            "min_ratio_to_reduce_reduce": {k: v / base_low for k, v in low.items()} if base_low else None,
+            "repeats": repeats, "rotation_deg": rotation_deg}

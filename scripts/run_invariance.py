@@ -105,7 +105,6 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
     process on the same model and data, flavours interleaved, ``repeats`` times; medians and ratios to
     ``reduce-reduce``. The learned rotation range is set to ``rotation_deg`` (distinct copies)."""
     import math
-    import statistics
     import tempfile
 
     import torch
@@ -133,21 +132,9 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
         with torch.no_grad():
             t.aug.eta.fill_(math.radians(rotation_deg))
         tuners[fl] = t
-    times: Dict[str, List[float]] = {fl: [] for fl in flavours}
-    for _ in range(repeats):
-        for fl, t in tuners.items():
-            with torch.no_grad():
-                t.aug.eta.fill_(math.radians(rotation_deg))
-            t0 = time.perf_counter()
-            t._hyper_update()
-            times[fl].append(time.perf_counter() - t0)
-    med = {fl: statistics.median(v) for fl, v in times.items()}
-    low = {fl: min(v) for fl, v in times.items()}
-    base, base_low = med.get("reduce-reduce"), low.get("reduce-reduce")
-    return {"seconds": times, "median_seconds": med, "min_seconds": low,
-            "ratio_to_reduce_reduce": {fl: v / base for fl, v in med.items()} if base else None,
-            "min_ratio_to_reduce_reduce": {fl: v / base_low for fl, v in low.items()} if base_low else None,
-            "repeats": repeats, "rotation_deg": rotation_deg, "n_samples": args.n_samples,
+    from benchlib import time_hypersteps  # scripts/ is on sys.path when a script runs
+
+    return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": args.n_samples,
             "marglik_batches": args.marglik_batches, "marglik_batch_size": 128}
 
 
