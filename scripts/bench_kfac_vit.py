@@ -18,7 +18,6 @@ changes on a shared machine affect all alike); only ratios are meaningful.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -188,15 +187,12 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--tag", default="")
-    a = ap.parse_args(argv)
-    return run(a.batch_size, a.repeats, a.threads, a.device, a.out, a.tag)
+    """Standalone entry: the same options as ``bench_kfac.py --vit`` (which parses them)."""
+    import sys
+
+    from bench_kfac import main as bench_kfac_main
+
+    return bench_kfac_main(["--vit", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
