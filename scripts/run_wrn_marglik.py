@@ -55,8 +55,8 @@ def job_configs(args) -> List[Dict[str, Any]]:
                   "train_size": args.train_size, "seed": 0},
             model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
             curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
-            hyper={"prior_structure": "layerwise", "prior_prec_init": 1.0, "lr": 0.1, "aug_lr": args.aug_lr,
-                   "steps": args.steps, "frequency": 1, "burn_in": args.burn_in,
+            hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr, "aug_lr": args.aug_lr,
+                   "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
                    "augmentation": aug, "generators": ["rotation"],
                    "n_samples": args.n_samples, "n_samples_test": args.n_samples,
                    "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size},
@@ -186,9 +186,9 @@ def setup_text(s: Dict[str, Any]) -> str:
         f"fixed random angle in [-{s['rotation']:g}, {s['rotation']:g}] degrees; a random subset of "
         f"{s['train_size']} training images, the full test split (360 images). WRN-16-4 with Fixup "
         f"({s.get('num_params', '2.7M')} parameters), {s['epochs']} epochs of Adam (lr {s['lr']:g}, cosine, batch "
-        f"{s['batch_size']}); layerwise prior precision tuned by the Laplace marginal likelihood (K-FAC GGN, "
-        f"type-2) after {s['burn_in']} burn-in epoch(s), {s['steps']} hyperstep(s) per epoch (Adam, lr 0.1 on the "
-        f"log prior precisions, {s['aug_lr']:g} on eta); learned augmentation of the rotation generator with "
+        f"{s['batch_size']}); layerwise prior precision (initial {s.get('prior_prec_init', 1.0):g}) tuned by the "
+        f"Laplace marginal likelihood (K-FAC GGN, type-2) after {s['burn_in']} burn-in epoch(s), {s['steps']} "
+        f"hyperstep(s) every {s.get('frequency', 1)} epoch(s) (Adam, lr {s.get('hyper_lr', 0.1):g} on the log prior precisions, {s['aug_lr']:g} on eta); learned augmentation of the rotation generator with "
         f"S={s['n_samples']} augmented copies (training, marglik and test predictions average the logits over "
         f"the copies); each Laplace fit uses {s['marglik_batches']} random batch(es) of {s['marglik_batch_size']} "
         "images rescaled to N (a stochastic estimate). The reported model is the last one (with this few "
@@ -347,16 +347,20 @@ def main(argv=None) -> int:
                    choices=list(_ORDER), help="<approx>-<copies_approx> with learned augmentation")
     p.add_argument("--no-ablation", action="store_true", help="drop expand-expand")
     p.add_argument("--rotation", type=float, default=90.0)
-    p.add_argument("--train-size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-samples", type=int, default=2, help="S augmented copies")
-    p.add_argument("--burn-in", type=int, default=1)
+    p.add_argument("--burn-in", type=int, default=5)
+    p.add_argument("--frequency", type=int, default=2, help="a marglik update every F epochs")
     p.add_argument("--steps", type=int, default=2, help="hypersteps per marglik epoch")
+    p.add_argument("--prior-prec-init", type=float, default=1e-3,
+                   help="small: under Adam a strong L2 term shrinks the zero-gradient Fixup branches before they learn")
+    p.add_argument("--hyper-lr", type=float, default=0.3, help="Adam lr on the log prior precisions")
     p.add_argument("--aug-lr", type=float, default=0.2)
-    p.add_argument("--marglik-batches", type=int, default=1)
-    p.add_argument("--marglik-batch-size", type=int, default=8)
+    p.add_argument("--marglik-batches", type=int, default=2)
+    p.add_argument("--marglik-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
