@@ -105,6 +105,7 @@ def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
         "num_params": s["num_params"],
         "rollbacks": _count(s.get("rollbacks")),
         "rotation_history": [h.get("aug_rotation") for h in hist],
+        "train_acc_history": [h.get("train_acc") for h in hist],
         "log_marglik_history": [h.get("log_marglik") for h in hist],
         "run_dir": str(run_dir),
     })
@@ -315,7 +316,16 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = sorted([r for r in data["runs"] if "error" not in r], key=_key)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    ax = axes[3]
+    for r in runs:
+        acc = r.get("train_acc_history") or []
+        ax.plot(range(1, len(acc) + 1), acc, ls="-" if r["augmentation"] else ":",
+                label=f"{'aug' if r['augmentation'] else 'none'} {flavour_label(r)}")
+    ax.axhline(0.1, color="k", ls="--", lw=1, label="chance")
+    ax.set_xlabel("epoch")
+    ax.set_title("training accuracy")
+    ax.legend(fontsize=6)
     ax = axes[0]
     for r in runs:
         if r["augmentation"]:
@@ -333,7 +343,7 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     steps = [r.get("seconds_per_marglik_step") or 0.0 for r in runs]
     axes[2].bar(range(len(runs)), steps, color=colors)
     axes[2].set_title("seconds per marglik step")
-    for ax in axes[1:]:
+    for ax in axes[1:3]:
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(labels, fontsize=6, rotation=45)
     fig.tight_layout()
@@ -381,6 +391,12 @@ def main(argv=None) -> int:
         return 0
     if args.from_json:
         data = json.loads((out / f"{STEM}.json").read_text())
+        for r in data["runs"]:  # runs written before the training-accuracy history was recorded
+            hist_file = Path(r.get("run_dir", "")) / "history.csv"
+            if "train_acc_history" not in r and hist_file.is_file():
+                from marglik.tuning.reporting import read_history
+
+                r["train_acc_history"] = [h.get("train_acc") for h in read_history(hist_file)]
         write_outputs(data, out)
         return 0
     if args.no_ablation:
