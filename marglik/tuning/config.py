@@ -297,7 +297,6 @@ def register_configs() -> None:
     """Register the schema, the ``data`` and the ``model`` options in Hydra's ConfigStore, and the
     ``bias_suffix`` resolver of the run directory's name (idempotent; done on import of this module)."""
     from hydra.core.config_store import ConfigStore
-
     from omegaconf import OmegaConf
 
     # the run directory's name says when the blocks are separate: ${bias_suffix:${curvature.separate_bias}}

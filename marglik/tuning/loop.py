@@ -20,6 +20,8 @@ and the K-FAC-expand/reduce Laplace of Eschenhagen et al. (NeurIPS 2023):
                 fit K-FAC Laplace at theta on (aug_eta(X), y) of a subset of M batches
                 log p(D | delta, eta) ~= Laplace log marglik(prior precision delta)
                 (log delta, eta) <- Adam ascent step on it    # own lrs; optional cosine decay
+            selection value = Laplace log marglik on fixed data at the updated (delta, eta)
+            keep the state as best.ckpt if it has the highest selection value so far
 
 ``delta`` is a scalar or one prior precision per parameter tensor (``hyper.prior_structure``),
 optimised in log space. The MAP step never updates ``eta`` (``eta`` and ``log delta`` are in a
@@ -40,6 +42,15 @@ uses the whole training set (deterministic up to the augmentation noise). The su
 rescaling: :class:`marglik.tuning.estimator.MarglikSubset`; the learning-rate schedules and when
 an update is due: :mod:`marglik.tuning.schedules`; the random streams: :mod:`marglik.tuning.seeds`.
 
+Selection. The stochastic hyperstep estimate drives the ascent only. After each update the
+*selection value* -- the same Laplace log marginal likelihood, no gradient, at the updated
+hyperparameters, on fixed data (``hyper.selection``: the whole training set, or a subset drawn
+once from the seed; one fixed augmentation-noise draw; :class:`marglik.tuning.estimator.SelectionSet`,
+:meth:`MarglikTuner.selection_log_marglik`) -- picks the best epoch and is the reported
+``log_marglik``. It changes only when the weights or the hyperparameters do. ``history.csv``
+keeps both (``log_marglik``: selection value; ``hyperstep_log_marglik``: the last hyperstep's
+estimate). ``n_laplace_fits`` in the summary counts the hyperstep fits only.
+
 With augmentation on, ``eta`` moves the data, so every hyperstep refits the Laplace
 approximation with ``differentiable=True`` (the gradient reaches ``eta`` through the K-FAC
 factors and the log-likelihood term). Without augmentation one fit serves all ``K`` steps of an
@@ -56,7 +67,7 @@ failure tied to one unlucky draw does not repeat deterministically). After
 
 Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point; the one it
 replaces is kept as ``prev.ckpt``, the fallback if ``last.ckpt`` is unreadable) and
-``best.ckpt`` whenever the log marglik improves (the model the summary reports by default,
+``best.ckpt`` whenever the selection value improves (the model the summary reports by default,
 ``trainer.final_model=best``, as in Algorithm 1). A resumed run continues in its run directory
 (``history.csv`` rewritten from the checkpoint, the same W&B run); see :meth:`MarglikTuner.fit`.
 
