@@ -970,7 +970,7 @@ class MarglikTuner:
                           f"aug={'on' if self.aug_on else 'off'}",
                     burn_in=c.hyper.burn_in,
                     reported_epoch=summary["best_epoch"] if use_best else self.epoch,
-                    reported_label="reported (best marglik)" if use_best else "reported (last)",
+                    reported_label="reported (best selection value)" if use_best else "reported (last)",
                 )
             except Exception as e:  # plotting must never lose a finished run
                 self._report(f"could not write curves.png: {e}")

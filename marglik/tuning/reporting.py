@@ -196,7 +196,7 @@ def make_figure(
     title: str = "",
     burn_in: Optional[int] = None,
     reported_epoch: Optional[int] = None,
-    reported_label: str = "reported (best marglik)",
+    reported_label: str = "reported (best selection value)",
 ):
     """The figure of ``curves.png``: five panels over epochs -- log marglik per example, accuracy,
     prior precision (mean with min-max band, log scale), rotation range (degrees), other ranges.
