@@ -53,7 +53,7 @@ class RunSummary:
     seconds_per_marglik_step: Optional[float]
     seconds_per_cached_hyperstep: Optional[float]
     seconds_per_selection: Optional[float]  #: one selection value (its Laplace fit included)
-    n_laplace_fits: int
+    n_laplace_fits: int  #: Laplace fits of the hypersteps (selection values not counted: seconds_per_selection)
     n_hypersteps: int
     marglik_updates: int  #: marginal-likelihood updates that ran (0: no tuning happened)
     fisher_type: str
