@@ -31,7 +31,8 @@ cost does not depend on the values.
 
 Reported per (B, S, flavour): median seconds over ``--repeats`` timed steps (round-robin over the
 flavours, so machine load hits all alike), the ratios expand / reduce and mixed / reduce, and the
-peak extra memory of one step (CUDA: ``max_memory_allocated``; CPU: peak resident set size of a
+peak extra memory of one step, also minus that of a plain training step on the same augmented
+batch (``train-step``: the activations a marglik step cannot avoid) (CUDA: ``max_memory_allocated``; CPU: peak resident set size of a
 fresh child process running one step, over model and data alone). ``--quick`` shrinks
 everything for a smoke test (``tests/test_device_check.py``).
 
@@ -71,6 +72,10 @@ FLAVOURS: Dict[str, Tuple[str, str]] = {
 }
 
 
+#: the contender that is a plain training step (the activation reference, not a marglik step)
+TRAIN_STEP = "train-step"
+
+
 def build_model(device: torch.device, width: int, depth: int, seed: int = 0) -> nn.Module:
     """WRN-``depth``-``width`` without normalisation, small random init on the zero-initialised layers."""
     return wide_resnet(depth, width, device, seed, reinit_zero=True).eval()
@@ -102,6 +107,22 @@ def marglik_step(model, X, y, S: int, flavour: str, num_data: Optional[int], aug
     return float(lml)
 
 
+def train_step(model, X, y, S: int) -> float:
+    """The reference for "the activations": one MAP training step on the same augmented batch
+    (augment into S copies, forward, mean cross-entropy of the copy-averaged logits, backward to the
+    weights and ``eta``), no curvature. A marglik step cannot need less memory than this, because
+    its fit back-propagates through the same forward pass; what it needs beyond this is the cost of
+    the curvature itself."""
+    aug = AffineAugmentation(n_samples=S).to(X.device)
+    with torch.no_grad():
+        aug.eta.fill_(0.1)
+    Xa = aug(X, generator=torch.Generator(device=X.device).manual_seed(0))  # (B, S, C, H, W)
+    logits = model(Xa.flatten(0, 1)).unflatten(0, Xa.shape[:2]).mean(1)
+    loss = nn.functional.cross_entropy(logits, y)
+    torch.autograd.grad(loss, [*model.parameters(), aug.eta])
+    return float(loss)
+
+
 def peer_step(model, X, y, approx: str, num_data: Optional[int] = None) -> float:
     """laplace-torch + curvlinops: fit, log marglik, gradient w.r.t. the layerwise log prior."""
     from laplace import KronLaplace as LTKronLaplace
@@ -125,6 +146,7 @@ def contenders(S: int, with_peer: bool) -> Dict[str, Callable]:
     out: Dict[str, Callable] = {
         f: (lambda model, X, y, n, f=f: marglik_step(model, X, y, S, f, n)) for f in FLAVOURS
     }
+    out[TRAIN_STEP] = lambda model, X, y, n: train_step(model, X, y, S)
     if with_peer:
         for approx in ("expand", "reduce"):
             out[f"marglik-noaug-{approx}"] = (
@@ -251,7 +273,12 @@ def main(argv=None) -> dict:
             red = get(batch, S, "reduce", "median_s")
             entry = {"batch_size": batch, "copies": S,
                      "expand_over_reduce": get(batch, S, "expand", "median_s") / red,
-                     "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red}
+                     "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red,
+                     "reduce_over_train_step": red / get(batch, S, TRAIN_STEP, "median_s")}
+            act = get(batch, S, TRAIN_STEP, "peak_extra_mib")
+            for f in FLAVOURS:  # memory beyond the activations (the training step on the same batch)
+                mem = get(batch, S, f, "peak_extra_mib")
+                entry[f"{f}_beyond_activations_mib"] = None if mem is None or act is None else mem - act
             if S == 1:
                 for a in ("expand", "reduce"):
                     ours = get(batch, S, f"marglik-noaug-{a}", "median_s")
@@ -331,11 +358,24 @@ def render(payload: dict, args) -> str:
         "",
         "## Ratios (same process)",
         "",
-        "| B | S | expand / reduce | mixed / reduce |",
-        "|---:|---:|---:|---:|",
+        "| B | S | expand / reduce | mixed / reduce | reduce / training step |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for r in ratios:
-        lines.append(f"| {r['batch_size']} | {r['copies']} | {r['expand_over_reduce']:.2f} | {r['mixed_over_reduce']:.2f} |")
+        lines.append(f"| {r['batch_size']} | {r['copies']} | {r['expand_over_reduce']:.2f} | {r['mixed_over_reduce']:.2f} "
+                     f"| {r['reduce_over_train_step']:.2f} |")
+    if any(r.get("reduce_beyond_activations_mib") is not None for r in ratios):
+        lines += ["", "## Memory beyond the activations", "",
+                  f"Peak extra MiB of the marglik step minus that of a plain training step (`{TRAIN_STEP}`: augment, "
+                  "forward, copy-averaged cross-entropy, backward to weights and eta) on the same B x S images. "
+                  "Constant in S means the curvature adds nothing that grows with the copies:", "",
+                  "| B | S | train-step MiB | reduce | mixed | expand |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in ratios:
+            act = next((x["peak_extra_mib"] for x in rows if (x["batch_size"], x["copies"], x["contender"])
+                        == (r["batch_size"], r["copies"], TRAIN_STEP)), None)
+            vals = [r.get(f"{f}_beyond_activations_mib") for f in ("reduce", "mixed", "expand")]
+            lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if act is None else f'{act:.0f}'} | "
+                         + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
     peer = [r for r in ratios if "marglik_over_peer_expand" in r]
     if peer:
         lines += ["", "S = 1, no augmentation gradient: marglik / laplace-torch + curvlinops (`KronLaplace`, "

@@ -55,8 +55,8 @@ def job_configs(args) -> List[Dict[str, Any]]:
                   "train_size": args.train_size, "seed": 0},
             model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
             curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
-            hyper={"prior_structure": "layerwise", "prior_prec_init": 1.0, "lr": 0.1, "aug_lr": args.aug_lr,
-                   "steps": args.steps, "frequency": 1, "burn_in": args.burn_in,
+            hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr, "aug_lr": args.aug_lr,
+                   "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
                    "augmentation": aug, "generators": ["rotation"],
                    "n_samples": args.n_samples, "n_samples_test": args.n_samples,
                    "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size},
@@ -105,6 +105,7 @@ def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
         "num_params": s["num_params"],
         "rollbacks": _count(s.get("rollbacks")),
         "rotation_history": [h.get("aug_rotation") for h in hist],
+        "train_acc_history": [h.get("train_acc") for h in hist],
         "log_marglik_history": [h.get("log_marglik") for h in hist],
         "run_dir": str(run_dir),
     })
@@ -186,9 +187,9 @@ def setup_text(s: Dict[str, Any]) -> str:
         f"fixed random angle in [-{s['rotation']:g}, {s['rotation']:g}] degrees; a random subset of "
         f"{s['train_size']} training images, the full test split (360 images). WRN-16-4 with Fixup "
         f"({s.get('num_params', '2.7M')} parameters), {s['epochs']} epochs of Adam (lr {s['lr']:g}, cosine, batch "
-        f"{s['batch_size']}); layerwise prior precision tuned by the Laplace marginal likelihood (K-FAC GGN, "
-        f"type-2) after {s['burn_in']} burn-in epoch(s), {s['steps']} hyperstep(s) per epoch (Adam, lr 0.1 on the "
-        f"log prior precisions, {s['aug_lr']:g} on eta); learned augmentation of the rotation generator with "
+        f"{s['batch_size']}); layerwise prior precision (initial {s.get('prior_prec_init', 1.0):g}) tuned by the "
+        f"Laplace marginal likelihood (K-FAC GGN, type-2) after {s['burn_in']} burn-in epoch(s), {s['steps']} "
+        f"hyperstep(s) every {s.get('frequency', 1)} epoch(s) (Adam, lr {s.get('hyper_lr', 0.1):g} on the log prior precisions, {s['aug_lr']:g} on eta); learned augmentation of the rotation generator with "
         f"S={s['n_samples']} augmented copies (training, marglik and test predictions average the logits over "
         f"the copies); each Laplace fit uses {s['marglik_batches']} random batch(es) of {s['marglik_batch_size']} "
         "images rescaled to N (a stochastic estimate). The reported model is the last one (with this few "
@@ -315,7 +316,16 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = sorted([r for r in data["runs"] if "error" not in r], key=_key)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    ax = axes[3]
+    for r in runs:
+        acc = r.get("train_acc_history") or []
+        ax.plot(range(1, len(acc) + 1), acc, ls="-" if r["augmentation"] else ":",
+                label=f"{'aug' if r['augmentation'] else 'none'} {flavour_label(r)}")
+    ax.axhline(0.1, color="k", ls="--", lw=1, label="chance")
+    ax.set_xlabel("epoch")
+    ax.set_title("training accuracy")
+    ax.legend(fontsize=6)
     ax = axes[0]
     for r in runs:
         if r["augmentation"]:
@@ -333,7 +343,7 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     steps = [r.get("seconds_per_marglik_step") or 0.0 for r in runs]
     axes[2].bar(range(len(runs)), steps, color=colors)
     axes[2].set_title("seconds per marglik step")
-    for ax in axes[1:]:
+    for ax in axes[1:3]:
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(labels, fontsize=6, rotation=45)
     fig.tight_layout()
@@ -347,16 +357,20 @@ def main(argv=None) -> int:
                    choices=list(_ORDER), help="<approx>-<copies_approx> with learned augmentation")
     p.add_argument("--no-ablation", action="store_true", help="drop expand-expand")
     p.add_argument("--rotation", type=float, default=90.0)
-    p.add_argument("--train-size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-samples", type=int, default=2, help="S augmented copies")
-    p.add_argument("--burn-in", type=int, default=1)
+    p.add_argument("--burn-in", type=int, default=5)
+    p.add_argument("--frequency", type=int, default=2, help="a marglik update every F epochs")
     p.add_argument("--steps", type=int, default=2, help="hypersteps per marglik epoch")
+    p.add_argument("--prior-prec-init", type=float, default=1e-3,
+                   help="small: under Adam a strong L2 term shrinks the zero-gradient Fixup branches before they learn")
+    p.add_argument("--hyper-lr", type=float, default=0.3, help="Adam lr on the log prior precisions")
     p.add_argument("--aug-lr", type=float, default=0.2)
-    p.add_argument("--marglik-batches", type=int, default=1)
-    p.add_argument("--marglik-batch-size", type=int, default=8)
+    p.add_argument("--marglik-batches", type=int, default=2)
+    p.add_argument("--marglik-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
@@ -377,6 +391,12 @@ def main(argv=None) -> int:
         return 0
     if args.from_json:
         data = json.loads((out / f"{STEM}.json").read_text())
+        for r in data["runs"]:  # runs written before the training-accuracy history was recorded
+            hist_file = Path(r.get("run_dir", "")) / "history.csv"
+            if "train_acc_history" not in r and hist_file.is_file():
+                from marglik.tuning.reporting import read_history
+
+                r["train_acc_history"] = [h.get("train_acc") for h in read_history(hist_file)]
         write_outputs(data, out)
         return 0
     if args.no_ablation:
