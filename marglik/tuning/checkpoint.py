@@ -23,12 +23,13 @@ and checkpoint folders are probed for writing before training (:func:`check_writ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[s
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with _allowing(ALLOWED_GLOBALS):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something not allowed
         raise UnsafeCheckpointError(
@@ -205,6 +206,16 @@ def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[s
     if missing or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
     return state
+
+
+def _allowing(allowed: List[Any]) -> ContextManager[Any]:
+    """``torch.serialization.safe_globals(allowed)`` (torch >= 2.5); on torch 2.4, which has only
+    the process-wide ``add_safe_globals``, that (the same few NumPy reconstructors) and a no-op context."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
 
 
 def _unsafe_names(path: Path) -> str:
