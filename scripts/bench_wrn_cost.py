@@ -74,6 +74,8 @@ FLAVOURS: Dict[str, Tuple[str, str]] = {
 
 #: the contender that is a plain training step (the activation reference, not a marglik step)
 TRAIN_STEP = "train-step"
+#: the K differentiable backward passes of a type-2 GGN alone (the activations of a differentiable fit)
+GGN_BACKWARD = "ggn-backward"
 
 
 def build_model(device: torch.device, width: int, depth: int, seed: int = 0) -> nn.Module:
@@ -123,6 +125,26 @@ def train_step(model, X, y, S: int) -> float:
     return float(loss)
 
 
+def ggn_backward_step(model, X, y, S: int) -> float:
+    """The reference for "the activations of a differentiable curvature": the backward passes a
+    type-2 GGN needs (one per class, through the same augmented forward pass, each keeping its graph
+    for a second differentiation, as a fit with ``differentiable=True`` must), then a gradient of
+    their summed squares to ``eta``. No factors, no eigendecompositions. Memory that a marglik step
+    needs beyond this grows with the copies only if the curvature itself stores per-copy data."""
+    aug = AffineAugmentation(n_samples=S).to(X.device)
+    with torch.no_grad():
+        aug.eta.fill_(0.1)
+    Xa = aug(X, generator=torch.Generator(device=X.device).manual_seed(0))
+    logits = model(Xa.flatten(0, 1)).unflatten(0, Xa.shape[:2]).mean(1)  # (B, K)
+    params = list(model.parameters())
+    total = logits.new_zeros(())
+    for k in range(logits.shape[1]):
+        grads = torch.autograd.grad(logits[:, k].sum(), params, create_graph=True)
+        total = total + sum((g * g).sum() for g in grads)
+    torch.autograd.grad(total, [aug.eta])
+    return float(total)
+
+
 def peer_step(model, X, y, approx: str, num_data: Optional[int] = None) -> float:
     """laplace-torch + curvlinops: fit, log marglik, gradient w.r.t. the layerwise log prior."""
     from laplace import KronLaplace as LTKronLaplace
@@ -147,6 +169,7 @@ def contenders(S: int, with_peer: bool) -> Dict[str, Callable]:
         f: (lambda model, X, y, n, f=f: marglik_step(model, X, y, S, f, n)) for f in FLAVOURS
     }
     out[TRAIN_STEP] = lambda model, X, y, n: train_step(model, X, y, S)
+    out[GGN_BACKWARD] = lambda model, X, y, n: ggn_backward_step(model, X, y, S)
     if with_peer:
         for approx in ("expand", "reduce"):
             out[f"marglik-noaug-{approx}"] = (
@@ -276,9 +299,11 @@ def main(argv=None) -> dict:
                      "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red,
                      "reduce_over_train_step": red / get(batch, S, TRAIN_STEP, "median_s")}
             act = get(batch, S, TRAIN_STEP, "peak_extra_mib")
+            ggn = get(batch, S, GGN_BACKWARD, "peak_extra_mib")
             for f in FLAVOURS:  # memory beyond the activations (the training step on the same batch)
                 mem = get(batch, S, f, "peak_extra_mib")
                 entry[f"{f}_beyond_activations_mib"] = None if mem is None or act is None else mem - act
+                entry[f"{f}_beyond_ggn_backward_mib"] = None if mem is None or ggn is None else mem - ggn
             if S == 1:
                 for a in ("expand", "reduce"):
                     ours = get(batch, S, f"marglik-noaug-{a}", "median_s")
@@ -375,6 +400,16 @@ def render(payload: dict, args) -> str:
                         == (r["batch_size"], r["copies"], TRAIN_STEP)), None)
             vals = [r.get(f"{f}_beyond_activations_mib") for f in ("reduce", "mixed", "expand")]
             lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if act is None else f'{act:.0f}'} | "
+                         + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
+        lines += ["", f"The same minus the `{GGN_BACKWARD}` reference (the K = 10 class backward passes of a type-2 "
+                  "GGN through the same forward pass, each keeping its graph for the gradient to eta, as a "
+                  "differentiable fit must; no factors):", "",
+                  "| B | S | ggn-backward MiB | reduce | mixed | expand |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in ratios:
+            ref = next((x["peak_extra_mib"] for x in rows if (x["batch_size"], x["copies"], x["contender"])
+                        == (r["batch_size"], r["copies"], GGN_BACKWARD)), None)
+            vals = [r.get(f"{f}_beyond_ggn_backward_mib") for f in ("reduce", "mixed", "expand")]
+            lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if ref is None else f'{ref:.0f}'} | "
                          + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
     peer = [r for r in ratios if "marglik_over_peer_expand" in r]
     if peer:
