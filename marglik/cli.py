@@ -7,13 +7,15 @@ non-editable install. Config groups and the fixed override paths::
     data=digits|cifar10|mnist|fashion_mnist   data.rotation=<deg> data.translation=<px> data.train_size=<n>
     model=cnn|mlp|wrn16_4|vit   model.<that model's own options>
     curvature.approx=expand|reduce  curvature.copies_approx=expand|reduce  curvature.fisher_type=type-2|mc|empirical  curvature.mc_samples=<n>
+    curvature.separate_bias=true|false|null
     hyper.augmentation=true|false  hyper.prior_structure=scalar|layerwise  hyper.lr=  hyper.aug_lr=
     hyper.steps=  hyper.frequency=  hyper.burn_in=  hyper.n_samples=  hyper.marglik_batches=
+    hyper.selection=full|subset  hyper.selection_size=<n>
     trainer.epochs=<n> trainer.batch_size= trainer.lr= trainer.optimizer=adam|sgd
     trainer.device=auto|cpu|cuda  trainer.seed=<n>  trainer.resume=auto|never|<run dir>
     logger.mode=offline|online|disabled  logger.project=  logger.group=
 
-Outputs go to the Hydra run directory (``outputs/<date>/<time>_<data>_<approx>-<copies_approx>``; set it with
+Outputs go to the Hydra run directory (``outputs/<date>/<time>_<data>_<approx>-<copies_approx>[-sepbias]``; set it with
 ``hydra.run.dir=...``): ``summary.json``, ``history.csv``, ``curves.png``, ``checkpoints/``,
 ``config.json``, Hydra's ``.hydra/`` and the log. Re-running into the same ``hydra.run.dir``
 resumes an interrupted run (``trainer.resume=auto``).

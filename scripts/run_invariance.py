@@ -121,6 +121,7 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
             model={"name": "cnn", "width": 16, "hidden": 64},
             curvature={"approx": approx, "copies_approx": copies},
             hyper={"augmentation": True, "generators": ["rotation"], "n_samples": args.n_samples, "steps": 1,
+                   "selection": "subset", "selection_size": 8,  # the selection value is not timed
                    "marglik_batches": args.marglik_batches, "marglik_batch_size": 128},
             trainer={"device": "cpu", "num_threads": 1, "progress": False, "seed": args.seed, "resume": "never"},
             logger={"mode": "disabled"},

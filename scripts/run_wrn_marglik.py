@@ -127,7 +127,7 @@ def time_marglik_steps(args, repeats: int, rotation_deg: float = 30.0) -> Dict[s
     for job in job_configs(args):
         if not job["augmentation"]:
             continue
-        cfg = Config.from_dict(job["cfg"], hyper={"steps": 1}, trainer={"resume": "never"}, logger={"mode": "disabled"})
+        cfg = Config.from_dict(job["cfg"], hyper={"steps": 1, "selection": "subset", "selection_size": 8}, trainer={"resume": "never"}, logger={"mode": "disabled"})
         t = MarglikTuner(cfg, Path(tempfile.mkdtemp(prefix=f"wrn_timing_{job['name']}_")))
         state = t.model.state_dict() if state is None else state
         t.model.load_state_dict(state)

@@ -56,7 +56,12 @@ def test_run_dir_names_both_flavours():
     with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
-    assert run_dir.endswith("_${data.name}_${curvature.approx}-${curvature.copies_approx}")
+    assert run_dir.endswith("_${data.name}_${curvature.approx}-${curvature.copies_approx}"
+                            "${bias_suffix:${curvature.separate_bias}}")
+    for override, suffix in (([], "_digits_reduce-reduce"), (["curvature.separate_bias=true"], "-reduce-sepbias")):
+        with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=override, return_hydra_config=True)
+        assert OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"].endswith(suffix)
 
 
 @pytest.mark.parametrize("data", ["cifar10", "mnist", "fashion_mnist"])

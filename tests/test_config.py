@@ -32,7 +32,8 @@ def test_enums_compare_as_strings_and_serialise_plainly():
     assert cfg.curvature.fisher_type == "mc" and Config().curvature.fisher_type == "type-2"
     d = cfg.to_dict()
     assert d["curvature"] == {"approx": "expand", "fisher_type": "mc", "mc_samples": 1, "copies_approx": "reduce",
-                              "backend": "marglik", "structure": "kron"}
+                              "backend": "marglik", "structure": "kron", "separate_bias": None}
+    assert d["hyper"]["selection"] == "full" and type(d["hyper"]["selection"]) is str
     assert type(d["curvature"]["approx"]) is str and type(d["hyper"]["generators"][0]) is str
     json.dumps(d)  # plain JSON
 
@@ -48,6 +49,9 @@ def test_enums_compare_as_strings_and_serialise_plainly():
      "hyper.generators=[rotation, foo]: wrong type; allowed: a list of values from translation_x"),
     ({"trainer": {"epoch": 3}}, "trainer.epoch=3: unknown key (did you mean trainer.epochs?)"),
     ({"hyper": {"steps": 0}}, "hyper.steps=0: invalid value; allowed: an integer >= 1"),
+    ({"hyper": {"selection": "best"}}, "hyper.selection=best: not a valid choice; allowed: one of full, subset"),
+    ({"hyper": {"selection_size": 0}}, "hyper.selection_size=0: invalid value; allowed: an integer >= 1"),
+    ({"curvature": {"separate_bias": "yes"}}, "curvature.separate_bias=yes: not a boolean"),
     ({"trainer": {"device": "gpu"}}, "trainer.device=gpu: invalid value"),
     ({"model": {"name": "mlp", "width": 16}}, "model.width=16: not an option of model mlp"),
     ({"model": {"name": "resnet"}}, "model.name=resnet: unknown model; allowed: one of cnn, mlp, wrn16_4, vit"),

@@ -31,7 +31,7 @@ TIMING = ("epoch_seconds", "hyper_seconds")
 OVERRIDES = [
     "data.train_size=96", "data.rotation=30", "model.width=4", "model.hidden=16", "trainer.epochs=2",
     "trainer.batch_size=32", "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=2",
-    "hyper.marglik_batch_size=32", "trainer.device=cpu", "trainer.num_threads=1", "trainer.progress=false",
+    "hyper.marglik_batch_size=32", "hyper.selection=subset", "hyper.selection_size=50", "trainer.device=cpu", "trainer.num_threads=1", "trainer.progress=false",
     "logger.mode=disabled",
 ]
 REL, ABS = 1e-4, 1e-5
@@ -74,7 +74,8 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert ref["world_size"] == 1
-    skip = {"seconds", "seconds_per_marglik_step", "seconds_per_cached_hyperstep", "world_size"}
+    skip = {"seconds", "seconds_per_marglik_step", "seconds_per_cached_hyperstep", "seconds_per_selection",
+            "world_size"}
     _close({k: v for k, v in summary.items() if k not in skip},
            json.loads(json.dumps({k: v for k, v in ref.items() if k not in skip})), "summary")
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in read_history(run / "history.csv")]
@@ -83,6 +84,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     _close(rows, ref_rows, "history")
     assert rows[-1]["aug_rotation"] > 0 and rows[-1]["log_marglik"] is not None  # eta and the marglik moved
+    assert summary["selection_estimator"].startswith("subset: fixed 50 of N=96")  # sharded like the hyperstep
 
 
 def _rollback_worker(rank, init_file, out_dir):
@@ -115,7 +117,7 @@ def test_rollback_on_one_rank_is_taken_by_all(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_rollback_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == 2 and r0["rollbacks"] == r1["rollbacks"] == 1
     assert len(r0["rollback_events"]) == len(r1["rollback_events"]) == 1
     assert r0["rollback_events"][0]["where"] == "MAP step, batch 2/3"

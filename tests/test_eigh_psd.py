@@ -14,7 +14,7 @@ DATA = Path(__file__).parent / "data" / "rank_deficient_factor.pt"
 
 
 def test_rank_deficient_float32_factor():
-    B = torch.load(DATA)
+    B = torch.load(DATA, weights_only=True)
     assert B.dtype == torch.float32
     lam, V = eigh_psd(B)
     assert torch.isfinite(lam).all() and torch.isfinite(V).all()

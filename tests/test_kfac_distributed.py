@@ -45,7 +45,7 @@ def test_all_reduce_equals_single_process(approx, tmp_path):
     init_file = str(tmp_path / "init")
     out_file = str(tmp_path / "out.pt")
     mp.spawn(_worker, args=(2, init_file, approx, out_file), nprocs=2, join=True)
-    res = torch.load(out_file)
+    res = torch.load(out_file, weights_only=True)
     X, y = _data()
     ref = marglik.KFAC(_model(), "classification", approx=approx).fit((X, y))
     assert res["num_data"] == 10
@@ -80,7 +80,7 @@ def test_differentiable_all_reduce_gradient_sums_over_ranks(tmp_path):
         pytest.skip("torch.distributed unavailable")
     out_file = str(tmp_path / "out.pt")
     mp.spawn(_grad_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
-    res = torch.load(out_file)
+    res = torch.load(out_file, weights_only=True)
     X, y = _data()
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     kron = marglik.KFAC(_model(), "classification", approx="reduce", differentiable=True).fit((X * scale, y))

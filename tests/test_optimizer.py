@@ -199,7 +199,7 @@ def test_state_dict_round_trip(float64):
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
+    ckpt = torch.load(buf, weights_only=True)
 
     model2 = TokenNet()
     model2.load_state_dict(ckpt["model"])

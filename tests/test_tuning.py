@@ -301,7 +301,8 @@ def test_curves_mark_burn_in_reported_epoch_and_prior_precision():
 
     hist = [{"epoch": e, "train_acc": 0.1 * e, "test_acc": 0.1 * e, "prior_prec_mean": float(e),
              "prior_prec_min": 0.5 * e, "prior_prec_max": 2.0 * e, "aug_rotation": float(e),
-             "log_marglik_per_example": None if e <= 2 else -1.0 / e} for e in range(1, 6)]
+             "log_marglik_per_example": None if e <= 2 else -1.0 / e,
+             "hyperstep_log_marglik_per_example": None if e <= 2 else -1.1 / e} for e in range(1, 6)]
 
     def vlines(ax, x):
         return [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and list(ln.get_xdata()) == [x, x]]
@@ -319,6 +320,7 @@ def test_curves_mark_burn_in_reported_epoch_and_prior_precision():
         xs = span.get_xy()[:, 0] if isinstance(span, Polygon) else [span.get_x(), span.get_x() + span.get_width()]
         assert min(xs) == 0.5 and max(xs) == 2.5  # epochs 1..2 shaded
     labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "burn-in" in labels and "reported (best marglik)" in labels
+    assert "burn-in" in labels and "reported (best selection value)" in labels
+    assert {"selection value / N", "hyperstep estimate / N"} <= set(labels)
     plain = make_figure(hist)  # negative control: no marks asked for, none drawn
     assert not any(vlines(ax, 4) or spans(ax) for ax in plain.axes)

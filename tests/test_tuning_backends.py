@@ -204,7 +204,22 @@ def test_wandb_labels_name_backend_and_structure():
     assert curvature_tags({"backend": "backpack", "structure": "diag", "approx": "expand"}) == [
         "backend:backpack", "structure:diag"]
     assert curvature_tags({"approx": "expand"}) == ["backend:marglik", "structure:kron", "approx:expand",
-                                                   "copies_approx:expand"]
+                                                   "bias:joint", "copies_approx:expand"]
+    assert curvature_label({"approx": "reduce", "separate_bias": True}) == "marglik-reduce-reduce-sepbias"
+    assert "bias:separate" in curvature_tags({"backend": "curvlinops", "approx": "expand"})  # the peers' own
+
+
+def test_separate_bias_config():
+    """null: marglik joint, peers separate; false with a peer is a one-line error naming the key."""
+    from marglik.tuning import Config, ConfigError
+    from marglik.tuning.backends import resolved_separate_bias
+
+    assert not resolved_separate_bias(Config().curvature)
+    assert resolved_separate_bias(Config.from_dict(curvature={"separate_bias": True}).curvature)
+    peer = {"backend": "curvlinops", "approx": "expand"}
+    assert resolved_separate_bias(Config.from_dict(curvature=peer, hyper={"augmentation": False}).curvature)
+    with pytest.raises(ConfigError, match=r"^curvature.separate_bias=false: .*always keep weight and bias apart"):
+        Config.from_dict(curvature={**peer, "separate_bias": False}, hyper={"augmentation": False})
 
 
 @pytest.mark.parametrize("backend, structure", [("curvlinops", "kron"), ("curvlinops", "diag"), ("asdl", "kron"),

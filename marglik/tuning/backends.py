@@ -21,7 +21,9 @@ backend        ``structure=kron``                       ``structure=diag``
 
 Conventions (all checked in ``tests/test_tuning_backends.py``): laplace-torch keeps separate
 weight and bias blocks, so its Kronecker peers are compared with marglik's joint weight+bias
-blocks only up to those cross terms. On layers without weight sharing (an MLP) curvlinops, ASDL
+blocks only up to those cross terms; ``curvature.separate_bias=true`` gives marglik the peers'
+block structure (``null``, the default, is joint for marglik and separate for the peers; ``false``
+with a peer is an error, laplace-torch has no joint blocks). On layers without weight sharing (an MLP) curvlinops, ASDL
 and BackPACK give exactly marglik's expand (= reduce) factors. On convolutions ASDL and curvlinops
 ``expand`` give marglik's expand factors; BackPACK's KFLR/KFAC give ``(R A_expand) ⊗ B_reduce``
 (``R`` output positions; see ``tests/test_backpack_kflr.py``).
@@ -57,6 +59,7 @@ __all__ = [
     "check_curvature_config",
     "check_backend_runs",
     "curvature_label",
+    "resolved_separate_bias",
     "sequential_view",
 ]
 
@@ -98,6 +101,12 @@ def check_curvature_config(curvature: Any, augmentation: bool) -> None:
     backend = _parse(CurvatureBackend, curvature.backend, "curvature.backend")
     structure = _parse(CurvatureStructure, curvature.structure, "curvature.structure")
     b = backend.value
+    if backend is not CurvatureBackend.marglik and getattr(curvature, "separate_bias", None) is False:
+        raise ValueError(
+            f"curvature.separate_bias=false (joint weight+bias Kronecker blocks) is marglik's structure; "
+            f"laplace-torch's peers (backend={b}) always keep weight and bias apart: set curvature.separate_bias=true "
+            "or null, or use backend=marglik"
+        )
     if backend is CurvatureBackend.marglik:
         if structure is CurvatureStructure.diag:
             raise ValueError(
@@ -133,10 +142,29 @@ def check_curvature_config(curvature: Any, augmentation: bool) -> None:
         )
 
 
+def resolved_separate_bias(curvature: Any) -> bool:
+    """Whether a layer's weight and bias get separate Kronecker blocks (``curvature.separate_bias``
+    with ``null`` resolved: joint for ``backend=marglik``, separate for laplace-torch's peers).
+
+    Args:
+        curvature: the ``curvature`` section (a config object or its dict).
+
+    Returns:
+        ``True``: separate ``W`` and ``b`` blocks; ``False``: one joint ``[W, b]`` block.
+    """
+    get = curvature.get if isinstance(curvature, dict) else lambda k, d=None: getattr(curvature, k, d)
+    value = get("separate_bias", None)
+    if value is None:
+        return str(get("backend", "marglik")) != CurvatureBackend.marglik.value
+    return bool(value)
+
+
 def curvature_label(curvature: Dict[str, Any]) -> str:
     """Short name of the curvature of a run, e.g. ``marglik-expand-reduce`` (K-FAC-expand on
     positions, reduce on augmented copies), ``curvlinops-kron-expand``,
-    ``asdl-diag``; used as the W&B ``job_type`` and default run name. Missing keys take the defaults
+    ``asdl-diag``; used as the W&B ``job_type`` and default run name. marglik's label ends in
+    ``-sepbias`` with separate weight and bias blocks (``curvature.separate_bias=true``; the peers'
+    blocks are always separate, their label does not say it). Missing keys take the defaults
     (``marglik``, ``kron``).
 
     Args:
@@ -148,7 +176,8 @@ def curvature_label(curvature: Dict[str, Any]) -> str:
     backend = curvature.get("backend", "marglik")
     structure = curvature.get("structure", "kron")
     if backend == "marglik":  # K-FAC on positions, then on augmented copies (null: as on positions)
-        return f"marglik-{curvature['approx']}-{curvature.get('copies_approx') or curvature['approx']}"
+        label = f"marglik-{curvature['approx']}-{curvature.get('copies_approx') or curvature['approx']}"
+        return label + ("-sepbias" if resolved_separate_bias(curvature) else "")
     if structure == "diag":
         return f"{backend}-diag"
     return f"{backend}-kron-{curvature['approx']}"
@@ -378,6 +407,7 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
             model, likelihood="classification", approx=curvature.approx,
             copies_approx=curvature.copies_approx, fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
+            separate_bias=resolved_separate_bias(curvature),
         )
     return PeerLaplace(
         model, backend.value, curvature.structure, approx=curvature.approx, fisher_type=curvature.fisher_type,

@@ -7,6 +7,15 @@ Python, and the run's own ``torch.Generator`` streams) and the resolved config. 
 file therefore continues the run exactly as if it had not been interrupted (on the same device
 type; CUDA kernels may be nondeterministic).
 
+Safety: checkpoints hold tensors and plain data only (dicts, lists, tuples, strings, numbers,
+``None``): the config is saved as a plain dict, NumPy's and Python's RNG states as a tensor and
+integers. :func:`load` reads them with ``torch.load(weights_only=True)``, whose unpickler builds
+nothing but tensors and those types, plus an explicit allow-list (:data:`ALLOWED_GLOBALS`: the
+NumPy array reconstructors of the RNG state that checkpoints written before this change hold).
+A file that asks for any other Python object -- which with ``weights_only=False`` could run code
+while loading -- is refused with :class:`UnsafeCheckpointError`, one line naming the file and
+the objects it asks for; nothing in it is executed.
+
 Faults: a run keeps its last two epoch checkpoints (``last.ckpt``, ``prev.ckpt``); an unreadable
 one is reported by path and the next older one is used (:func:`load_resume_state`), and the run
 and checkpoint folders are probed for writing before training (:func:`check_writable`).
@@ -14,11 +23,13 @@ and checkpoint folders are probed for writing before training (:func:`check_writ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import pickle
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,6 +46,44 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupt, not a run checkpoint)."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that holds pickled objects outside the allow-list (refused unread)."""
+
+
+def _numpy_globals() -> List[Any]:
+    """NumPy's array reconstructors as pickled in ``np.random.get_state()`` (legacy checkpoints)."""
+    import importlib
+
+    out: List[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            out.append(importlib.import_module(mod)._reconstruct)
+            break
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the NumPy version
+            continue
+    return out
+
+
+#: Python objects a checkpoint may ask the unpickler for besides tensors and plain data: only what
+#: a legacy NumPy RNG state (a ``uint32`` array) needs. Files written now need none of them.
+ALLOWED_GLOBALS: List[Any] = _numpy_globals()
+
+
+def _numpy_state_plain(state: Tuple[Any, ...]) -> Dict[str, Any]:
+    """``np.random.get_state()`` as plain data: the key as an int64 tensor, the rest as numbers."""
+    name, key, pos, has_gauss, cached = state
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_tuple(state: Any) -> Tuple[Any, ...]:
+    """The inverse of :func:`_numpy_state_plain` (a legacy tuple is returned as it is)."""
+    if not isinstance(state, dict):
+        return tuple(state)
+    key = np.asarray(state["key"].numpy(), dtype=np.uint32)
+    return (state["bit_generator"], key, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
 def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
     """Snapshot of the global RNGs and of the named generators.
 
@@ -42,12 +91,15 @@ def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
         generators: the run's named streams (:func:`marglik.tuning.seeds.run_generators`).
 
     Returns:
-        ``{"torch", "numpy", "python", "generators"[, "cuda"]}`` states (CPU tensors / tuples).
+        ``{"torch", "numpy", "python", "generators"[, "cuda"]}`` states as tensors and plain data
+        (NumPy's key as an int64 tensor, Python's state as a tuple of ints), loadable with
+        ``weights_only=True``.
     """
+    version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": _numpy_state_plain(np.random.get_state()),
+        "python": (int(version), tuple(int(v) for v in internal), None if gauss is None else float(gauss)),
         "generators": {k: g.get_state() for k, g in generators.items()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -63,8 +115,9 @@ def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator])
         generators: the named streams to set (a name missing from ``state`` is left as it is).
     """
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state_tuple(state["numpy"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     for k, g in generators.items():
         if k in state["generators"]:
             g.set_state(state["generators"][k])
@@ -121,7 +174,8 @@ def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = Fa
 
 
 def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
-    """Read a checkpoint.
+    """Read a checkpoint without running code: ``torch.load(weights_only=True)`` with
+    :data:`ALLOWED_GLOBALS` as the only Python objects besides tensors and plain data.
 
     Args:
         path: the checkpoint file.
@@ -132,17 +186,47 @@ def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[s
         The saved dict.
 
     Raises:
+        UnsafeCheckpointError: naming ``path`` and the objects it asks for, if it holds any other
+            pickled object (nothing in it is executed).
         CheckpointError: naming ``path``, if it is truncated, corrupt or lacks a ``required`` key.
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, bad pickle, I/O error
+        with _allowing(ALLOWED_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something not allowed
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} refused: it holds pickled Python objects that are not allowed "
+            f"({_unsafe_names(path) or str(e).splitlines()[0]}); marglik loads only tensors and plain data, "
+            "so that loading cannot run code -- do not resume from a file you do not trust"
+        ) from None
+    except Exception as e:  # truncated zip, I/O error
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e})") from e
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
     return state
+
+
+def _allowing(allowed: List[Any]) -> ContextManager[Any]:
+    """``torch.serialization.safe_globals(allowed)`` (torch >= 2.5); on torch 2.4, which has only
+    the process-wide ``add_safe_globals``, that (the same few NumPy reconstructors) and a no-op context."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
+
+
+def _unsafe_names(path: Path) -> str:
+    """The globals a checkpoint asks for beyond the allowed ones (read from the pickle's opcodes,
+    not executed); empty if they cannot be listed."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return ""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    return ", ".join(n for n in names if n not in allowed)
 
 
 def _is_off(spec: Optional[str]) -> bool:
@@ -211,7 +295,9 @@ def load_resume_state(
 
     A candidate that cannot be read is reported (by path) through ``report`` and the next one is
     tried; if none is good the run starts fresh, saying so (``resume=auto``), or, for an explicit
-    ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed.
+    ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed. A candidate
+    refused as unsafe (:class:`UnsafeCheckpointError`) stops an explicit resume at once (no
+    fallback to an older file); under ``resume=auto`` it is reported and skipped like a corrupt one.
 
     Args:
         spec: ``trainer.resume``.
@@ -222,6 +308,7 @@ def load_resume_state(
         ``(state, path)`` of the checkpoint loaded (on the CPU), or ``(None, None)``.
 
     Raises:
+        UnsafeCheckpointError: an explicit ``spec`` whose candidate holds disallowed objects.
         CheckpointError: an explicit ``spec`` whose candidates are all unreadable.
         FileNotFoundError: as :func:`resume_candidates`.
     """
@@ -231,6 +318,8 @@ def load_resume_state(
         try:
             return load(path, map_location="cpu"), path  # RNG states must stay on the CPU
         except CheckpointError as e:
+            if isinstance(e, UnsafeCheckpointError) and str(spec).lower() != "auto":
+                raise
             failed.append(str(e))
             nxt = f"falling back to {cands[i + 1]}" if i + 1 < len(cands) else "no older good checkpoint"
             report(f"{e}; {nxt}")

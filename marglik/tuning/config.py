@@ -49,6 +49,7 @@ from ..curvature.options import KFACApprox
 from ..curvature.prior import PriorStructure as EnginePriorStructure
 from .backends import CurvatureBackend, CurvatureStructure, check_curvature_config
 from .choices import Choice
+from .estimator import SelectionEstimator
 
 
 # --------------------------------------------------------------------------- choices
@@ -203,6 +204,11 @@ class CurvatureConfig:
     copies_approx: Optional[Approx] = Approx.reduce  #: the augmented-copies axis (null: as approx)
     backend: CurvatureBackend = CurvatureBackend.marglik  #: peers via laplace-torch (see tuning.backends)
     structure: CurvatureStructure = CurvatureStructure.kron  #: diag: peers only
+    #: Kronecker blocks of a layer with a bias: false = one joint [W, b] block (K-FAC with
+    #: bias-augmented inputs), true = separate W and b blocks (laplace-torch's structure); null =
+    #: the backend's own (false for marglik; laplace-torch's peers are always separate, so false
+    #: with a peer is an error)
+    separate_bias: Optional[bool] = None
 
 
 @dataclass
@@ -224,6 +230,10 @@ class HyperConfig:
         default_factory=lambda: [AugGenerator[g] for g in ALL_GENERATORS])
     marglik_batches: Optional[int] = 4  #: batches per Laplace fit (None: the whole training set)
     marglik_batch_size: Optional[int] = 128  #: batch size of the Laplace fit (None: trainer.batch_size)
+    #: the fixed estimator that picks the best epoch and gives the reported log marglik: full (the
+    #: whole training set) | subset (selection_size examples drawn once per run from the seed)
+    selection: SelectionEstimator = SelectionEstimator.full
+    selection_size: int = 512  #: examples of selection=subset (at most N)
 
 
 @dataclass
@@ -284,10 +294,14 @@ class HydraSchema:
 
 
 def register_configs() -> None:
-    """Register the schema, the ``data`` and the ``model`` options in Hydra's ConfigStore
-    (idempotent; done on import of this module)."""
+    """Register the schema, the ``data`` and the ``model`` options in Hydra's ConfigStore, and the
+    ``bias_suffix`` resolver of the run directory's name (idempotent; done on import of this module)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    # the run directory's name says when the blocks are separate: ${bias_suffix:${curvature.separate_bias}}
+    OmegaConf.register_new_resolver("bias_suffix", lambda v: "-sepbias" if str(v).lower() == "true" else "",
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="marglik_schema", node=HydraSchema)
     for name in DataName:
@@ -588,6 +602,7 @@ class Config:
         check(h.marglik_batches is None or h.marglik_batches >= 1, "hyper.marglik_batches", "an integer >= 1 or null")
         check(h.marglik_batch_size is None or h.marglik_batch_size >= 1, "hyper.marglik_batch_size",
               "an integer >= 1 or null")
+        check(h.selection_size >= 1, "hyper.selection_size", "an integer >= 1")
         check(t.epochs >= 0, "trainer.epochs", "an integer >= 0")
         check(t.batch_size >= 1, "trainer.batch_size", "an integer >= 1")
         check(t.lr > 0, "trainer.lr", "a number > 0")
@@ -602,7 +617,9 @@ class Config:
         try:  # combinations a curvature backend cannot compute (tuning.backends says which and why)
             check_curvature_config(c, h.augmentation)
         except ValueError as err:
-            raise ConfigError("curvature.backend", c.backend, str(err), "the fix the message names") from None
+            key = "curvature.separate_bias" if "separate_bias" in str(err) else "curvature.backend"
+            value = c.separate_bias if key == "curvature.separate_bias" else c.backend
+            raise ConfigError(key, value, str(err), "the fix the message names") from None
 
     # ------------------------------------------------------------------ schedule facts
     def marglik_updates(self) -> int:

@@ -20,6 +20,8 @@ and the K-FAC-expand/reduce Laplace of Eschenhagen et al. (NeurIPS 2023):
                 fit K-FAC Laplace at theta on (aug_eta(X), y) of a subset of M batches
                 log p(D | delta, eta) ~= Laplace log marglik(prior precision delta)
                 (log delta, eta) <- Adam ascent step on it    # own lrs; optional cosine decay
+            selection value = Laplace log marglik on fixed data at the updated (delta, eta)
+            keep the state as best.ckpt if it has the highest selection value so far
 
 ``delta`` is a scalar or one prior precision per parameter tensor (``hyper.prior_structure``),
 optimised in log space. The MAP step never updates ``eta`` (``eta`` and ``log delta`` are in a
@@ -40,6 +42,15 @@ uses the whole training set (deterministic up to the augmentation noise). The su
 rescaling: :class:`marglik.tuning.estimator.MarglikSubset`; the learning-rate schedules and when
 an update is due: :mod:`marglik.tuning.schedules`; the random streams: :mod:`marglik.tuning.seeds`.
 
+Selection. The stochastic hyperstep estimate drives the ascent only. After each update the
+*selection value* -- the same Laplace log marginal likelihood, no gradient, at the updated
+hyperparameters, on fixed data (``hyper.selection``: the whole training set, or a subset drawn
+once from the seed; one fixed augmentation-noise draw; :class:`marglik.tuning.estimator.SelectionSet`,
+:meth:`MarglikTuner.selection_log_marglik`) -- picks the best epoch and is the reported
+``log_marglik``. It changes only when the weights or the hyperparameters do. ``history.csv``
+keeps both (``log_marglik``: selection value; ``hyperstep_log_marglik``: the last hyperstep's
+estimate). ``n_laplace_fits`` in the summary counts the hyperstep fits only.
+
 With augmentation on, ``eta`` moves the data, so every hyperstep refits the Laplace
 approximation with ``differentiable=True`` (the gradient reaches ``eta`` through the K-FAC
 factors and the log-likelihood term). Without augmentation one fit serves all ``K`` steps of an
@@ -56,7 +67,7 @@ failure tied to one unlucky draw does not repeat deterministically). After
 
 Checkpoints: ``<run_dir>/checkpoints/last.ckpt`` after every epoch (resume point; the one it
 replaces is kept as ``prev.ckpt``, the fallback if ``last.ckpt`` is unreadable) and
-``best.ckpt`` whenever the log marglik improves (the model the summary reports by default,
+``best.ckpt`` whenever the selection value improves (the model the summary reports by default,
 ``trainer.final_model=best``, as in Algorithm 1). A resumed run continues in its run directory
 (``history.csv`` rewritten from the checkpoint, the same W&B run); see :meth:`MarglikTuner.fit`.
 
@@ -81,10 +92,10 @@ from ..augment import AffineAugmentation
 from ..data import load_dataset
 from ..models import get_model
 from . import checkpoint as ckpt
-from .backends import build_laplace, check_backend_runs
+from .backends import build_laplace, check_backend_runs, resolved_separate_bias
 from .config import Config, ConfigError
 from .distributed import DistContext
-from .estimator import MarglikSubset
+from .estimator import MarglikSubset, SelectionSet
 from .reporting import plot_curves, summary_record, write_history, write_json
 from .schedules import hyper_lr_factor, map_lr, marglik_update_due
 from .seeds import Stream, run_generators, seed_everything, stream_generator
@@ -217,6 +228,7 @@ class MarglikTuner:
 
         self.generators = run_generators(c.trainer.seed)
         self.marglik_subset = MarglikSubset.from_config(c, self.N)
+        self.selection = SelectionSet.from_config(c, self.N)
         self.batches_per_epoch = math.ceil(self.N / t.batch_size)
         if self.dist.enabled:
             self._check_shards()
@@ -229,7 +241,8 @@ class MarglikTuner:
         self.history: List[Dict[str, Any]] = []
         self.events: List[Dict[str, Any]] = []
         self.best: Optional[Dict[str, Any]] = None
-        self.timing = {"elapsed": 0.0, "marglik_step_seconds": [], "cached_step_seconds": [], "n_fits": 0}
+        self.timing = {"elapsed": 0.0, "marglik_step_seconds": [], "cached_step_seconds": [], "n_fits": 0,
+                       "selection_seconds": []}
         self.wandb_id: Optional[str] = None
         self.last_log_marglik = float("nan")
 
@@ -455,21 +468,28 @@ class MarglikTuner:
             return [(self._augment(self.X[i], shard=True), self.y[i][self.dist.shard(len(i))]) for i in batches]
         return [(self._augment(self.X[i]), self.y[i]) for i in batches]
 
-    def make_laplace(self):
+    def make_laplace(self, differentiable: Optional[bool] = None):
         """An unfitted Laplace approximation of the model at the current prior precision.
+
+        Args:
+            differentiable: factors with an autograd graph (default: when augmentation is learned).
 
         Returns:
             marglik's :class:`KronLaplace`, or a laplace-torch :class:`PeerLaplace`
             (``curvature.backend``, see :mod:`marglik.tuning.backends`).
         """
-        return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), self.aug_on)
+        diff = self.aug_on if differentiable is None else differentiable
+        return build_laplace(self.cfg.curvature, self.model, self.prior_precision().detach(), diff)
 
-    def fit_laplace(self, data: List[Tuple[Tensor, Tensor]]):
+    def fit_laplace(self, data: List[Tuple[Tensor, Tensor]], differentiable: Optional[bool] = None,
+                    estimator: Optional[Union[MarglikSubset, SelectionSet]] = None):
         """Fit a fresh Laplace approximation at the current weights.
 
         Args:
             data: ``(X_aug, y)`` batches (this rank's shards under ``torchrun``); a subset or a
                 shard is rescaled to ``N`` (:meth:`MarglikSubset.num_data`).
+            differentiable: as :meth:`make_laplace`.
+            estimator: whose ``num_data`` rescaling applies (default: the hyperstep's subset).
 
         Returns:
             The fitted approximation (:meth:`make_laplace`).
@@ -477,14 +497,14 @@ class MarglikTuner:
         Raises:
             RuntimeError: the approximation does not cover every trainable parameter tensor.
         """
-        la = self.make_laplace()
+        la = self.make_laplace(differentiable)
         if la.n_layers != len(self.params):
             raise RuntimeError(
                 f"the Laplace approximation covers {la.n_layers} parameter tensors but the model trains "
                 f"{len(self.params)}: every trainable module must be covered by the K-FAC engine"
             )
         seen = sum(len(yb) for _, yb in data)
-        la.fit(data, num_data=self.marglik_subset.num_data(seen, self.dist.enabled))
+        la.fit(data, num_data=(estimator or self.marglik_subset).num_data(seen, self.dist.enabled))
         return la
 
     def log_marglik(self, la) -> Tensor:
@@ -498,6 +518,51 @@ class MarglikTuner:
             differentiable fit).
         """
         return la.log_marginal_likelihood(prior_precision=self.prior_precision())
+
+    def _selection_data(self) -> List[Tuple[Tensor, Tensor]]:
+        """The fixed batches of the selection value (:class:`SelectionSet`), augmented with the
+        current ``eta`` and the same noise draw every time; this rank's shards under ``torchrun``."""
+        gen = self.selection.noise_generator()
+        with torch.no_grad():
+            return [(self._augment(self.X[i], generator=gen, shard=True), self.y[i][self.dist.shard(len(i))])
+                    for i in self.selection.index_batches(self.device)]
+
+    def selection_log_marglik(self, la=None) -> Tensor:
+        """The selection value: the Laplace log marginal likelihood of the current weights and
+        hyperparameters on the fixed selection data (``hyper.selection``, :class:`SelectionSet`).
+
+        No gradient is kept. The global RNGs are forked and seeded from the run's seed for the
+        fit, so an MC Fisher draws the same labels every time and the run's own random streams are
+        not advanced: the value changes only when the weights or the hyperparameters do. Under
+        ``torchrun`` each rank fits its shard of every batch and the fit all-reduces the sums (as
+        for the hyperstep), so every rank holds the global value.
+
+        Args:
+            la: a fitted approximation on exactly these data to reuse (the hyperstep's fit when it
+                saw the whole training set without augmentation noise); ``None``: fit one.
+
+        Returns:
+            A 0-d tensor.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if la is None:
+                device = self.device
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(self.selection.noise_generator().initial_seed())
+                    la = self.fit_laplace(self._selection_data(), differentiable=False, estimator=self.selection)
+            with torch.no_grad():
+                return self.log_marglik(la).detach()
+        finally:
+            self.model.train(was_training)
+
+    def _selection_reuses_fit(self) -> bool:
+        """Whether the hyperstep's last fit is on the selection data: the whole set in order, no
+        augmentation noise, no MC labels (then the selection value needs no fit of its own)."""
+        c = self.cfg
+        return (not self.aug_on and self.marglik_subset.n_batches is None and self.selection.size >= self.N
+                and c.curvature.fisher_type != "mc")
 
     # ------------------------------------------------------------------ epoch
     def _map_epoch(self) -> Dict[str, float]:
@@ -542,8 +607,13 @@ class MarglikTuner:
         return {"lr": lr, "train_loss": tot_loss / self.N, "train_nll": tot_nll / self.N, "train_acc": correct / self.N}
 
     def _hyper_update(self) -> Dict[str, float]:
-        """``hyper.steps`` hypersteps (rolls back on a non-finite value or gradient); returns the
-        last log marglik estimate (and the first one)."""
+        """``hyper.steps`` hypersteps, then the selection value at the updated hyperparameters
+        (rolls back on a non-finite value or gradient); keeps the best-selection-value state.
+
+        Returns:
+            ``log_marglik`` (the selection value), ``hyperstep_log_marglik`` (the last hyperstep's
+            estimate, before its step) and ``hyperstep_log_marglik_first``.
+        """
         h = self.cfg.hyper
         self._set_lrs()
         self.model.eval()
@@ -588,19 +658,30 @@ class MarglikTuner:
                 dt = time.perf_counter() - t0
                 self.timing["marglik_step_seconds" if fitted else "cached_step_seconds"].append(dt)
                 values.append(pre[0])
+            _sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                sel = self.selection_log_marglik(la if self._selection_reuses_fit() else None)
+            except torch.linalg.LinAlgError as err:
+                self._rollback("marglik", f"LinAlgError: {err}", "selection value")
+            if not torch.isfinite(sel):
+                self._rollback("marglik", sel.item(), "selection value")
+            _sync(self.device)
+            self.timing.setdefault("selection_seconds", []).append(time.perf_counter() - t0)
         finally:
             self.model.train()
             del la
-        value, log_prior, eta = pre
-        self.last_log_marglik = value
-        if self.best is None or value > self.best["log_marglik"]:
+        value = pre[0]
+        selected = sel.item()
+        self.last_log_marglik = selected
+        if self.best is None or selected > self.best["log_marglik"]:
             self.best = ckpt.detach_copy({
-                "log_marglik": value, "epoch": self.epoch + 1, "model": self.model.state_dict(),
-                "log_prior": log_prior, "eta": eta,
+                "log_marglik": selected, "epoch": self.epoch + 1, "model": self.model.state_dict(),
+                "log_prior": self.log_prior, "eta": self.aug.eta,
             })
             if self.is_main:
                 ckpt.save({**self.best, "config": self.cfg.to_dict()}, self.run_dir / ckpt.CKPT_DIR / ckpt.BEST)
-        return {"log_marglik": value, "log_marglik_first": values[0]}
+        return {"log_marglik": selected, "hyperstep_log_marglik": value, "hyperstep_log_marglik_first": values[0]}
 
     @torch.no_grad()
     def evaluate(self, X: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Dict[str, float]:
@@ -667,9 +748,12 @@ class MarglikTuner:
             hyper_s = time.perf_counter() - th
             row["log_marglik"] = res["log_marglik"]
             row["log_marglik_per_example"] = res["log_marglik"] / self.N
+            row["hyperstep_log_marglik"] = res["hyperstep_log_marglik"]
+            row["hyperstep_log_marglik_per_example"] = res["hyperstep_log_marglik"] / self.N
         else:
-            row["log_marglik"] = None
-            row["log_marglik_per_example"] = None
+            for key in ("log_marglik", "log_marglik_per_example", "hyperstep_log_marglik",
+                        "hyperstep_log_marglik_per_example"):
+                row[key] = None
         prec = self.log_prior.detach().exp()
         row.update({
             "prior_prec_mean": prec.mean().item(), "prior_prec_min": prec.min().item(),
@@ -839,6 +923,8 @@ class MarglikTuner:
             "seconds": self.timing["elapsed"],
             "seconds_per_marglik_step": float(np.mean(steps)) if steps else None,
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
+            "seconds_per_selection": (float(np.mean(self.timing["selection_seconds"]))
+                                      if self.timing.get("selection_seconds") else None),
             "n_laplace_fits": self.timing["n_fits"],
             "n_hypersteps": len(steps) + len(cached),
             "marglik_updates": sum(row.get("log_marglik") is not None for row in self.history),
@@ -851,6 +937,8 @@ class MarglikTuner:
             "best_epoch": self.best["epoch"] if self.best else None,
             "last": {"test_accuracy": last_metrics["test_acc"], "test_nll": last_metrics["test_nll"],
                      "log_marglik": self.last_log_marglik, "augmentation": last_ranges,
+                     "hyperstep_log_marglik": next((r["hyperstep_log_marglik"] for r in reversed(self.history)
+                                                    if r.get("hyperstep_log_marglik") is not None), None),
                      "prior_precision": last_prior},
             "epochs": self.epoch,
             "train_size": self.N,
@@ -866,6 +954,8 @@ class MarglikTuner:
             "rollbacks": len(self.events),
             "rollback_events": self.events,
             "marglik_estimator": self.marglik_subset.describe(),
+            "selection_estimator": self.selection.describe(),
+            "separate_bias": resolved_separate_bias(c.curvature),
             "warnings": c.warnings(),
         })
         if not self.is_main:
@@ -880,7 +970,7 @@ class MarglikTuner:
                           f"aug={'on' if self.aug_on else 'off'}",
                     burn_in=c.hyper.burn_in,
                     reported_epoch=summary["best_epoch"] if use_best else self.epoch,
-                    reported_label="reported (best marglik)" if use_best else "reported (last)",
+                    reported_label="reported (best selection value)" if use_best else "reported (last)",
                 )
             except Exception as e:  # plotting must never lose a finished run
                 self._report(f"could not write curves.png: {e}")

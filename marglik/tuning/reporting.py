@@ -38,7 +38,8 @@ class RunSummary:
 
     test_accuracy: Optional[float]  #: of the reported model (``final_model``)
     test_nll: Optional[float]
-    log_marglik: Optional[float]  #: of the reported model; null when no marglik update ran
+    #: selection value (``selection_estimator``) of the reported model; null when no marglik update ran
+    log_marglik: Optional[float]
     log_marglik_per_example: Optional[float]
     prior_precision: List[float]  #: current (last) prior precision: 1 entry (scalar) or one per tensor
     augmentation: Dict[str, float]  #: learned ranges of the reported model (see augmentation_units)
@@ -46,11 +47,13 @@ class RunSummary:
     copies_approx: Optional[str]  #: curvature.copies_approx (augmented copies; null: as approx)
     backend: str  #: curvature.backend (marglik or a laplace-torch peer)
     structure: str  #: curvature.structure (kron | diag)
+    separate_bias: bool  #: separate weight and bias Kronecker blocks (curvature.separate_bias resolved)
     world_size: int  #: processes of a data-parallel (torchrun) run; 1 otherwise
     seconds: float
     seconds_per_marglik_step: Optional[float]
     seconds_per_cached_hyperstep: Optional[float]
-    n_laplace_fits: int
+    seconds_per_selection: Optional[float]  #: one selection value (its Laplace fit included)
+    n_laplace_fits: int  #: Laplace fits of the hypersteps (selection values not counted: seconds_per_selection)
     n_hypersteps: int
     marglik_updates: int  #: marginal-likelihood updates that ran (0: no tuning happened)
     fisher_type: str
@@ -58,8 +61,10 @@ class RunSummary:
     augmentation_learned: bool
     augmentation_units: Dict[str, str]
     final_model: str  #: "best" (best-marglik checkpoint) or "last"
-    best_epoch: Optional[int]  #: epoch of the best-marglik checkpoint; null when no update ran
-    last: Dict[str, Any]  #: the last model's test_accuracy, test_nll, log_marglik, augmentation, prior_precision
+    best_epoch: Optional[int]  #: epoch of the best selection value (argmax); null when no update ran
+    #: the last model's test_accuracy, test_nll, log_marglik (selection value), hyperstep_log_marglik,
+    #: augmentation, prior_precision
+    last: Dict[str, Any]
     epochs: int
     train_size: int
     test_size: int
@@ -72,7 +77,9 @@ class RunSummary:
     device: str
     rollbacks: int  #: number of rollbacks (as the history column)
     rollback_events: List[Dict[str, Any]]  #: one record per rollback (epoch, kind, value, where, action)
-    marglik_estimator: str
+    marglik_estimator: str  #: the data of a hyperstep's estimate (hyper.marglik_batches)
+    #: the fixed estimator of log_marglik, best_epoch and the history's log_marglik column (hyper.selection)
+    selection_estimator: str
     warnings: List[str]  #: e.g. that no tuning happens with this schedule
 
 
@@ -189,7 +196,7 @@ def make_figure(
     title: str = "",
     burn_in: Optional[int] = None,
     reported_epoch: Optional[int] = None,
-    reported_label: str = "reported (best marglik)",
+    reported_label: str = "reported (best selection value)",
 ):
     """The figure of ``curves.png``: five panels over epochs -- log marglik per example, accuracy,
     prior precision (mean with min-max band, log scale), rotation range (degrees), other ranges.
@@ -224,7 +231,10 @@ def make_figure(
     fig, axes = plt.subplots(1, 5, figsize=(21, 3.8))
     ax = axes[0]
     xs, ys = series("log_marglik_per_example")
-    ax.plot(xs, ys, marker=".", label="log marglik / N")
+    ax.plot(xs, ys, marker=".", label="selection value / N")
+    hx, hy = series("hyperstep_log_marglik_per_example")
+    if hx:
+        ax.plot(hx, hy, ls=":", marker="x", ms=3, alpha=0.7, label="hyperstep estimate / N")
     if not xs:
         ax.text(0.5, 0.5, "no marginal-likelihood update ran", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("log marginal likelihood / N")

@@ -3,7 +3,9 @@
 Each stream is a :class:`torch.Generator` seeded ``seed * SEED_STRIDE + stream`` (a prime stride, so
 the streams of nearby seeds do not collide). The data order, the augmentation noise and the
 marglik subset are independent streams, so that changing how often one is drawn (e.g. more
-hypersteps) leaves the others as they were; all three are in the checkpoint (exact resume).
+hypersteps) leaves the others as they were; all three are in the checkpoint (exact resume). The
+evaluation and selection streams are re-created from the seed every time they are used (a fixed
+draw, hence nothing to checkpoint).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Stream(enum.IntEnum):
     aug = 2  #: augmentation noise of the MAP and marglik batches
     hyper = 3  #: which examples a stochastic marglik estimate sees
     eval = 4  #: augmentation noise of an evaluation (fresh generator per evaluation: repeatable)
+    selection = 5  #: which examples the fixed selection subset holds (drawn once per run)
+    selection_noise = 6  #: augmentation and MC noise of a selection value (fresh per evaluation: fixed)
 
 
 def stream_generator(seed: int, stream: Stream) -> torch.Generator:

@@ -27,14 +27,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .backends import curvature_label
+from .backends import curvature_label, resolved_separate_bias
 
 log = logging.getLogger(__name__)
 
 
 def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
     """W&B tags naming the curvature: ``backend:<b>``, ``structure:<s>``, (Kronecker only)
-    ``approx:<a>`` and (marglik only) ``copies_approx:<c>``.
+    ``approx:<a>`` and ``bias:joint|separate`` (``curvature.separate_bias``), and (marglik only)
+    ``copies_approx:<c>``.
 
     Args:
         curvature: the ``curvature`` section of a config dict.
@@ -46,6 +47,7 @@ def curvature_tags(curvature: Dict[str, Any]) -> List[str]:
     tags = [f"backend:{backend}", f"structure:{structure}"]
     if structure == "kron":
         tags.append(f"approx:{curvature['approx']}")
+        tags.append("bias:" + ("separate" if resolved_separate_bias(curvature) else "joint"))
     if backend == "marglik":
         tags.append(f"copies_approx:{curvature.get('copies_approx') or curvature['approx']}")
     return tags
