@@ -243,6 +243,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, S in {1,2}, B=2")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
+    ap.add_argument("--from-json", action="store_true",
+                    help="only re-render <out>/wrn_cost<tag>.md (and the wrn_marglik splice) from its JSON")
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if pick_device(args.device).type == "cuda" else 1
@@ -254,6 +256,16 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.from_json:
+        out = Path(args.out)
+        payload = json.loads((out / f"wrn_cost{args.tag}.json").read_text())
+        args.batch_sizes = list(dict.fromkeys(r["batch_size"] for r in payload["rows"]))
+        args.copies = list(dict.fromkeys(r["copies"] for r in payload["rows"]))
+        md = render(payload, args)
+        (out / f"wrn_cost{args.tag}.md").write_text(md)
+        if not payload["meta"].get("quick"):
+            splice_into_wrn_marglik(out, args.tag, payload, md)
+        return payload
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = pick_device(args.device)
@@ -358,6 +370,18 @@ def splice_into_wrn_marglik(out: Path, tag: str, payload: dict, md: str) -> None
     json_path.write_text(json.dumps(data, indent=2))
 
 
+def _beyond_table(ratios: List[dict], rows: List[dict], reference: str, key: str) -> List[str]:
+    """Markdown rows: per (B, S) the ``reference`` contender's peak MiB and each flavour's excess over it."""
+    lines = [f"| B | S | {reference} MiB | reduce | mixed | expand |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in ratios:
+        ref = next((x["peak_extra_mib"] for x in rows
+                    if (x["batch_size"], x["copies"], x["contender"]) == (r["batch_size"], r["copies"], reference)), None)
+        vals = [r.get(f"{f}_beyond_{key}_mib") for f in ("reduce", "mixed", "expand")]
+        lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if ref is None else f'{ref:.0f}'} | "
+                     + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
+    return lines
+
+
 def render(payload: dict, args) -> str:
     meta, rows, ratios = payload["meta"], payload["rows"], payload["ratios"]
 
@@ -393,24 +417,12 @@ def render(payload: dict, args) -> str:
         lines += ["", "## Memory beyond the activations", "",
                   f"Peak extra MiB of the marglik step minus that of a plain training step (`{TRAIN_STEP}`: augment, "
                   "forward, copy-averaged cross-entropy, backward to weights and eta) on the same B x S images. "
-                  "Constant in S means the curvature adds nothing that grows with the copies:", "",
-                  "| B | S | train-step MiB | reduce | mixed | expand |", "|---:|---:|---:|---:|---:|---:|"]
-        for r in ratios:
-            act = next((x["peak_extra_mib"] for x in rows if (x["batch_size"], x["copies"], x["contender"])
-                        == (r["batch_size"], r["copies"], TRAIN_STEP)), None)
-            vals = [r.get(f"{f}_beyond_activations_mib") for f in ("reduce", "mixed", "expand")]
-            lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if act is None else f'{act:.0f}'} | "
-                         + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
+                  "Constant in S means the curvature adds nothing that grows with the copies:", ""]
+        lines += _beyond_table(ratios, rows, TRAIN_STEP, "activations")
         lines += ["", f"The same minus the `{GGN_BACKWARD}` reference (the K = 10 class backward passes of a type-2 "
                   "GGN through the same forward pass, each keeping its graph for the gradient to eta, as a "
-                  "differentiable fit must; no factors):", "",
-                  "| B | S | ggn-backward MiB | reduce | mixed | expand |", "|---:|---:|---:|---:|---:|---:|"]
-        for r in ratios:
-            ref = next((x["peak_extra_mib"] for x in rows if (x["batch_size"], x["copies"], x["contender"])
-                        == (r["batch_size"], r["copies"], GGN_BACKWARD)), None)
-            vals = [r.get(f"{f}_beyond_ggn_backward_mib") for f in ("reduce", "mixed", "expand")]
-            lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if ref is None else f'{ref:.0f}'} | "
-                         + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
+                  "differentiable fit must; no factors):", ""]
+        lines += _beyond_table(ratios, rows, GGN_BACKWARD, "ggn_backward")
     peer = [r for r in ratios if "marglik_over_peer_expand" in r]
     if peer:
         lines += ["", "S = 1, no augmentation gradient: marglik / laplace-torch + curvlinops (`KronLaplace`, "
