@@ -283,7 +283,9 @@ gradient: expand-reduce moved the range fastest (108 degrees, past the true 90),
 86, the expand-expand ablation to 62. With S = 2 copies, expanding over them under-counts the
 curvature by only a factor 2, so the ablation is not blind to the rotation as it was with more
 copies (S = 8) on the small CNN (`results/invariance_digits.md`). The log marglik values are each
-flavour's own stochastic estimate (2 batches of 16 images) and are not comparable between rows.
+flavour's own stochastic estimate (2 batches of 16 images) and are not comparable between rows
+(these runs predate the fixed selection estimator, `hyper.selection`; a rerun reports its
+whole-set value instead).
 Cost: measured in one process on the same weights and data, one hyperstep (32 images, S = 2)
 costs 1.38x (expand-reduce) and 1.56x (expand-expand) that of reduce-reduce, with 3 repeats
 spread under 5%; the per-run columns met different CPU loads. The paper-scale run is `marglik
