@@ -31,9 +31,11 @@ cost does not depend on the values.
 
 Reported per (B, S, flavour): median seconds over ``--repeats`` timed steps (round-robin over the
 flavours, so machine load hits all alike), the ratios expand / reduce and mixed / reduce, and the
-peak extra memory of one step, also minus that of a plain training step on the same augmented
-batch (``train-step``: the activations a marglik step cannot avoid) (CUDA: ``max_memory_allocated``; CPU: peak resident set size of a
-fresh child process running one step, over model and data alone). ``--quick`` shrinks
+peak extra memory of one step (CUDA: ``max_memory_allocated``; CPU: peak resident set size of a
+fresh child process running one step, over model and data alone), also minus that of two
+references on the same augmented batch: ``train-step`` (a plain MAP step: the activations) and
+``ggn-backward`` (the K class-wise backward passes of a type-2 GGN with their graphs kept, which a
+differentiable fit cannot avoid). What reduce needs beyond ``ggn-backward`` must not grow with S. ``--quick`` shrinks
 everything for a smoke test (``tests/test_device_check.py``).
 
 Usage::
