@@ -17,3 +17,11 @@ def float64():
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Every test leaves torch's thread count as it found it (tuning runs set ``trainer.num_threads``)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_tuning import _interrupt_after, _strip, tiny
 
 from marglik.tuning import MarglikTuner, tune
@@ -18,13 +17,6 @@ from marglik.tuning import checkpoint as ckpt
 from marglik.tuning.reporting import read_history
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _truncate(path: Path) -> None:

@@ -35,13 +35,6 @@ class _SystemPayload:
         return (os.system, (f"touch {self.target}",))
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _evil(path, payload):
     torch.save({"epoch": 1, "model": {}, "history": [], "rng": {}, "config": {}, "x": payload}, path)
 

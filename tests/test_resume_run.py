@@ -13,7 +13,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_tuning import _interrupt_after, _strip, tiny
@@ -30,13 +29,6 @@ OVERRIDES = [
     "trainer.batch_size=32", "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=null",
     "trainer.device=cpu", "trainer.num_threads=1", "trainer.progress=false", "logger.mode=disabled",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _env():

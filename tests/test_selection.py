@@ -15,13 +15,6 @@ from marglik.tuning.estimator import SelectionSet
 from marglik.tuning.reporting import read_history
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _frozen(tuner: MarglikTuner) -> MarglikTuner:
     """No optimizer step changes anything: weights and hyperparameters stay at their initial values."""
     tuner.map_opt.step = lambda *a, **k: None

@@ -36,13 +36,6 @@ def tiny(**sections) -> Config:
     return Config.from_dict(**base)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _strip(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
