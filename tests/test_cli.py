@@ -10,8 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_module
+from hydra_config import compose_config
 from omegaconf import OmegaConf
 
 from marglik.cli import run_from_config
@@ -20,13 +19,10 @@ from marglik.tuning import Config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _compose(overrides=()):
-    with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def test_default_config_matches_dataclass_defaults():
-    cfg = Config.from_dict(OmegaConf.to_container(_compose(), resolve=True))
+    cfg = Config.from_dict(OmegaConf.to_container(compose_config(), resolve=True))
     ref = Config()
     for section in ("data", "curvature", "hyper", "trainer", "logger"):
         assert asdict(getattr(cfg, section)) == asdict(getattr(ref, section)), section
@@ -36,7 +32,7 @@ def test_default_config_matches_dataclass_defaults():
 
 
 def test_fixed_override_paths():
-    cfg = _compose([
+    cfg = compose_config([
         "data=digits", "data.rotation=90", "data.translation=2", "data.train_size=100", "model=mlp",
         "curvature.approx=expand", "curvature.copies_approx=expand", "curvature.fisher_type=mc",
         "hyper.augmentation=false",
@@ -53,25 +49,23 @@ def test_fixed_override_paths():
 
 
 def test_run_dir_names_both_flavours():
-    with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True)
+    cfg = compose_config(with_hydra=True)
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
     assert run_dir.endswith("_${data.name}_${curvature.approx}-${curvature.copies_approx}"
                             "${bias_suffix:${curvature.separate_bias}}")
     for override, suffix in (([], "_digits_reduce-reduce"), (["curvature.separate_bias=true"], "-reduce-sepbias")):
-        with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=override, return_hydra_config=True)
+        cfg = compose_config(override, with_hydra=True)
         assert OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"].endswith(suffix)
 
 
 @pytest.mark.parametrize("data", ["cifar10", "mnist", "fashion_mnist"])
 def test_other_datasets_and_models_compose(data):
-    c = Config.from_dict(OmegaConf.to_container(_compose([f"data={data}", "model=wrn16_4"]), resolve=True))
+    c = Config.from_dict(OmegaConf.to_container(compose_config([f"data={data}", "model=wrn16_4"]), resolve=True))
     assert c.data.name == data and c.model.name == "wrn16_4" and c.model.kwargs["norm"] == "fixup"
 
 
 def test_paper_experiment_is_one_override_away():
-    c = Config.from_dict(OmegaConf.to_container(_compose(["+experiment=cifar10_wrn16_4"]), resolve=True))
+    c = Config.from_dict(OmegaConf.to_container(compose_config(["+experiment=cifar10_wrn16_4"]), resolve=True))
     assert c.data.name == "cifar10" and c.model.name == "wrn16_4" and c.trainer.optimizer == "sgd"
 
 
@@ -79,20 +73,16 @@ def test_unknown_group_option_fails():
     from hydra.errors import HydraException
 
     with pytest.raises(HydraException, match="resnet1000"):
-        _compose(["model=resnet1000"])
+        compose_config(["model=resnet1000"])
 
 
 def test_run_in_process(tmp_path):
-    cfg = _compose([
+    cfg = compose_config([
         "data.train_size=32", "data.rotation=45", "model.width=4", "model.hidden=8", "trainer.epochs=2",
         "trainer.batch_size=16", "hyper.burn_in=1", "hyper.n_samples=2", "trainer.progress=false",
         "logger.mode=disabled", "trainer.num_threads=1",
     ])
-    n = torch.get_num_threads()
-    try:
-        s = run_from_config(cfg, str(tmp_path))
-    finally:
-        torch.set_num_threads(n)
+    s = run_from_config(cfg, str(tmp_path))  # the thread count is restored by conftest's fixture
     assert {"test_accuracy", "log_marglik", "augmentation"} <= set(s)
     assert (tmp_path / "history.csv").is_file() and (tmp_path / "curves.png").is_file()
 

@@ -179,21 +179,16 @@ def test_optimizer_trains_torchvision_vit():
 
 def test_cli_config_vit_runs_marglik_with_augmentation(tmp_path):
     """``model=vit`` (torchvision's ViT) through the tuning loop: learned augmentation + marglik."""
-    from hydra import compose, initialize_config_module
+    from hydra_config import compose_config
 
     from marglik.cli import run_from_config
 
-    with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "model=vit", "model.hidden_dim=8", "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=16",
-            "model.patch_size=4", "data.train_size=32", "trainer.epochs=2", "trainer.batch_size=16",
-            "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=1", "trainer.progress=false",
-            "logger.mode=disabled", "trainer.num_threads=1",
-        ])
-    n = torch.get_num_threads()
-    try:
-        s = run_from_config(cfg, str(tmp_path))
-    finally:
-        torch.set_num_threads(n)
+    cfg = compose_config([
+        "model=vit", "model.hidden_dim=8", "model.num_heads=2", "model.num_layers=1", "model.mlp_dim=16",
+        "model.patch_size=4", "data.train_size=32", "trainer.epochs=2", "trainer.batch_size=16",
+        "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=1", "trainer.progress=false",
+        "logger.mode=disabled", "trainer.num_threads=1",
+    ])
+    s = run_from_config(cfg, str(tmp_path))  # the thread count is restored by conftest's fixture
     assert s["model"] == "vit" and torch.isfinite(torch.tensor(s["log_marglik"]))
     assert set(s["augmentation"]) >= {"rotation", "translation_x"}
