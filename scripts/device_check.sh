@@ -106,6 +106,8 @@ c = json.loads((out / f"wrn_cost{tag}.json").read_text())
 for r in c["ratios"]:
     extra = "".join(f", marglik/peer {a} {r[f'marglik_over_peer_{a}']:.2f}" for a in ("expand", "reduce")
                     if f"marglik_over_peer_{a}" in r)
+    beyond = r.get("reduce_beyond_ggn_backward_mib")
+    extra += "" if beyond is None else f", reduce MiB beyond the GGN backward passes {beyond:+.0f}"
     print(f"marglik step B={r['batch_size']} S={r['copies']}: expand/reduce {r['expand_over_reduce']:.2f}, "
           f"mixed/reduce {r['mixed_over_reduce']:.2f}{extra}")
 s = json.loads((out / f"wrn_tuning{tag}.json").read_text())
