@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 import marglik
 
-from benchlib import RESULTS, RSSPeak, pick_device, random_batch, timed, wide_resnet
+from benchlib import RESULTS, RSSPeak, pick_device, random_batch, timed, wide_resnet, write_result
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 
@@ -282,11 +281,7 @@ def main(argv=None) -> dict:
         "peak_extra_memory_bytes": memory,
         "targets_met": targets,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"kfac_speed{args.tag}.json").write_text(json.dumps(result, indent=2))
-    (out / f"kfac_speed{args.tag}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_result(Path(args.out), f"kfac_speed{args.tag}", result, to_markdown)
     return result
 
 
@@ -398,11 +393,7 @@ def backpack_benchmark(args) -> dict:
         "seconds_median": times,
         "ratios": ratios,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"kfac_speed_backpack{args.tag}.json").write_text(json.dumps(result, indent=2))
-    (out / f"kfac_speed_backpack{args.tag}.md").write_text(backpack_markdown(result))
-    print(backpack_markdown(result))
+    write_result(Path(args.out), f"kfac_speed_backpack{args.tag}", result, backpack_markdown)
     return result
 
 

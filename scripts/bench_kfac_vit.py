@@ -18,7 +18,6 @@ changes on a shared machine affect all alike); only ratios are meaningful.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from torch import nn
 
 import marglik
 
-from benchlib import RESULTS, sync
+from benchlib import RESULTS, sync, write_result
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 VIT = dict(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
@@ -153,11 +152,7 @@ def run(batch_size: int = 32, repeats: int = 3, threads: int = 2, device: str = 
         "ratios": ratios,
         "seconds_median": times,
     }
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / f"kfac_speed_vit{tag}.json").write_text(json.dumps(result, indent=1))
-    (outdir / f"kfac_speed_vit{tag}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_result(Path(out), f"kfac_speed_vit{tag}", result, to_markdown, indent=1)
     return result
 
 

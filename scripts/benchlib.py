@@ -7,10 +7,11 @@ The scripts import it as a sibling module (``python scripts/<name>.py`` puts ``s
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -152,3 +153,44 @@ def time_hypersteps(tuners: dict, repeats: int, rotation_deg: float) -> dict:
             "ratio_to_reduce_reduce": {k: v / base for k, v in med.items()} if base else None,
             "min_ratio_to_reduce_reduce": {k: v / base_low for k, v in low.items()} if base_low else None,
             "repeats": repeats, "rotation_deg": rotation_deg}
+
+
+def write_result(out: Path, stem: str, result: Dict[str, Any], render: Callable[[Dict[str, Any]], str],
+                 indent: int = 2) -> str:
+    """Write ``<out>/<stem>.json`` (``result``) and ``<out>/<stem>.md`` (``render(result)``, rendered
+    once), creating ``out``, and print the markdown. Returns the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=indent))
+    md = render(result)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    return md
+
+
+# ------------------------------------------------------------------ tuning-run reports
+def flavour_label(run: Dict[str, Any]) -> str:
+    """``<approx>-<copies_approx>`` of a tuning run; a run without augmentation has no copies:
+    ``expand (no copies)``."""
+    if run.get("copies_approx") is None:
+        return f"{run['approx']} (no copies)"
+    return f"{run['approx']}-{run['copies_approx']}"
+
+
+def rollback_count(value: Any) -> int:
+    """Rollbacks as a number: summaries hold a list of events or (newer schema) their count."""
+    return value if isinstance(value, int) else len(value or [])
+
+
+def hyperstep_timing_rows(timing: Dict[str, Any], order: Mapping[str, int], digits: int) -> List[str]:
+    """The markdown table of :func:`time_hypersteps`' result: per flavour (sorted by ``order``) the
+    median and minimum seconds with ``digits`` decimals and both as ratios to reduce-reduce."""
+    lines = ["| K-FAC (pixels-copies) | median s / step | ratio to reduce-reduce | min s / step | ratio of minima |",
+             "|---|---:|---:|---:|---:|"]
+    ratios = timing.get("ratio_to_reduce_reduce") or {}
+    low, low_ratios = timing.get("min_seconds") or {}, timing.get("min_ratio_to_reduce_reduce") or {}
+    nan = float("nan")
+    for fl, v in sorted(timing["median_seconds"].items(), key=lambda kv: order.get(kv[0], 9)):
+        lines.append(f"| {fl} | {v:.{digits}f} | {ratios.get(fl, nan):.2f} | "
+                     f"{low.get(fl, nan):.{digits}f} | {low_ratios.get(fl, nan):.2f} |")
+    return lines

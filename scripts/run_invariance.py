@@ -39,6 +39,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchlib import flavour_label, hyperstep_timing_rows, rollback_count, time_hypersteps
+
 REPO = Path(__file__).resolve().parents[1]
 
 FLAVOURS = ("expand-expand", "expand-reduce", "reduce-reduce", "reduce-expand")
@@ -133,8 +135,6 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
         with torch.no_grad():
             t.aug.eta.fill_(math.radians(rotation_deg))
         tuners[fl] = t
-    from benchlib import time_hypersteps  # scripts/ is on sys.path when a script runs
-
     return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": args.n_samples,
             "marglik_batches": args.marglik_batches, "marglik_batch_size": 128}
 
@@ -153,25 +153,8 @@ def timing_section(timing: Optional[Dict[str, Any]]) -> List[str]:
         "load changed during the measurement: the minimum over repeats is the least disturbed number). "
         "The per-run column in the table above mixes runs that met very different loads; use these:",
         "",
-        "| K-FAC (pixels-copies) | median s / step | ratio to reduce-reduce | min s / step | ratio of minima |",
-        "|---|---:|---:|---:|---:|",
     ]
-    ratios = timing.get("ratio_to_reduce_reduce") or {}
-    low, low_ratios = timing.get("min_seconds") or {}, timing.get("min_ratio_to_reduce_reduce") or {}
-    for fl, v in sorted(timing["median_seconds"].items(), key=lambda kv: _FLAVOUR_ORDER.get(kv[0], 9)):
-        lines.append(f"| {fl} | {v:.3f} | {ratios.get(fl, float('nan')):.2f} | "
-                     f"{low.get(fl, float('nan')):.3f} | {low_ratios.get(fl, float('nan')):.2f} |")
-    return lines + [""]
-
-
-def _count(value: Any) -> int:
-    """Rollbacks as a number: summaries hold a list of events or (newer schema) their count."""
-    return value if isinstance(value, int) else len(value or [])
-
-
-def flavour_label(r: Dict[str, Any]) -> str:
-    """``expand-reduce`` etc.; runs without augmentation have no copies: ``expand (no copies)``."""
-    return f"{r['approx']} (no copies)" if r.get("copies_approx") is None else f"{r['approx']}-{r['copies_approx']}"
+    return lines + hyperstep_timing_rows(timing, _FLAVOUR_ORDER, digits=3) + [""]
 
 
 _FLAVOUR_ORDER = {"expand-expand": 0, "expand-reduce": 1, "reduce-reduce": 2, "reduce-expand": 3}
@@ -262,7 +245,7 @@ def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: flo
         lines.append(
             f"| {r['rotation']:g} | {r['method']} | {flavour_label(r)} | {r['test_accuracy']:.4f} | "
             f"{r['test_nll']:.4f} | {'-' if lml is None else f'{lml:.4f}'} | {'-' if rot is None else f'{rot:.1f}'} | "
-            f"{others} | {'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {_count(r.get('rollbacks'))} |"
+            f"{others} | {'-' if sps is None else f'{sps:.3f}'} | {r['seconds']:.0f} | {rollback_count(r.get('rollbacks'))} |"
         )
     lines += [""] + timing_section(timing)
     lines += ["## What the runs show", ""] + [f"* {o}" for o in observations(results)]

@@ -36,6 +36,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchlib import flavour_label, hyperstep_timing_rows, rollback_count, time_hypersteps
+
 REPO = Path(__file__).resolve().parents[1]
 
 STEM = "wrn_marglik"
@@ -103,7 +105,7 @@ def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
         "prior_precision": s["prior_precision"],
         "seconds": s["seconds"],
         "num_params": s["num_params"],
-        "rollbacks": _count(s.get("rollbacks")),
+        "rollbacks": rollback_count(s.get("rollbacks")),
         "rotation_history": [h.get("aug_rotation") for h in hist],
         "train_acc_history": [h.get("train_acc") for h in hist],
         "log_marglik_history": [h.get("log_marglik") for h in hist],
@@ -132,8 +134,6 @@ def time_marglik_steps(args, repeats: int, rotation_deg: float = 30.0) -> Dict[s
         state = t.model.state_dict() if state is None else state
         t.model.load_state_dict(state)
         tuners[f"{job['approx']}-{job['copies_approx']}"] = t
-    from benchlib import time_hypersteps  # scripts/ is on sys.path when a script runs
-
     return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": args.n_samples,
             "marglik_batch_size": args.marglik_batch_size, "marglik_batches": args.marglik_batches}
 
@@ -150,24 +150,8 @@ def timing_lines(timing: Optional[Dict[str, Any]]) -> List[str]:
         "log marglik, gradient w.r.t. prior precisions and eta, optimizer step). Use these ratios, not the "
         "per-run column above, to compare costs:",
         "",
-        "| K-FAC (pixels-copies) | median s / step | ratio to reduce-reduce | min s / step | ratio of minima |",
-        "|---|---:|---:|---:|---:|",
     ]
-    ratios = timing.get("ratio_to_reduce_reduce") or {}
-    low, low_ratios = timing.get("min_seconds") or {}, timing.get("min_ratio_to_reduce_reduce") or {}
-    for fl, v in sorted(timing["median_seconds"].items(), key=lambda kv: _ORDER.get(kv[0], 9)):
-        lines.append(f"| {fl} | {v:.2f} | {ratios.get(fl, float('nan')):.2f} | "
-                     f"{low.get(fl, float('nan')):.2f} | {low_ratios.get(fl, float('nan')):.2f} |")
-    return lines
-
-
-def _count(value: Any) -> int:
-    """Rollbacks as a number: summaries hold a list of events or (newer schema) their count."""
-    return value if isinstance(value, int) else len(value or [])
-
-
-def flavour_label(r: Dict[str, Any]) -> str:
-    return f"{r['approx']} (no copies)" if r.get("copies_approx") is None else f"{r['approx']}-{r['copies_approx']}"
+    return lines + hyperstep_timing_rows(timing, _ORDER, digits=2)
 
 
 _ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "reduce-expand": 3}

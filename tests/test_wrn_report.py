@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_wrn_marglik.py"
 
 
 def _load():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports its sibling benchlib, as when run directly
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("run_wrn_marglik", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
