@@ -27,9 +27,8 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-class CopiesAveraged(nn.Module):
-    """``x (N, m, ...)`` -> ``inner`` on the ``N m`` example-major rows -> mean over the copies
-    (of every output position): ``(N, *inner_out)``."""
+class _OnCopies(nn.Module):
+    """``x (N, m, ...)`` -> ``inner`` on the ``N m`` example-major rows; subclasses combine the copies."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -37,21 +36,23 @@ class CopiesAveraged(nn.Module):
 
     def forward(self, x):
         n, m = x.shape[:2]
-        out = self.inner(x.reshape(n * m, *x.shape[2:]))
+        return self.combine(self.inner(x.reshape(n * m, *x.shape[2:])), n, m)
+
+
+class CopiesAveraged(_OnCopies):
+    """Mean over the copies (of every output position): ``(N, *inner_out)``."""
+
+    @staticmethod
+    def combine(out, n, m):
         return out.reshape(n, m, *out.shape[1:]).mean(1)
 
 
-class CopiesSeparate(nn.Module):
-    """``x (N, m, ...)`` -> ``inner`` on the ``N m`` rows -> every copy's outputs are their own
-    loss positions: ``(N, m * R, C)`` (``R = 1`` for an ``(N m, C)`` inner output)."""
+class CopiesSeparate(_OnCopies):
+    """Every copy's outputs are their own loss positions: ``(N, m * R, C)`` (``R = 1`` for an
+    ``(N m, C)`` inner output)."""
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        n, m = x.shape[:2]
-        out = self.inner(x.reshape(n * m, *x.shape[2:]))
+    @staticmethod
+    def combine(out, n, m):
         return out.reshape(n, -1, out.shape[-1])
 
 
