@@ -16,7 +16,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["eigh_psd", "eigen_clusters", "cluster_mean", "sym_from_eigen", "KronEigen"]
+from .kron import Factor
+from .row_factor import RowFactor, eigh_rows
+
+__all__ = ["eigh_psd", "eigen_clusters", "cluster_mean", "sym_from_eigen", "FactorEigen", "KronEigen"]
 
 Clusters = Tuple[Tensor, Tensor]
 
@@ -91,104 +94,313 @@ def eigen_clusters(lam: Tensor, rtol: Optional[float] = None) -> Clusters:
     return ids, size.gather(-1, ids)
 
 
-def cluster_mean(x: Tensor, ids: Tensor, counts: Tensor) -> Tensor:
+def cluster_mean(x: Tensor, ids: Tensor, counts: Tensor, mult: Optional[Tensor] = None) -> Tensor:
     """Average ``x`` over clusters of its last dimension (a symmetric projector).
 
     Args:
         x: ``(..., G, m, d)``.
         ids: ``(G, d)`` cluster indices from :func:`eigen_clusters`.
         counts: ``(G, d)`` cluster sizes from :func:`eigen_clusters`.
+        mult: ``(G, d)`` multiplicities (weights) of the entries, or ``None`` (all 1). An entry that
+            stands for several equal eigenvalues (the null space of a factor held as rows) has its
+            mean over them as value and their number as multiplicity.
 
     Returns:
-        ``x`` with every entry replaced by the mean over its cluster, same shape.
+        ``x`` with every entry replaced by the (weighted) mean over its cluster, same shape.
     """
     idx = ids.unsqueeze(-2).expand(x.shape)
-    sums = torch.zeros_like(x).scatter_add_(-1, idx, x)
-    return sums.gather(-1, idx) / counts.unsqueeze(-2).to(x.dtype)
+    if mult is None:
+        sums = torch.zeros_like(x).scatter_add_(-1, idx, x)
+        return sums.gather(-1, idx) / counts.unsqueeze(-2).to(x.dtype)
+    w = mult.unsqueeze(-2).to(x.dtype).expand(x.shape)
+    sums = torch.zeros_like(x).scatter_add_(-1, idx, x * w)
+    weights = torch.zeros_like(x).scatter_add_(-1, idx, w)
+    return sums.gather(-1, idx) / weights.gather(-1, idx)
+
+
+@dataclass
+class FactorEigen:
+    """Eigenpairs of a PSD factor ``F_g`` (``n x n`` per group), all of them or those on its row space.
+
+    A dense factor gets all ``k = n`` eigenpairs (:func:`eigh_psd`). A factor held as rows
+    (:class:`~marglik.curvature.row_factor.RowFactor`, ``m < n`` rows) gets the ``k = m`` eigenpairs
+    on its row space (:func:`~marglik.curvature.row_factor.eigh_rows`); on the orthogonal complement
+    of :attr:`V` (:attr:`complement` dimensions) the factor is exactly 0. Every formula of the
+    posterior that sums over eigenvalues treats that complement in closed form.
+
+    Attributes:
+        evals: ``(G, k)`` eigenvalues, ascending, clamped at 0.
+        V: ``(G, n, k)`` orthonormal eigenvectors (columns).
+        rows_V: ``rows @ V`` ``(G, m, k)`` for a factor held as rows (the gradient w.r.t. the rows
+            is ``2 rows_V M V^T`` for a gradient ``V M V^T`` w.r.t. the factor); ``None`` for dense.
+    """
+
+    evals: Tensor
+    V: Tensor
+    rows_V: Optional[Tensor] = None
+
+    @classmethod
+    def of(cls, F: Factor) -> "FactorEigen":
+        """Decompose a factor (dense ``(G, n, n)`` or a :class:`RowFactor` with ``m <= n``)."""
+        if isinstance(F, RowFactor):
+            if F.num_rows < F.shape[-1]:
+                return cls(*eigh_rows(F.rows))
+            F = F.dense()
+        return cls(*eigh_psd(F))
+
+    @property
+    def n(self) -> int:
+        """The factor's dimension."""
+        return self.V.shape[-2]
+
+    @property
+    def k(self) -> int:
+        """The number of eigenpairs held."""
+        return self.V.shape[-1]
+
+    @property
+    def complement(self) -> int:
+        """``n - k``: the dimension on which the factor is 0 without an eigenvector held."""
+        return self.n - self.k
+
+    @property
+    def from_rows(self) -> bool:
+        """Whether the factor was held as rows (gradients go to the rows)."""
+        return self.rows_V is not None
+
+    def grad(self, M: Tensor) -> Tensor:
+        """The gradient w.r.t. the stored factor of a function whose gradient w.r.t. ``F`` is
+        ``V M V^T`` plus anything on the complement of ``V``.
+
+        Args:
+            M: ``(G, k, k)``, or ``(G, k)`` for a diagonal ``M``.
+
+        Returns:
+            Dense factor: ``V M V^T`` ``(G, n, n)``. Rows: ``2 (rows V) M V^T`` ``(G, m, n)`` (the
+            complement of ``V`` is orthogonal to the rows, so it adds nothing).
+        """
+        if M.dim() == 2:
+            if self.rows_V is None:
+                return sym_from_eigen(self.V, M)
+            return 2.0 * (self.rows_V * M.unsqueeze(-2)) @ self.V.transpose(-1, -2)
+        left = self.V if self.rows_V is None else 2.0 * self.rows_V
+        return left @ M @ self.V.transpose(-1, -2)
+
+    def squared_columns(self) -> Tuple[Tensor, Tensor]:
+        """Columns of squared eigenvector entries and their multiplicities, the complement as one column.
+
+        Returns:
+            ``(W, mult)``: ``W`` ``(G, n, k')`` with ``W[:, r, i] = V[:, r, i]^2`` for the ``k`` held
+            eigenvectors and, when :attr:`complement` ``> 0``, a first column ``1 - sum_i V[:, r, i]^2``
+            (the squared norm of coordinate ``r`` on the complement: the sum of the squared entries of
+            any orthonormal basis of it); ``mult`` ``(G, k')``: 1, and :attr:`complement` for that column.
+        """
+        W = self.V * self.V
+        mult = torch.ones(W.shape[0], W.shape[-1], dtype=W.dtype, device=W.device)
+        if self.complement == 0:
+            return W, mult
+        rest = (1.0 - W.sum(-1, keepdim=True)).clamp_min(0.0)
+        cmult = torch.full_like(mult[:, :1], float(self.complement))
+        return torch.cat([rest, W], -1), torch.cat([cmult, mult], -1)
+
+    def extended_eigenvalues(self) -> Tensor:
+        """``(G, k')``: :attr:`l` with a leading 0 for the complement when there is one."""
+        if self.complement == 0:
+            return self.evals
+        return torch.cat([self.evals.new_zeros(self.evals.shape[0], 1), self.evals], -1)
 
 
 @dataclass
 class KronEigen:
     """Eigendecomposition of a grouped Kronecker product ``B_g ⊗ A_g`` (factors detached).
 
+    Each factor's eigenpairs are a :class:`FactorEigen`: all of them (dense factor), or those on
+    its row space (a factor held as rows, whose complement has eigenvalue 0). ``lam`` holds the
+    products over the held eigenpairs; every other eigenvalue of ``B ⊗ A`` is 0.
+
     Attributes:
-        lA: ``(G, nA)`` eigenvalues of ``A``, ascending.
-        VA: ``(G, nA, nA)`` eigenvectors of ``A`` (columns).
-        lB: ``(G, nB)`` eigenvalues of ``B``, ascending.
-        VB: ``(G, nB, nB)`` eigenvectors of ``B``.
-        lam: ``(G, nB, nA)`` eigenvalues of the product, ``lam[g, j, i] = lB[g, j] lA[g, i]``.
+        a: :class:`FactorEigen` of ``A`` (``nA`` wide, ``kA`` pairs).
+        b: :class:`FactorEigen` of ``B`` (``nB`` wide, ``kB`` pairs).
+        lam: ``(G, kB, kA)`` eigenvalues of the product, ``lam[g, j, i] = lB[g, j] lA[g, i]``.
     """
 
-    lA: Tensor
-    VA: Tensor
-    lB: Tensor
-    VB: Tensor
+    a: FactorEigen
+    b: FactorEigen
     lam: Tensor
     _clusters: Optional[Tuple[Clusters, Clusters]] = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def decompose(cls, A: Tensor, B: Tensor) -> "KronEigen":
-        """Decompose ``(G, nA, nA)`` and ``(G, nB, nB)`` factors with :func:`eigh_psd`."""
-        lA, VA = eigh_psd(A)
-        lB, VB = eigh_psd(B)
-        return cls.from_decompositions(lA, VA, lB, VB)
+    def decompose(cls, A: Factor, B: Factor) -> "KronEigen":
+        """Decompose the factors (dense ``(G, n, n)`` or :class:`RowFactor`) with :meth:`FactorEigen.of`."""
+        return cls.from_factors(FactorEigen.of(A), FactorEigen.of(B))
+
+    @classmethod
+    def from_factors(cls, a: FactorEigen, b: FactorEigen) -> "KronEigen":
+        """Wrap two factor decompositions."""
+        return cls(a, b, b.evals.unsqueeze(-1) * a.evals.unsqueeze(-2))
 
     @classmethod
     def from_decompositions(cls, lA: Tensor, VA: Tensor, lB: Tensor, VB: Tensor) -> "KronEigen":
-        """Wrap precomputed factor decompositions (eigenvalues ascending)."""
-        return cls(lA, VA, lB, VB, lB.unsqueeze(-1) * lA.unsqueeze(-2))
+        """Wrap precomputed full factor decompositions (eigenvalues ascending)."""
+        return cls.from_factors(FactorEigen(lA, VA), FactorEigen(lB, VB))
+
+    lA = property(lambda self: self.a.evals, doc="``(G, kA)`` eigenvalues of ``A``.")
+    VA = property(lambda self: self.a.V, doc="``(G, nA, kA)`` eigenvectors of ``A``.")
+    lB = property(lambda self: self.b.evals, doc="``(G, kB)`` eigenvalues of ``B``.")
+    VB = property(lambda self: self.b.V, doc="``(G, nB, kB)`` eigenvectors of ``B``.")
 
     @property
     def shape(self) -> torch.Size:
-        """``(G, nB, nA)``: groups, output and input (augmented) dimension."""
-        return self.lam.shape
+        """``(G, nB, nA)``: groups, output and input (augmented) dimension (of the full product)."""
+        return torch.Size((self.lam.shape[0], self.b.n, self.a.n))
+
+    @property
+    def truncated(self) -> bool:
+        """Whether either factor holds fewer eigenpairs than its dimension."""
+        return self.a.complement > 0 or self.b.complement > 0
 
     def clusters(self) -> Tuple[Clusters, Clusters]:
-        """The :func:`eigen_clusters` of ``lA`` and of ``lB`` (computed once)."""
+        """The :func:`eigen_clusters` of the extended eigenvalues of ``A`` and ``B`` (computed once)."""
         if self._clusters is None:
-            self._clusters = (eigen_clusters(self.lA), eigen_clusters(self.lB))
+            self._clusters = (eigen_clusters(self.a.extended_eigenvalues()), eigen_clusters(self.b.extended_eigenvalues()))
         return self._clusters
 
-    def bias_weights(self) -> Tensor:
-        """``(G, nA)``: ``w = u^2 / sum(u^2)`` for the bias row ``u = V_A[:, -1, :]``.
+    def bias_spectrum(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """``A``'s eigenpairs as the weight-and-bias algebra needs them: with the bias coordinate
+        ``e`` (the last one) inside their span.
 
-        ``w_i`` is the weight of eigenvector ``i`` of ``A`` on the bias coordinate; the sum is 1
-        up to round-off, against which it is normalised.
+        A full decomposition is returned as it is. For a factor held as rows, ``e`` generally has a
+        component ``e_perp = e - V V^T e`` on the complement, where ``A`` is 0: the unit vector
+        ``q0 = e_perp / |e_perp|`` is an eigenvector of ``A`` with eigenvalue 0, and every other
+        direction of the complement is orthogonal to ``e`` and to the rows, so it drops out of the
+        log determinant, the solves and the gradients (``t_j``, ``u`` and ``C`` of
+        :class:`~marglik.curvature.posterior_blocks.WeightBiasPriorKron`). ``q0`` is prepended.
+
+        Returns:
+            ``(lA, VA, w, rows_V)``: eigenvalues ``(G, k')``, eigenvectors ``(G, nA, k')``, bias
+            weights ``w = u^2 / sum(u^2)`` for ``u = VA[:, -1, :]`` ``(G, k')`` and ``rows @ VA``
+            ``(G, m, k')`` (``None`` for a dense factor).
         """
-        u2 = self.VA[:, -1, :].square()
-        return u2 / u2.sum(-1, keepdim=True)
+        a = self.a
+        evals, V, rows_V = a.evals, a.V, a.rows_V
+        if a.complement > 0:
+            u = V[:, -1, :]  # (G, k)
+            e_perp = -(V @ u.unsqueeze(-1)).squeeze(-1)  # (G, nA): e - V u
+            e_perp[:, -1] += 1.0
+            norm = e_perp.norm(dim=-1, keepdim=True)
+            q0 = e_perp / norm.clamp_min(torch.finfo(V.dtype).tiny)
+            evals = torch.cat([evals.new_zeros(evals.shape[0], 1), evals], -1)
+            V = torch.cat([q0.unsqueeze(-1), V], -1)
+            if rows_V is not None:
+                rows_V = torch.cat([rows_V.new_zeros(rows_V.shape[0], rows_V.shape[1], 1), rows_V], -1)
+        u2 = V[:, -1, :].square()
+        return evals, V, u2 / u2.sum(-1, keepdim=True), rows_V
+
+    def bias_weights(self) -> Tensor:
+        """``(G, k')``: the bias weights of :meth:`bias_spectrum`."""
+        return self.bias_spectrum()[2]
 
     def to_eigenbasis(self, X: Tensor) -> Tensor:
-        """``V_B^T X V_A`` for ``X`` of shape ``(..., G, nB, nA)``."""
+        """``V_B^T X V_A`` for ``X`` of shape ``(..., G, nB, nA)``; ``(..., G, kB, kA)``."""
         return self.VB.transpose(-1, -2) @ X @ self.VA
 
     def from_eigenbasis(self, Y: Tensor) -> Tensor:
-        """``V_B Y V_A^T`` for ``Y`` of shape ``(..., G, nB, nA)`` (inverse of :meth:`to_eigenbasis`)."""
+        """``V_B Y V_A^T`` for ``Y`` of shape ``(..., G, kB, kA)``; ``(..., G, nB, nA)``."""
         return self.VB @ Y @ self.VA.transpose(-1, -2)
+
+    def apply_spectral(self, X: Tensor, phi: Tensor, phi0: Tensor) -> Tensor:
+        """``f(P) X`` for an operator diagonal in the eigenbasis of ``B ⊗ A``: ``phi`` ``(G, kB, kA)``
+        on the held eigenvector pairs, the scalar ``phi0`` on everything else (every pair with a
+        complement direction). ``phi0 X + V_B ((phi - phi0) * V_B^T X V_A) V_A^T``, which is exact for
+        full and for truncated decompositions.
+
+        Args:
+            X: ``(..., G, nB, nA)``.
+            phi: ``(G, kB, kA)``.
+            phi0: 0-d.
+
+        Returns:
+            ``(..., G, nB, nA)``.
+        """
+        if not self.truncated:
+            return self.from_eigenbasis(phi * self.to_eigenbasis(X))
+        return phi0 * X + self.from_eigenbasis((phi - phi0) * self.to_eigenbasis(X))
 
     def project_diagonal(self, Delta: Tensor) -> Tensor:
         """Diagonal of ``(V_B ⊗ V_A)^T diag(Delta) (V_B ⊗ V_A)``, averaged over eigenvalue clusters.
 
         The average over clusters of equal eigenvalues of ``A`` and of ``B`` makes the result
-        independent of the (arbitrary) basis LAPACK picks inside a degenerate eigenspace.
+        independent of the (arbitrary) basis LAPACK picks inside a degenerate eigenspace. A
+        truncated factor's complement (eigenvalue 0) is one extra entry, first, holding the mean over
+        the complement's directions (:meth:`FactorEigen.squared_columns`), weighted by its dimension
+        in the cluster averages.
 
         Args:
             Delta: ``(G, nB, nA)`` diagonal entries in the augmented layout.
 
         Returns:
-            ``(G, nB, nA)``: ``d~[g, j, i] = sum_{o,k} V_B[g, o, j]^2 V_A[g, k, i]^2 Delta[g, o, k]``,
+            ``(G, kB', kA')`` (``k'`` = ``k`` plus 1 for a complement):
+            ``d~[g, j, i] = sum_{o,k} W_B[g, o, j] W_A[g, k, i] Delta[g, o, k] / (mult_B[j] mult_A[i])``,
             cluster-averaged.
         """
-        return self._cluster_average((self.VB * self.VB).transpose(-1, -2) @ Delta @ (self.VA * self.VA))
+        WA, mA = self.a.squared_columns()
+        WB, mB = self.b.squared_columns()
+        P = WB.transpose(-1, -2) @ Delta @ WA
+        if self.truncated:
+            P = P / (mB.unsqueeze(-1) * mA.unsqueeze(-2))
+        return self._cluster_average(P)
 
     def project_diagonal_adjoint(self, R: Tensor) -> Tensor:
-        """Adjoint of :meth:`project_diagonal`: maps ``(G, nB, nA)`` eigen-coordinates back.
+        """Adjoint of ``sum_ji mult_j mult_i f(d~_ji)`` w.r.t. ``Delta`` given ``R = f'(d~)``: ``(G, nB, nA)``.
 
-        Used for the gradient of a function of the projected diagonal w.r.t. ``Delta``.
+        ``W_B CA(R) W_A^T`` with ``CA`` the weighted cluster average (a symmetric projector in the
+        multiplicity-weighted inner product, which the multiplicities of the sum cancel).
         """
-        return (self.VB * self.VB) @ self._cluster_average(R) @ (self.VA * self.VA).transpose(-1, -2)
+        WA, _ = self.a.squared_columns()
+        WB, _ = self.b.squared_columns()
+        return WB @ self._cluster_average(R) @ WA.transpose(-1, -2)
+
+    def multiplicities(self) -> Tensor:
+        """``(G, kB', kA')``: how many eigenvalues of ``B ⊗ A`` each entry of :meth:`project_diagonal` stands for."""
+        _, mA = self.a.squared_columns()
+        _, mB = self.b.squared_columns()
+        return mB.unsqueeze(-1) * mA.unsqueeze(-2)
+
+    def extended_lam(self) -> Tensor:
+        """``(G, kB', kA')``: :attr:`lam` with zero rows / columns for the complements."""
+        return self.b.extended_eigenvalues().unsqueeze(-1) * self.a.extended_eigenvalues().unsqueeze(-2)
+
+    def apply_extended(self, X: Tensor, phi: Tensor) -> Tensor:
+        """``f(P) X`` for an operator given on the extended entries ``(G, kB', kA')`` (constant on
+        each complement): the four parts ``P_B X P_A``, ``P_B X Q_A``, ``Q_B X P_A``, ``Q_B X Q_A``
+        (``P = V V^T``, ``Q = I - P``) each scaled by their entries.
+
+        Args:
+            X: ``(..., G, nB, nA)``.
+            phi: ``(G, kB', kA')``.
+
+        Returns:
+            ``(..., G, nB, nA)``.
+        """
+        cA, cB = self.a.complement > 0, self.b.complement > 0
+        VA, VB = self.VA, self.VB
+        XA = X @ VA  # (..., nB, kA)
+        rest_A = X - XA @ VA.transpose(-1, -2) if cA else None  # X Q_A
+        phi_r = phi[..., int(cB):, int(cA):]
+        out = VB @ (phi_r * (VB.transpose(-1, -2) @ XA)) @ VA.transpose(-1, -2)
+        if cA:  # rows of B's eigenbasis x A's complement: phi[:, j, 0]
+            out = out + VB @ (phi[..., int(cB):, :1] * (VB.transpose(-1, -2) @ rest_A))
+        if cB:
+            QB_XA = XA - VB @ (VB.transpose(-1, -2) @ XA)  # Q_B X V_A
+            out = out + (phi[..., :1, int(cA):] * QB_XA) @ VA.transpose(-1, -2)
+            if cA:
+                QB_rest = rest_A - VB @ (VB.transpose(-1, -2) @ rest_A)
+                out = out + phi[..., :1, :1] * QB_rest
+        return out
 
     def _cluster_average(self, x: Tensor) -> Tensor:
         cA, cB = self.clusters()
-        x = cluster_mean(x, *cA)
-        return cluster_mean(x.transpose(-1, -2), *cB).transpose(-1, -2)
+        mA = self.a.squared_columns()[1] if self.a.complement else None
+        mB = self.b.squared_columns()[1] if self.b.complement else None
+        x = cluster_mean(x, *cA, mA)
+        return cluster_mean(x.transpose(-1, -2), *cB, mB).transpose(-1, -2)

@@ -87,6 +87,7 @@ from .model_inputs import as_batches, call_model, to_device
 from .module_selection import IgnoreSpec, ignored_modules
 from .options import BlockKind, FisherType, KFACApprox, Likelihood
 from .recording import BatchSums, Recorder, StatsOptions, recording
+from .row_factor import FactorForm
 from .statistics import count_divisor
 
 __all__ = ["KFAC", "CoveredModule", "IgnoreSpec"]
@@ -142,6 +143,13 @@ class KFAC:
             formulas). ``None`` (default): the same as ``approx``. ``"reduce"`` is exact for
             models averaging over copies (invariant models, learned augmentation); ``"expand"``
             where each copy feeds its own outputs.
+        factor_form: ``"auto"`` (default): a factor built from few rows against its dimension
+            (at most ``ROWS_MAX_FRACTION = 0.5`` of it: K-FAC-reduce's input factor on a small fit,
+            say) is returned as those rows (:class:`~marglik.curvature.row_factor.RowFactor`), which
+            the posterior decomposes in ``O(d m^2)`` instead of ``O(d^3)``; decided per factor after
+            every batch, dense once the rows pass the bound. ``"dense"``: always the dense sum.
+            Either way :attr:`KronBlock.A` / :attr:`KronBlock.B` are the dense factors (formed on
+            access) and the values are the same.
 
     Raises:
         ValueError: an option is out of range, or the model has no trainable parameters in
@@ -175,6 +183,7 @@ class KFAC:
         distributed: Optional[bool] = None,
         channels_last: Union[bool, str] = "auto",
         copies_approx: Union[None, str, KFACApprox] = None,
+        factor_form: Union[str, FactorForm] = "auto",
     ) -> None:
         self.model = model
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
@@ -183,6 +192,7 @@ class KFAC:
             self.approx if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         )
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
+        self.factor_form = FactorForm.parse(factor_form, "factor_form")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.mc_samples = mc_samples
@@ -278,7 +288,7 @@ class KFAC:
 
     def reset(self) -> None:
         """Forget all accumulated sums."""
-        self._sums: List[BlockSums] = [BlockSums() for _ in self._blocks]
+        self._sums: List[BlockSums] = [BlockSums(form=self.factor_form) for _ in self._blocks]
         self._num_seen = 0
         self._loss: Optional[Tensor] = None
         self._reduced = False
@@ -330,7 +340,7 @@ class KFAC:
     def _stats_options(self) -> StatsOptions:
         return StatsOptions(
             self.likelihood, self.approx, self.copies_approx, self.fisher_type, self.mc_samples, self.generator,
-            self.differentiable, self.batched_backward, self.max_grad_memory,
+            self.differentiable, self.batched_backward, self.max_grad_memory, self.factor_form,
         )
 
     @contextlib.contextmanager
@@ -382,13 +392,13 @@ class KFAC:
             raise ValueError(f"num_data must be positive, got {num_data}")
         blocks = []
         for s, sums in zip(self._blocks, self._sums):
-            if (sums.A_sum if s.kind is BlockKind.KRON else sums.grad_sum) is None:
+            if (sums.A if s.kind is BlockKind.KRON else sums.grad).empty:
                 raise RuntimeError(f"module {s.name!r} was never called in the forward pass")
             if s.kind is BlockKind.KRON:
-                A = sums.A_sum / count_divisor(sums.A_count)
-                blocks.append(KronBlock(s.name, A, sums.grad_sum * scale, s.weight, s.bias))
+                A = sums.A.factor(1.0 / count_divisor(sums.A_count))
+                blocks.append(KronBlock(s.name, A, sums.grad.factor(scale), s.weight, s.bias))
             else:
-                blocks.append(DiagonalBlock(s.name, sums.grad_sum * scale, s.weight, s.bias))
+                blocks.append(DiagonalBlock(s.name, sums.grad.dense * scale, s.weight, s.bias))
         loss = self._loss * scale if self._loss is not None else None
         return Kron(
             blocks,
@@ -413,7 +423,7 @@ class KFAC:
             return
         kron = [s.kind is BlockKind.KRON for s in self._blocks]
         self._sums, self._num_seen, self._loss = all_reduce_block_sums(
-            self._sums, kron, self._num_seen, self._loss, self._device()
+            self._sums, kron, self._num_seen, self._loss, self._device(), self.factor_form
         )
         self._reduced = True  # once per accumulation: result() may be called again
 

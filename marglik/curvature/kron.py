@@ -26,10 +26,12 @@ offsets of their parameters in ``Kron.params`` (the covered trainable parameters
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from .row_factor import RowFactor
 
 
 class _WeightBias:
@@ -49,30 +51,83 @@ class _WeightBias:
         return sum(p.numel() for p in self.params)
 
 
-@dataclass
+#: a Kronecker factor as the engine stores it: dense ``(G, d, d)`` or its rows (:class:`RowFactor`)
+Factor = Union[Tensor, RowFactor]
+
+
+def dense_factor(F: Factor) -> Tensor:
+    """A factor as a dense ``(G, d, d)`` tensor (rows multiplied out, with their autograd graph)."""
+    return F.dense() if isinstance(F, RowFactor) else F
+
+
 class KronBlock(_WeightBias):
     """Kronecker-factored curvature of one weight-sharing linear layer.
 
-    Attributes:
+    Each factor is stored in the form the engine chose (:class:`~marglik.curvature.row_factor.FactorForm`):
+    a dense ``(G, d, d)`` tensor, or a :class:`~marglik.curvature.row_factor.RowFactor` whose rows
+    ``(G, m, d)`` give the factor as ``rows^T rows`` when ``m`` is well below ``d``. :attr:`A` /
+    :attr:`B` are always the dense tensors (multiplied out on first access, then cached, so code that
+    reads factors keeps working); :attr:`A_factor` / :attr:`B_factor` are the stored forms, which the
+    posterior algebra (:class:`marglik.DecomposedKron`) decomposes without forming ``d x d`` matrices.
+
+    Args / attributes:
         name: qualified module name in the model.
-        A: input factor, shape ``(G, da, da)``; ``da = din (+1 if a trainable bias)``, where
+        A: input factor, ``(G, da, da)`` or its rows; ``da = din (+1 if a trainable bias)``, where
             ``din = weight[0].numel()`` per group. If the weight is frozen and only the bias is
             trainable, ``da = 1`` and ``A = 1``.
-        B: output-gradient factor, shape ``(G, db, db)`` with ``db = out_features // G``.
+        B: output-gradient factor, ``(G, db, db)`` or its rows, with ``db = out_features // G``.
         weight: the trainable weight parameter, or ``None`` if frozen.
         bias: the trainable bias parameter, or ``None`` if absent / frozen.
     """
 
-    name: str
-    A: Tensor
-    B: Tensor
-    weight: Optional[nn.Parameter]
-    bias: Optional[nn.Parameter]
+    def __init__(self, name: str, A: Factor, B: Factor, weight: Optional[nn.Parameter],
+                 bias: Optional[nn.Parameter]) -> None:
+        self.name = name
+        self.A_factor, self.B_factor = A, B
+        self.weight, self.bias = weight, bias
+        self._dense: dict = {}
+
+    def _dense_of(self, key: str, F: Factor) -> Tensor:
+        if not isinstance(F, RowFactor):
+            return F
+        if key not in self._dense:
+            self._dense[key] = F.dense()
+        return self._dense[key]
+
+    @property
+    def A(self) -> Tensor:
+        """The dense input factor ``(G, da, da)``."""
+        return self._dense_of("A", self.A_factor)
+
+    @property
+    def B(self) -> Tensor:
+        """The dense output factor ``(G, db, db)``."""
+        return self._dense_of("B", self.B_factor)
+
+    def stored(self) -> Tuple[Tensor, Tensor]:
+        """The tensors the factors are stored as (dense factors, or rows), through which gradients
+        of the posterior reach whatever produced the factors."""
+        return tuple(F.rows if isinstance(F, RowFactor) else F for F in (self.A_factor, self.B_factor))
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether either stored factor carries an autograd graph."""
+        return any(t.requires_grad for t in self.stored())
+
+    @property
+    def dims(self) -> Tuple[int, int]:
+        """``(da, db)``: the factors' dimensions (without forming them)."""
+        return self.A_factor.shape[-1], self.B_factor.shape[-1]
 
     @property
     def groups(self) -> int:
         """Number of Kronecker groups ``G``."""
-        return self.A.shape[0]
+        return self.A_factor.shape[0]
+
+    def __repr__(self) -> str:
+        forms = ", ".join(f"{k}={'rows' if isinstance(F, RowFactor) else 'dense'}{tuple(F.shape)}"
+                          for k, F in (("A", self.A_factor), ("B", self.B_factor)))
+        return f"KronBlock({self.name!r}, {forms})"
 
     def dense_index(self) -> Tensor:
         """Map from the Kronecker ordering to the parameter ordering.
@@ -80,8 +135,8 @@ class KronBlock(_WeightBias):
         Returns a ``(G, db * da)`` long tensor whose entry ``[g, o * da + i]`` is the position of
         that coordinate of the augmented group matrix ``[W_g, b_g]`` in ``[weight.flatten(), bias]``.
         """
-        G, da, db = self.groups, self.A.shape[-1], self.B.shape[-1]
-        dev = self.A.device
+        G, (da, db) = self.groups, self.dims
+        dev = self.A_factor.device
         out = torch.arange(G * db, device=dev).view(G, db, 1)  # global output channel
         cols = []
         n_weight = 0
@@ -186,8 +241,8 @@ class Kron:
         """``(P, P)`` block-diagonal matrix in ``params`` order (parameters flattened)."""
         P = self.num_params
         ref = self.blocks[0]
-        t = ref.A if isinstance(ref, KronBlock) else ref.blocks
-        dense = t.new_zeros(P, P)
+        t = ref.A_factor if isinstance(ref, KronBlock) else ref.blocks
+        dense = torch.zeros(P, P, dtype=t.dtype, device=t.device)
         for block in self.blocks:
             idx = self.block_indices(block)
             dense[idx[:, None], idx[None, :]] = block.to_dense()
@@ -215,8 +270,13 @@ class Kron:
         blocks: List[Block] = []
         for b in self.blocks:
             if isinstance(b, KronBlock) and b.weight is not None and b.bias is not None:
-                blocks.append(KronBlock(b.name, b.A[:, :-1, :-1], b.B, b.weight, None))
-                blocks.append(KronBlock(b.name, b.A[:, -1:, -1:], b.B, None, b.bias))
+                A = b.A_factor
+                if isinstance(A, RowFactor):  # principal submatrices of rows^T rows: column slices
+                    A_weight, A_bias = A.columns(slice(None, -1)), A.rows[..., -1:].square().sum(1, keepdim=True)
+                else:
+                    A_weight, A_bias = A[:, :-1, :-1], A[:, -1:, -1:]
+                blocks.append(KronBlock(b.name, A_weight, b.B_factor, b.weight, None))
+                blocks.append(KronBlock(b.name, A_bias, b.B_factor, None, b.bias))
             else:
                 blocks.append(b)
         return Kron(blocks, list(self.params), self.num_data, self.approx, dict(self.meta))

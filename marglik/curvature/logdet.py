@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .eigen import KronEigen, sym_from_eigen
+from .eigen import FactorEigen, KronEigen
 
 __all__ = ["kron_logdet", "kron_logdet_projected", "KronLogdetRatio", "KronLogdetProjected", "KronSpectrum",
            "PrefixSums", "as_scalar"]
@@ -78,16 +78,25 @@ class PrefixSums:
 class KronSpectrum:
     """The non-differentiable input of :class:`KronLogdetRatio`: ``G`` rows of eigenvalues.
 
+    The eigenvalues are those a :class:`~marglik.curvature.eigen.KronEigen` holds: all of a dense
+    factor's, or those on the row space of a factor held as rows (with, for the weight-and-bias
+    prior, the zero eigenvalue of the bias direction ``q0``, :meth:`KronEigen.bias_spectrum`). Every
+    other eigenvalue of ``B ⊗ A`` is 0 and adds nothing to the log det ratio (``log1p(0) = 0``) nor
+    to its gradients.
+
     Attributes:
-        lA: ``(G, nA)`` eigenvalues of ``A``, ascending.
-        lB: ``(G, nB)`` eigenvalues of ``B``.
-        VA: ``(G, nA, nA)`` eigenvectors of ``A``; needed only for factor gradients.
-        VB: ``(G, nB, nB)`` eigenvectors of ``B``; needed only for factor gradients.
-        bias_weights: ``(G, nA)`` :meth:`KronEigen.bias_weights` (weight-and-bias prior only).
+        lA: ``(G, kA)`` eigenvalues of ``A``, ascending.
+        lB: ``(G, kB)`` eigenvalues of ``B``.
+        VA: ``(G, nA, kA)`` eigenvectors of ``A``; needed only for factor gradients.
+        VB: ``(G, nB, kB)`` eigenvectors of ``B``; needed only for factor gradients.
+        bias_weights: ``(G, kA)`` bias weights (weight-and-bias prior only).
         prefix_sums: :class:`PrefixSums` of ``(lA, bias_weights)``; ``None`` evaluates every
             eigenvalue product explicitly.
         layout: :data:`BlockRows` of each block when rows of several blocks are packed
             (zero-padded) together; ``None``: one block over all rows.
+        rows_VA: ``rows @ VA`` when ``A`` is held as rows (the factor gradient then goes to the rows,
+            :meth:`~marglik.curvature.eigen.FactorEigen.grad`); ``None`` for a dense ``A``.
+        rows_VB: likewise for ``B``.
     """
 
     lA: Tensor
@@ -97,12 +106,18 @@ class KronSpectrum:
     bias_weights: Optional[Tensor] = None
     prefix_sums: Optional[PrefixSums] = None
     layout: Optional[List[BlockRows]] = None
+    rows_VA: Optional[Tensor] = None
+    rows_VB: Optional[Tensor] = None
 
     @classmethod
     def of(cls, eig: KronEigen, weight_and_bias: bool, prefix_sums: bool) -> "KronSpectrum":
         """The spectrum of one decomposed block (with its eigenvectors, for factor gradients)."""
-        w = eig.bias_weights() if weight_and_bias else None
-        return cls(eig.lA, eig.lB, eig.VA, eig.VB, w, PrefixSums(eig.lA, w) if prefix_sums else None)
+        if weight_and_bias:
+            lA, VA, w, rows_VA = eig.bias_spectrum()
+        else:
+            lA, VA, w, rows_VA = eig.a.evals, eig.a.V, None, eig.a.rows_V
+        return cls(lA, eig.lB, VA, eig.VB, w, PrefixSums(lA, w) if prefix_sums else None,
+                   rows_VA=rows_VA, rows_VB=eig.b.rows_V)
 
 
 @dataclass
@@ -257,6 +272,7 @@ class KronLogdetRatio(torch.autograd.Function):
             out = out + sums.tprime.log().sum()
             t = sums.tprime * (delta_b / delta_w).unsqueeze(-1)  # t_gj = 1 + c_g w^T diag(r_gj) 1
         ctx.with_bias = with_bias
+        ctx.spectrum = spectrum
         ctx.save_for_backward(scale, delta_w, delta_b, lA, spectrum.VA, lB, spectrum.VB, w)
         ctx.sums, ctx.t = sums, t
         return out.to(lA.dtype)
@@ -265,6 +281,7 @@ class KronLogdetRatio(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         s, dw, db, lA, VA, lB, VB, w = ctx.saved_tensors
+        spectrum = ctx.spectrum
         sums, t = ctx.sums, ctx.t
         need = ctx.needs_input_grad
         gA = gB = gs = gdw = gdb = None
@@ -291,21 +308,20 @@ class KronLogdetRatio(torch.autograd.Function):
                 t_dt = t.to(dt)
                 c_col = c.unsqueeze(-1)
         if need[0]:
-            alpha = s * (lB.unsqueeze(-1) * R).sum(-2)  # (G, nA)
-            M = sym_from_eigen(VA, alpha)
+            M = s * (lB.unsqueeze(-1) * R).sum(-2)  # (G, kA): diag(alpha)
             if ctx.with_bias:
                 u = VA[:, -1, :]
-                Wm = R * u.unsqueeze(-2)  # (G, nB, nA): rows diag(r_j) u
-                bet = s * lB * c_col / t_dt  # (G, nB)
-                C = Wm.transpose(-1, -2) @ (bet.unsqueeze(-1) * Wm)  # (G, nA, nA)
-                M = M - VA @ C @ VA.transpose(-1, -2)
-            gA = g * M
+                Wm = R * u.unsqueeze(-2)  # (G, kB, kA): rows diag(r_j) u
+                bet = s * lB * c_col / t_dt  # (G, kB)
+                C = Wm.transpose(-1, -2) @ (bet.unsqueeze(-1) * Wm)  # (G, kA, kA)
+                M = torch.diag_embed(M) - C
+            gA = g * FactorEigen(lA, VA, spectrum.rows_VA).grad(M)
         if need[1]:
-            gam = (R * lA.unsqueeze(-2)).sum(-1)  # (G, nB)
+            gam = (R * lA.unsqueeze(-2)).sum(-1)  # (G, kB)
             if ctx.with_bias:
                 u2 = VA[:, -1, :].square().unsqueeze(-2)
                 gam = gam - c_col * (u2 * R * R * lA.unsqueeze(-2)).sum(-1) / t_dt
-            gB = g * sym_from_eigen(VB, s * gam)
+            gB = g * FactorEigen(lB, VB, spectrum.rows_VB).grad(s * gam)
         return gA, gB, gs, gdw, gdb, None
 
 
@@ -327,10 +343,12 @@ class KronLogdetProjected(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, B, scale, Delta, eig: KronEigen):  # noqa: D401
-        den = scale * eig.lam + eig.project_diagonal(Delta)
+        den = scale * eig.extended_lam() + eig.project_diagonal(Delta)
         ctx.save_for_backward(scale)
         ctx.R, ctx.eig = den.reciprocal(), eig
-        return den.log().sum()
+        if not eig.truncated:
+            return den.log().sum()
+        return (eig.multiplicities() * den.log()).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -339,14 +357,15 @@ class KronLogdetProjected(torch.autograd.Function):
         R, eig = ctx.R, ctx.eig
         need = ctx.needs_input_grad
         gA = gB = gs = gD = None
+        Rh = R[..., int(eig.b.complement > 0):, int(eig.a.complement > 0):]  # the held pairs (lam > 0 only there)
         if need[2]:
-            gs = g * (eig.lam * R).sum()
+            gs = g * (eig.lam * Rh).sum()
         if need[3]:
             gD = g * eig.project_diagonal_adjoint(R)  # the cluster average is a symmetric projector
         if need[0]:
-            gA = g * sym_from_eigen(eig.VA, s * (eig.lB.unsqueeze(-1) * R).sum(-2))
+            gA = g * eig.a.grad(s * (eig.lB.unsqueeze(-1) * Rh).sum(-2))
         if need[1]:
-            gB = g * sym_from_eigen(eig.VB, s * (R * eig.lA.unsqueeze(-2)).sum(-1))
+            gB = g * eig.b.grad(s * (Rh * eig.lA.unsqueeze(-2)).sum(-1))
         return gA, gB, gs, gD, None
 
 

@@ -66,12 +66,12 @@ class DecomposedKron:
         for blk in kron.blocks:
             index = kron.block_indices(blk)
             if isinstance(blk, KronBlock):
-                G, nA, nB = blk.groups, blk.A.shape[-1], blk.B.shape[-1]
+                G, (nA, nB) = blk.groups, blk.dims
                 self.kron_blocks.append(
                     KronBlockEigen(
                         blk,
                         index[blk.dense_index()].reshape(G, nB, nA),
-                        KronEigen.decompose(blk.A, blk.B),
+                        KronEigen.decompose(blk.A_factor, blk.B_factor),
                         layer[id(blk.weight)] if blk.weight is not None else None,
                         layer[id(blk.bias)] if blk.bias is not None else None,
                     )
@@ -155,7 +155,7 @@ class DecomposedKron:
         """
         prior, structure, s = self._check(prior, scale)
         total = s.new_zeros(())
-        factor_grad = any(e.block.A.requires_grad or e.block.B.requires_grad for e in self.kron_blocks)
+        factor_grad = any(e.block.requires_grad for e in self.kron_blocks)
         packed: Dict[type, List[KronBlockEigen]] = {}
         single: List[PosteriorBlock] = []
         for e in self.kron_blocks:

@@ -212,14 +212,25 @@ class _KronPosterior(PosteriorBlock):
 
 
 class _EigenbasisDiagonal(_KronPosterior):
-    """A posterior block that is diagonal in the Kronecker eigenbasis ``V_B ⊗ V_A``."""
+    """A posterior block that is diagonal in the Kronecker eigenbasis ``V_B ⊗ V_A``: ``P_b^p`` is
+    that basis with the eigenvalues raised to ``p`` (:meth:`_power`)."""
 
     @abstractmethod
     def eigenvalues(self, s: Tensor) -> Tensor:
-        """``(G, nB, nA)`` eigenvalues of ``P_b`` (or of its approximation) in that basis."""
+        """Eigenvalues of ``P_b`` (or of its approximation) on the eigenvector pairs held (a
+        truncated decomposition's complements: see the subclass)."""
+
+    @abstractmethod
+    def _power(self, X: Tensor, s: Tensor, p: float) -> Tensor:
+        """``P_b^p X`` for ``X`` of shape ``(n, G, nB, nA)``."""
+
+    def solve(self, X, s):
+        return self._power(X, s, -1.0)
 
     def _transform_normals(self, Z: Tensor, s: Tensor, randn: Randn) -> Tensor:
-        return self.e.eig.from_eigenbasis(Z * self.eigenvalues(s).rsqrt())
+        if not self.e.eig.truncated:  # Z as eigen-coordinates: one rotation instead of two
+            return self.e.eig.from_eigenbasis(Z * self.eigenvalues(s).rsqrt())
+        return self._power(Z, s, -0.5)
 
 
 class ConstantPriorKron(_EigenbasisDiagonal):
@@ -245,16 +256,14 @@ class ConstantPriorKron(_EigenbasisDiagonal):
         return cls(e, prior[e.weight_layer if e.weight_layer is not None else e.bias_layer])
 
     def eigenvalues(self, s):
-        return s * self.e.lam + self.delta
+        return s * self.e.lam + self.delta  # on every other eigenvector (complements): delta
+
+    def _power(self, X, s, p):
+        return self.e.eig.apply_spectral(X, self.eigenvalues(s).pow(p), self.delta.pow(p))
 
     def logdet_ratio(self, s):
-        blk = self.e.block
         spectrum = KronSpectrum.of(self.e.eig, weight_and_bias=False, prefix_sums=False)
-        return KronLogdetRatio.apply(blk.A, blk.B, s, self.delta.expand(self.e.eig.shape[0]), None, spectrum)
-
-    def solve(self, X, s):
-        eig = self.e.eig
-        return eig.from_eigenbasis(self.eigenvalues(s).reciprocal() * eig.to_eigenbasis(X))
+        return KronLogdetRatio.apply(*self.e.block.stored(), s, self.delta.expand(self.e.eig.shape[0]), None, spectrum)
 
 
 class _DiagonalPriorKron(_KronPosterior):
@@ -290,15 +299,15 @@ class ProjectedPriorKron(_EigenbasisDiagonal, _DiagonalPriorKron):
     exact: ClassVar[bool] = False
 
     def eigenvalues(self, s):
-        return s * self.e.lam + self.e.eig.project_diagonal(self.Delta)
+        """``(G, kB', kA')``: on the held pairs and, for a truncated decomposition, one entry per
+        complement (first row / column; :meth:`KronEigen.project_diagonal`)."""
+        return s * self.e.eig.extended_lam() + self.e.eig.project_diagonal(self.Delta)
+
+    def _power(self, X, s, p):
+        return self.e.eig.apply_extended(X, self.eigenvalues(s).pow(p))
 
     def logdet_ratio(self, s):
-        blk = self.e.block
-        return KronLogdetProjected.apply(blk.A, blk.B, s, self.Delta, self.e.eig) - self.Delta.log().sum()
-
-    def solve(self, X, s):
-        eig = self.e.eig
-        return eig.from_eigenbasis(eig.to_eigenbasis(X) / self.eigenvalues(s))
+        return KronLogdetProjected.apply(*self.e.block.stored(), s, self.Delta, self.e.eig) - self.Delta.log().sum()
 
 
 class WeightBiasPriorKron(_KronPosterior):
@@ -329,28 +338,45 @@ class WeightBiasPriorKron(_KronPosterior):
         return cls(e, prior[e.weight_layer], prior[e.bias_layer])
 
     def logdet_ratio(self, s):
-        blk, G = self.e.block, self.e.eig.shape[0]
+        G = self.e.eig.shape[0]
         spectrum = KronSpectrum.of(self.e.eig, weight_and_bias=True, prefix_sums=False)
-        return KronLogdetRatio.apply(blk.A, blk.B, s, self.delta_w.expand(G), self.delta_b.expand(G), spectrum)
+        return KronLogdetRatio.apply(*self.e.block.stored(), s, self.delta_w.expand(G), self.delta_b.expand(G), spectrum)
+
+    def _prior_diag(self, nA: int) -> Tensor:
+        """``(nA,)``: ``delta_w`` on the weight coordinates, ``delta_b`` on the bias (the last)."""
+        d = self.delta_w.expand(nA).clone()
+        d[-1] = self.delta_b
+        return d
 
     def solve(self, X, s):
         eig = self.e.eig
-        Xh = eig.to_eigenbasis(X)  # (n, G, nB, nA)
-        R = (s * eig.lam + self.delta_w).reciprocal()
-        u = eig.VA[:, -1, :].unsqueeze(-2)  # (G, 1, nA)
-        t = (u * u * (s * eig.lam + self.delta_b) * R).sum(-1)  # (G, nB)
+        lA, VA, _, _ = eig.bias_spectrum()  # V' = [q0, V_A] for a truncated A: e in its span
+        lam = eig.lB.unsqueeze(-1) * lA.unsqueeze(-2)  # (G, kB, k')
+        R = (s * lam + self.delta_w).reciprocal()
+        u = VA[:, -1, :].unsqueeze(-2)  # (G, 1, k')
+        t = (u * u * (s * lam + self.delta_b) * R).sum(-1)  # (G, kB)
         Ru = R * u
-        proj = (Ru * Xh).sum(-1, keepdim=True)  # (n, G, nB, 1)
-        Yh = R * Xh - ((self.delta_b - self.delta_w) / t).unsqueeze(-1) * Ru * proj
-        return eig.from_eigenbasis(Yh)
+        c = self.delta_b - self.delta_w
+        Y = eig.VB.transpose(-1, -2) @ X  # (n, G, kB, nA)
+        Yh = Y @ VA  # (n, G, kB, k')
+        Zh = R * Yh - (c / t).unsqueeze(-1) * Ru * (Ru * Yh).sum(-1, keepdim=True)  # N_j^{-1} y_j on span(V')
+        if not eig.truncated:
+            return eig.VB @ Zh @ VA.transpose(-1, -2)
+        # P^{-1} X = X D^{-1} + V_B [N_j^{-1} y_j - D^{-1} y_j]_j: B's complement sees the prior D
+        # alone; on span(V')'s complement N_j^{-1} = D^{-1} = 1 / delta_w (e lies in span(V'))
+        corr = (Zh - Yh / self.delta_w) @ VA.transpose(-1, -2)
+        corr[..., -1] = corr[..., -1] + c / (self.delta_w * self.delta_b) * Y[..., -1]
+        return X / self._prior_diag(X.shape[-1]) + eig.VB @ corr
 
     def _transform_normals(self, Z, s, randn):
         # y ~ N(0, P_b) from the factor square roots and the prior; then P_b^{-1} y ~ N(0, P_b^{-1})
         eig = self.e.eig
-        y = eig.from_eigenbasis((eig.lam * s).sqrt() * Z)
-        prior_diag = self.delta_w.expand(eig.shape).clone()
-        prior_diag[..., -1] = self.delta_b
-        y = y + prior_diag.sqrt() * randn(*Z.shape)
+        root = (eig.lam * s).sqrt()
+        if eig.truncated:
+            y = eig.from_eigenbasis(root * eig.to_eigenbasis(Z))
+        else:  # Z as eigen-coordinates
+            y = eig.from_eigenbasis(root * Z)
+        y = y + self._prior_diag(Z.shape[-1]).sqrt() * randn(*Z.shape)
         return self.solve(y, s)
 
 
@@ -417,22 +443,25 @@ class PackedKronBlocks:
     """
 
     def __init__(self, members: List[KronBlockEigen], with_bias: bool) -> None:
+        # each member's held spectrum (with q0 for a truncated A under a bias prior): every other
+        # eigenvalue is 0 and adds nothing (KronSpectrum)
+        spectra = [e.eig.bias_spectrum()[::2] if with_bias else (e.eig.lA, None) for e in members]
         rows = sum(e.eig.shape[0] for e in members)
-        nA = max(e.eig.shape[2] for e in members)
-        nB = max(e.eig.shape[1] for e in members)
+        nA = max(la.shape[-1] for la, _ in spectra)
+        nB = max(e.eig.lB.shape[-1] for e in members)
         ref = members[0].eig.lA
         lA = ref.new_zeros(rows, nA)
         lB = ref.new_zeros(rows, nB)
         w = ref.new_zeros(rows, nA) if with_bias else None
         weight_layer, bias_layer, layout = [], [], []
         r = 0
-        for e in members:
-            G, nb, na = e.eig.shape
+        for e, (la, wa) in zip(members, spectra):
+            G, na, nb = la.shape[0], la.shape[-1], e.eig.lB.shape[-1]
             layout.append((r, r + G, na, nb))
-            lA[r : r + G, nA - na :] = e.eig.lA
+            lA[r : r + G, nA - na :] = la
             lB[r : r + G, :nb] = e.eig.lB
             if with_bias:
-                w[r : r + G, nA - na :] = e.eig.bias_weights()
+                w[r : r + G, nA - na :] = wa
             weight_layer += [e.weight_layer if e.weight_layer is not None else e.bias_layer] * G
             bias_layer += [e.bias_layer if e.bias_layer is not None else e.weight_layer] * G
             r += G

@@ -21,6 +21,7 @@ from .blocks import BlockSums, CoveredModule
 from .layers import find_rule
 from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
 from .options import BlockKind, FisherType, KFACApprox, Likelihood
+from .row_factor import FactorForm
 from .sharing import current_example_index
 
 __all__ = ["StatsOptions", "BatchSums", "Recorder", "recording"]
@@ -39,6 +40,7 @@ class StatsOptions:
     differentiable: bool
     batched_backward: Union[bool, str]
     max_grad_memory: int
+    factor_form: FactorForm = FactorForm.AUTO
 
 
 class BatchSums(NamedTuple):
@@ -88,7 +90,7 @@ class Recorder:
         """
         opts = self.options
         called = [b for b in self.blocks if self._calls[id(b)]]
-        sums = {id(b): BlockSums() for b in self.blocks}
+        sums = {id(b): BlockSums(form=opts.factor_form) for b in self.blocks}
         try:
             y = check_output_and_targets(opts.likelihood, out, y)
             for b in called:
@@ -119,9 +121,14 @@ class Recorder:
             for c in calls:
                 c.xhat = st.diag_input_features(block, c.x)
         elif self.options.approx is KFACApprox.EXPAND:
-            sums.add_inputs(*st.expand_input_sum(block, calls, N, self.options.copies_approx))
+            A, rows, count = st.expand_input_sum(block, calls, N, self.options.copies_approx, self.options.factor_form)
+            if A is not None:
+                sums.A.add_dense(A)
+            if rows is not None:
+                sums.A.add_rows(rows, self.options.factor_form)
+            sums.add_count(count)
         else:
-            sums.add_inputs(*st.reduce_input_sum(block, calls, N, self.options.copies_approx))
+            sums.add_input_rows(*st.reduce_input_rows(block, calls, N, self.options.copies_approx))
         for c in calls:
             c.x = None  # input statistics done: do not keep the tensor alive
 
@@ -140,7 +147,11 @@ class Recorder:
             b, c = calls[i]
             with self._stats_context():
                 if b.kind is BlockKind.KRON and expand:
-                    sums[id(b)].add_grads(st.expand_grad_sum(b, c, g, N, opts.copies_approx))
+                    B, rows = st.expand_grad_sum(b, c, g, N, opts.copies_approx, opts.factor_form)
+                    if B is not None:
+                        sums[id(b)].add_grad_sum(B)
+                    else:
+                        sums[id(b)].add_grad_rows(rows)
                     return
                 if b.kind is BlockKind.KRON:
                     ex = st.reduce_grad_units(b, c, g, N, opts.copies_approx)
@@ -151,8 +162,13 @@ class Recorder:
         def on_chunk_end() -> None:
             with self._stats_context():
                 for b in called:
-                    if id(b) in pending:
-                        sums[id(b)].add_grads(st.unit_outer(pending.pop(id(b))))
+                    if id(b) not in pending:
+                        continue
+                    ex = pending.pop(id(b))
+                    if b.kind is BlockKind.KRON:
+                        sums[id(b)].add_grad_rows(st.unit_rows(ex))
+                    else:
+                        sums[id(b)].add_grad_sum(st.unit_outer(ex))
 
         outputs = [c.y for _, c in calls]
         for _, c in calls:

@@ -19,11 +19,12 @@ from torch import Tensor
 from .blocks import CoveredModule
 from .layers import copies_per_example, example_sum
 from .options import KFACApprox
+from .row_factor import FactorForm, concat_rows, keep_rows
 
 __all__ = [
     "ModuleCall", "augment_with_bias", "count_divisor", "in_group", "over_copies", "unit_sum",
-    "expand_input_sum", "reduce_input_sum", "diag_input_features", "expand_grad_sum",
-    "reduce_grad_units", "diag_grad_units", "unit_outer",
+    "expand_input_sum", "reduce_input_rows", "diag_input_features", "expand_grad_sum",
+    "reduce_grad_units", "diag_grad_units", "unit_rows", "unit_outer", "block_input_dim", "block_output_dim",
 ]
 
 
@@ -96,46 +97,67 @@ def unit_sum(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str, co
 
 
 def expand_input_sum(
-    block: CoveredModule, calls: Sequence[ModuleCall], N: int, copies_approx: KFACApprox
-) -> Tuple[Tensor, Union[float, Tensor]]:
+    block: CoveredModule, calls: Sequence[ModuleCall], N: int, copies_approx: KFACApprox,
+    form: FactorForm = FactorForm.DENSE,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Union[float, Tensor]]:
     """K-FAC-expand input side of one batch: ``sum_{n,r} a a^T`` over all calls and the count.
 
+    A call with few positions against the factor's dimension (:func:`keep_rows` under ``form``)
+    contributes its positions' inputs as rows instead of their Gram.
+
     Returns:
-        ``(A, count)``: ``(G, da, da)`` and the number of positions (``(G,)`` per group when a
+        ``(A, rows, count)``: the dense sum ``(G, da, da)`` of the other calls (or ``None``), the
+        rows ``(G, M, da)`` (or ``None``) and the number of positions (``(G,)`` per group when a
         call feeds a single group).
     """
     rule, m, G = block.rule, block.module, block.groups
     has_w, has_b = block.weight is not None, block.bias is not None
     grouped = any(c.group is not None for c in calls)
     A_sum: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
     count: Union[float, Tensor] = 0.0
     for c in calls:
         x = c.x
         if copies_approx is KFACApprox.REDUCE:  # one position per (example, position)
             x = over_copies(x, 0, N, c.index, block.name, mean=True)
-        XtX, xsum, M = rule.expand_input_stats(m, x, gram=has_w)  # (G, din, din), (G, din)
-        A = augment_with_bias(XtX, xsum, xsum.new_tensor(float(M)), has_w, has_b)
-        A = in_group(A, c.group, G, 0)
-        A_sum = A if A_sum is None else A_sum + A
+        M = rule.num_positions(m, x) if has_w else None
+        if M is not None and keep_rows(M, block_input_dim(block), form):
+            X = rule.expand_inputs(m, x).transpose(1, 2)  # (G, M, din)
+            if has_b:
+                X = torch.cat([X, X.new_ones(X.shape[:-1] + (1,))], dim=-1)
+            rows = concat_rows(rows, in_group(X, c.group, G, 0))
+        else:
+            XtX, xsum, M = rule.expand_input_stats(m, x, gram=has_w)  # (G, din, din), (G, din)
+            A = in_group(augment_with_bias(XtX, xsum, xsum.new_tensor(float(M)), has_w, has_b), c.group, G, 0)
+            A_sum = A if A_sum is None else A_sum + A
         if grouped:  # per-group position counts
-            counts = A.detach().new_zeros(G)
+            ref = rows if rows is not None else A_sum
+            counts = ref.detach().new_zeros(G)
             counts[slice(None) if c.group is None else c.group] = float(M)
             count = counts + count
         else:
             count += M
-    return A_sum, count
+    return A_sum, rows, count
 
 
-def reduce_input_sum(
+def block_input_dim(block: CoveredModule) -> int:
+    """``da``: the input factor's dimension of a Kronecker block (``din`` plus 1 for a bias)."""
+    if block.weight is None:
+        return 1
+    return block.weight[0].numel() + (block.bias is not None)
+
+
+def reduce_input_rows(
     block: CoveredModule, calls: Sequence[ModuleCall], N: int, copies_approx: KFACApprox
 ) -> Tuple[Tensor, int]:
-    """K-FAC-reduce input side of one batch: ``sum_u a_u a_u^T`` over the ``U`` units.
+    """K-FAC-reduce input side of one batch: the rows ``a_u`` of ``sum_u a_u a_u^T`` over the ``U`` units.
 
     Each unit's input ``a_u`` is its mean over all positions of all calls, per group for group
     calls (with a 1 appended for the bias where the unit was seen).
 
     Returns:
-        ``(A, U)``: ``(G, da, da)`` and the number of units.
+        ``(rows, U)``: ``(G, U, da)`` (a bias-only block: ``(G, U, 1)``, 1 where the unit was
+        seen) and the number of units.
 
     Raises:
         ValueError: calls of one forward pass hold different numbers of copies under
@@ -165,11 +187,8 @@ def reduce_input_sum(
     if has_w and has_b:
         mean = torch.cat([mean, present.unsqueeze(-1)], dim=-1)
     if has_w:
-        flat = mean.transpose(0, 1)  # (G, U, da)
-        A = flat.transpose(1, 2) @ flat
-    else:
-        A = present.sum(0).reshape(G, 1, 1)
-    return A, U
+        return mean.transpose(0, 1), U  # (G, U, da)
+    return present.T.unsqueeze(-1), U
 
 
 def diag_input_features(block: CoveredModule, x: Tensor) -> Optional[Tensor]:
@@ -177,14 +196,31 @@ def diag_input_features(block: CoveredModule, x: Tensor) -> Optional[Tensor]:
     return block.rule.normalized(block.module, x) if block.weight is not None else None
 
 
-def expand_grad_sum(block: CoveredModule, call: ModuleCall, g: Tensor, N: int, copies_approx: KFACApprox) -> Tensor:
-    """K-FAC-expand output side of one call: ``sum_{k,n,r} g g^T``, ``(G, dout, dout)``.
+def expand_grad_sum(
+    block: CoveredModule, call: ModuleCall, g: Tensor, N: int, copies_approx: KFACApprox,
+    form: FactorForm = FactorForm.DENSE,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """K-FAC-expand output side of one call: ``sum_{k,n,r} g g^T``.
 
     ``g``: the output gradients ``(K, *y.shape)`` of ``K`` curvature columns.
+
+    Returns:
+        ``(B, rows)``: the dense sum ``(G, dout, dout)``, or (``None`` and) the ``K M`` gradient
+        rows ``(G, K M, dout)`` when they are few against ``dout`` (:func:`keep_rows` under ``form``).
     """
     if copies_approx is KFACApprox.REDUCE:
         g = over_copies(g, 1, N, call.index, block.name, mean=False)
-    return in_group(block.rule.expand_grad_gram(block.module, g), call.group, block.groups, 0)
+    rule, G = block.rule, block.groups
+    dout = block_output_dim(block)
+    if rule.rows_capable and keep_rows(g.numel() // (G * dout), dout, form):
+        return None, in_group(rule.expand_grads(block.module, g).transpose(1, 2), call.group, G, 0)
+    return in_group(rule.expand_grad_gram(block.module, g), call.group, G, 0), None
+
+
+def block_output_dim(block: CoveredModule) -> int:
+    """``db``: the output factor's dimension of a Kronecker block (outputs per group)."""
+    p = block.weight if block.weight is not None else block.bias
+    return p.shape[0] // block.groups
 
 
 def reduce_grad_units(block: CoveredModule, call: ModuleCall, g: Tensor, N: int, copies_approx: KFACApprox) -> Tensor:
@@ -209,6 +245,12 @@ def diag_grad_units(block: CoveredModule, call: ModuleCall, g: Tensor, N: int) -
         parts.append(rule.channel_sums(m, g))
     rows = torch.stack(parts, dim=-1)  # (K, T, C, k)
     return example_sum(rows, 1, N, call.index, block.name)
+
+
+def unit_rows(ex: Tensor) -> Tensor:
+    """The per-unit sums of every column as rows: ``(K, U, G, d)`` -> ``(G, K U, d)``."""
+    K, U = ex.shape[:2]
+    return ex.reshape(K * U, ex.shape[2], ex.shape[3]).transpose(0, 1)
 
 
 def unit_outer(ex: Tensor) -> Tensor:

@@ -146,6 +146,14 @@ class KroneckerRule(Rule):
     positions in all (rows times shared positions)."""
 
     kind = BlockKind.KRON
+    #: whether :meth:`expand_grads` gives every output gradient as a row of ``B`` (so that the engine
+    #: may keep few of them as rows, :mod:`marglik.curvature.row_factor`)
+    rows_capable: bool = False
+
+    def num_positions(self, module: nn.Module, x: Tensor) -> Optional[int]:
+        """``M``, the number of positions of an input ``x`` (what :meth:`expand_inputs` would give),
+        without forming them; ``None``: unknown (the engine then takes the dense Gram)."""
+        return None
 
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         """Every position's input as a column: ``(G, din, M)``."""

@@ -137,6 +137,12 @@ def patch_sums(module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
 
 class ConvRule(KroneckerRule):
     module_types = _CONV
+    rows_capable = True
+
+    def num_positions(self, module: nn.Module, x: Tensor) -> int:
+        self._check(module, x)
+        spec = _pad_spec(module)
+        return x.shape[0] * math.prod(_out_sizes(module, [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec)]))
 
     def groups(self, module: nn.Module) -> int:
         return module.groups

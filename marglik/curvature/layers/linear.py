@@ -11,6 +11,10 @@ from .base import KroneckerRule
 
 class LinearRule(KroneckerRule):
     module_types = (nn.Linear,)
+    rows_capable = True
+
+    def num_positions(self, module: nn.Linear, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
 
     def expand_inputs(self, module: nn.Linear, x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
