@@ -81,6 +81,10 @@ class KronLaplace:
             so that the log marginal likelihood can be differentiated w.r.t. whatever produced them.
         ignore_modules: modules left out of the posterior (as in :class:`marglik.KFAC`).
         separate_bias: drop weight-bias cross terms (laplace-torch's block structure).
+        factor_form: ``"auto"`` (default) or ``"dense"``: whether factors built from few rows
+            (fewer than half their dimension, e.g. K-FAC-reduce's input factors on a small fit) are
+            kept and decomposed as rows -- ``O(d m^2)`` instead of ``O(d^3)``, the same posterior to
+            round-off -- or always dense (see :class:`marglik.KFAC`).
 
     Raises:
         ValueError: an invalid likelihood, prior precision, prior mean, ``sigma_noise`` or
@@ -106,6 +110,7 @@ class KronLaplace:
         ignore_modules: Optional[Sequence[Any]] = None,
         separate_bias: bool = False,
         copies_approx: Optional[str] = None,
+        factor_form: str = "auto",
     ) -> None:
         self.model = model
         self.kfac = KFAC(
@@ -117,6 +122,7 @@ class KronLaplace:
             mc_samples=mc_samples,
             differentiable=differentiable,
             ignore_modules=ignore_modules,
+            factor_form=factor_form,
         )
         self.likelihood: Likelihood = self.kfac.likelihood
         self.differentiable = differentiable

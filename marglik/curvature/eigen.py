@@ -11,7 +11,7 @@ vector ``X (nB, nA)`` has the eigen-coordinates ``V_B^T X V_A`` (:meth:`KronEige
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from .kron import Factor
 from .row_factor import RowFactor, eigh_rows
 
-__all__ = ["eigh_psd", "eigen_clusters", "cluster_mean", "sym_from_eigen", "FactorEigen", "KronEigen"]
+__all__ = ["eigh_psd", "eigen_clusters", "cluster_mean", "sym_from_eigen", "FactorEigen", "KronEigen", "decompose_factors"]
 
 Clusters = Tuple[Tensor, Tensor]
 
@@ -28,8 +28,9 @@ def eigh_psd(M: Tensor) -> Tuple[Tensor, Tensor]:
     """Eigendecomposition of (batched) symmetric positive semi-definite matrices.
 
     ``M`` is detached and symmetrised first. If LAPACK fails to converge, the decomposition of
-    ``M + I`` is used and 1 subtracted; if it returns NaN without raising (float32 LAPACK on
-    rank-deficient factors, seen with MKL), the decomposition is redone in float64.
+    ``M + I`` is used and 1 subtracted; matrices of the batch whose decomposition came back with NaN
+    without an error (float32 LAPACK on rank-deficient factors, seen with MKL) are redone in
+    float64 -- those alone, not the whole batch.
 
     Args:
         M: ``(..., d, d)`` symmetric PSD matrices (e.g. Kronecker factors).
@@ -49,11 +50,13 @@ def eigh_psd(M: Tensor) -> Tuple[Tensor, Tensor]:
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
         lam, V = torch.linalg.eigh(M + eye)
         lam = lam - 1.0
-    if not (torch.isfinite(lam).all() and torch.isfinite(V).all()):
+    bad = ~(torch.isfinite(lam).all(-1) & torch.isfinite(V).flatten(-2).all(-1))  # (...)
+    if bad.any():
         if not torch.isfinite(M).all():
             raise FloatingPointError("Kronecker factor contains NaN or Inf")
-        l64, V64 = torch.linalg.eigh(M.double())
-        lam, V = l64.to(M.dtype), V64.to(M.dtype)
+        l64, V64 = torch.linalg.eigh(M[bad].double())
+        lam, V = lam.clone(), V.clone()
+        lam[bad], V[bad] = l64.to(M.dtype), V64.to(M.dtype)
     return lam.clamp_min(0.0), V
 
 
@@ -141,12 +144,9 @@ class FactorEigen:
 
     @classmethod
     def of(cls, F: Factor) -> "FactorEigen":
-        """Decompose a factor (dense ``(G, n, n)`` or a :class:`RowFactor` with ``m <= n``)."""
-        if isinstance(F, RowFactor):
-            if F.num_rows < F.shape[-1]:
-                return cls(*eigh_rows(F.rows))
-            F = F.dense()
-        return cls(*eigh_psd(F))
+        """Decompose a factor: a dense ``(G, n, n)`` one with :func:`eigh_psd`, a :class:`RowFactor`
+        with fewer rows than ``n`` with :func:`~marglik.curvature.row_factor.eigh_rows`."""
+        return decompose_factors([F])[0]
 
     @property
     def n(self) -> int:
@@ -210,6 +210,39 @@ class FactorEigen:
         return torch.cat([self.evals.new_zeros(self.evals.shape[0], 1), self.evals], -1)
 
 
+def decompose_factors(factors: Sequence[Factor]) -> List[FactorEigen]:
+    """:meth:`FactorEigen.of` for many factors, with one batched call per shape.
+
+    Dense factors of equal size (and dtype / device) are stacked into one :func:`eigh_psd` call,
+    row factors of equal ``(m, d)`` into one :func:`~marglik.curvature.row_factor.eigh_rows` call
+    (on a GPU, few large batched calls beat many small ones; on a CPU it is the same work).
+
+    Args:
+        factors: dense ``(G, n, n)`` tensors or :class:`RowFactor` s.
+
+    Returns:
+        One :class:`FactorEigen` per factor, in order.
+    """
+    groups: Dict[Tuple, List[int]] = {}
+    tensors: List[Tensor] = []
+    for i, F in enumerate(factors):
+        if isinstance(F, RowFactor) and F.num_rows < F.shape[-1]:
+            t, kind = F.rows, "rows"
+        else:
+            t, kind = (F.dense() if isinstance(F, RowFactor) else F), "dense"
+        tensors.append(t)
+        groups.setdefault((kind, tuple(t.shape[1:]), t.dtype, t.device), []).append(i)
+    out: List[Optional[FactorEigen]] = [None] * len(factors)
+    for (kind, _, _, _), idx in groups.items():
+        batch = torch.cat([tensors[i] for i in idx]) if len(idx) > 1 else tensors[idx[0]]
+        parts = eigh_rows(batch) if kind == "rows" else (*eigh_psd(batch), None)
+        sizes = [tensors[i].shape[0] for i in idx]
+        split = [p.split(sizes) if p is not None else [None] * len(idx) for p in parts]
+        for j, i in enumerate(idx):
+            out[i] = FactorEigen(*(sp[j] for sp in split))
+    return out
+
+
 @dataclass
 class KronEigen:
     """Eigendecomposition of a grouped Kronecker product ``B_g ⊗ A_g`` (factors detached).
@@ -232,7 +265,7 @@ class KronEigen:
     @classmethod
     def decompose(cls, A: Factor, B: Factor) -> "KronEigen":
         """Decompose the factors (dense ``(G, n, n)`` or :class:`RowFactor`) with :meth:`FactorEigen.of`."""
-        return cls.from_factors(FactorEigen.of(A), FactorEigen.of(B))
+        return cls.from_factors(*decompose_factors([A, B]))
 
     @classmethod
     def from_factors(cls, a: FactorEigen, b: FactorEigen) -> "KronEigen":

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .eigen import KronEigen
+from .eigen import KronEigen, decompose_factors
 from .kron import Kron, KronBlock
 from .logdet import as_scalar
 from .posterior_blocks import ChannelBlocksInfo, KronBlockEigen, PackedKronBlocks, PosteriorBlock
@@ -63,6 +63,8 @@ class DecomposedKron:
         layer = {id(p): i for i, p in enumerate(self.params)}
         self.kron_blocks: List[KronBlockEigen] = []
         self.diag_blocks: List[ChannelBlocksInfo] = []
+        kron_of = [b for b in kron.blocks if isinstance(b, KronBlock)]
+        eigs = iter(decompose_factors([F for b in kron_of for F in (b.A_factor, b.B_factor)]))
         for blk in kron.blocks:
             index = kron.block_indices(blk)
             if isinstance(blk, KronBlock):
@@ -71,7 +73,7 @@ class DecomposedKron:
                     KronBlockEigen(
                         blk,
                         index[blk.dense_index()].reshape(G, nB, nA),
-                        KronEigen.decompose(blk.A_factor, blk.B_factor),
+                        KronEigen.from_factors(next(eigs), next(eigs)),
                         layer[id(blk.weight)] if blk.weight is not None else None,
                         layer[id(blk.bias)] if blk.bias is not None else None,
                     )

@@ -237,6 +237,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             self.kfac = KFAC(
                 model, likelihood=likelihood, approx=approx, fisher_type=fisher_type, mc_samples=mc_samples,
                 ignore_modules=ignore, generator=generator,
+                # dense factors: the EMA over updates fills a factor's rank after d / m updates, so
+                # rows (marglik.curvature.row_factor) would be multiplied out at once; the inverses
+                # are amortised over inverse_update_every steps anyway
+                factor_form="dense",
             )
         except UnsupportedModuleError as err:
             raise UnsupportedModuleError(
