@@ -47,6 +47,10 @@ def test_end_to_end_outputs_and_marglik_rises(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert isinstance(on_disk["prior_precision"], list) and len(on_disk["prior_precision"]) == 8  # layerwise
+    names = [n for n, _ in MarglikTuner(cfg, tmp_path / "names").model.named_parameters()]
+    assert list(on_disk["prior_precision_by_name"]) == names and names[0] == "features.0.weight"
+    assert list(on_disk["prior_precision_by_name"].values()) == on_disk["prior_precision"]
+    assert on_disk["segments"] == 1 and on_disk["seconds_this_segment"] == on_disk["seconds"]
     assert set(on_disk["augmentation"]) == {"translation_x", "translation_y", "rotation", "scale_x", "scale_y", "shear"}
     assert on_disk["augmentation"]["rotation"] > 0  # eta moved (degrees)
     assert on_disk["approx"] == "reduce"
@@ -71,6 +75,7 @@ def test_no_augmentation_scalar_prior(tmp_path):
                curvature={"approx": "expand"}, trainer={"epochs": 3, "final_model": "last"})
     s = tune(cfg, tmp_path)
     assert len(s["prior_precision"]) == 1 and s["prior_precision"][0] != 1.0
+    assert s["prior_precision_by_name"] == {"all": s["prior_precision"][0]}
     assert all(v == 0 for v in s["augmentation"].values())
     assert s["approx"] == "expand" and s["final_model"] == "last"
     # one Laplace fit per update serves all K steps when eta is not learned
