@@ -44,6 +44,7 @@ marglik computes: a peer with ``hyper.augmentation=true`` is a configuration err
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -434,8 +435,9 @@ def _trial_fit(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -
     sampling must not shift the run's random stream)."""
     was_training = model.training
     device = batch[0].device
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    try:  # a probe: the libraries' warnings about it (deprecations, hooks) are not the user's business
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             la = build_laplace(curvature, model, torch.ones((), device=device), differentiable=False)
             la.fit([batch])
             value = la.log_marginal_likelihood()
