@@ -48,7 +48,7 @@ from .tuning.explain import explain_run
 
 log = logging.getLogger("marglik")
 #: how long a rank other than 0 waits before exiting on an error, so that rank 0 prints the job's line
-RANK_GRACE_SECONDS = 5.0
+RANK_GRACE_SECONDS = 3.0
 
 
 def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
