@@ -47,16 +47,19 @@ def test_non_finite_learning_rate_is_one_line_before_anything_starts(tmp_path):
 
 
 def test_every_float_key_rejects_inf_and_nan():
-    """Generated from the schema: every float option of every section and model."""
-    keys = [(k, []) for k in Config()._float_keys()]
+    """Generated from the schema: every float option of every section and model (the command
+    line's parsing of ``inf`` is the subprocess test above; here the typed config directly)."""
+    keys = [(k, "cnn") for k in Config()._float_keys()]
     for model in ("wrn16_4", "vit"):
-        cfg = Config.from_dict(model={"name": model})
-        keys += [(k, [f"model={model}"]) for k in cfg._float_keys() if k.startswith("model.")]
-    assert {"trainer.lr", "hyper.prior_prec_init", "hyper.lr", "hyper.aug_lr", "data.rotation"} <= {k for k, _ in keys}
-    for key, group in keys:
-        for value in ("inf", "-inf", "nan"):
+        keys += [(k, model) for k in Config.from_dict(model={"name": model})._float_keys() if k.startswith("model.")]
+    assert {"trainer.lr", "hyper.prior_prec_init", "hyper.lr", "hyper.aug_lr", "data.rotation",
+            "model.dropout"} <= {k for k, _ in keys}
+    for key, model in keys:
+        section, name = key.split(".")
+        for value in (float("inf"), float("-inf"), float("nan")):
+            sections = {"model": {"name": model, name: value}} if section == "model" else {section: {name: value}}
             with pytest.raises(ConfigError, match=f"^{key}={value}: not a finite number; allowed: "):
-                check_overrides([*group, f"{key}={value}"])
+                Config.from_dict(**({"model": {"name": model}} | sections))
     with pytest.raises(ConfigError, match="hyper.aug_lr=-1.0: invalid value; allowed: a number >= 0"):
         check_overrides(["hyper.aug_lr=-1"])  # negative where meaningless: still the range message
 
@@ -108,9 +111,22 @@ def test_missing_data_files(tmp_path):
     line = _one_line(_marglik(["data=cifar10", f"data.root={tmp_path}/none", *TINY, f"hydra.run.dir={tmp_path}/run"],
                               tmp_path), "marglik: error: cifar10 not found under data.root=")
     assert "data.download=true" in line
-    full = _marglik(["data=cifar10", f"data.root={tmp_path}/none", *TINY, f"hydra.run.dir={tmp_path}/run2"], tmp_path,
-                    HYDRA_FULL_ERROR="1")
-    assert full.returncode != 0 and "Traceback" in full.stderr and "DataUnavailableError" in full.stderr
+
+
+def test_full_hydra_error_reraises_a_user_error(monkeypatch, capsys):
+    """The CLI boundary: one line and exit status 2, or with HYDRA_FULL_ERROR=1 the error itself
+    (Hydra then prints its traceback; the precheck's case runs as a subprocess in test_cli.py)."""
+    from marglik.cli import _user_error
+    from marglik.errors import DataUnavailableError
+
+    err = DataUnavailableError("cifar10 not found (simulated)")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        _user_error(err)
+    assert exit_.value.code == 2 and capsys.readouterr().err == "marglik: error: cifar10 not found (simulated)\n"
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(DataUnavailableError):
+        _user_error(err)
 
 
 def test_download_without_a_network(tmp_path):
