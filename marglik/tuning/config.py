@@ -25,7 +25,8 @@ Where things live
 
 Adding a field
 --------------
-Add ``name: <type> = <default>  #: doc`` to the section dataclass. For a choice, define
+Add ``name: <type> = <default>  #: doc`` to the section dataclass (the ``#:`` comment is the
+option's meaning in ``marglik --help``, which lists every field). For a choice, define
 ``class MyChoice(Choice): a = "a"; b = "b"`` (names = values; values that are not identifiers
 use the functional form, see :data:`FisherType`) and type the field ``MyChoice`` (``Optional[MyChoice]``
 if ``null`` is allowed). Range checks go in :meth:`Config.validate` as
