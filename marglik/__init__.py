@@ -4,7 +4,8 @@ Public API: the K-FAC engine (:class:`KFAC`, :class:`Kron` and its blocks, :func
 the Laplace posterior (:class:`KronLaplace`, :class:`DecomposedKron`, the log-determinant
 functions), the K-FAC optimizer (:class:`KFACOptimizer`), learnable augmentation
 (:class:`AffineAugmentation`), the Fixup scalars (:class:`Scale`, :class:`Bias`) and the tuning loop
-(:class:`Config`, :class:`MarglikTuner`, :func:`tune`).
+(:class:`Config`, :class:`MarglikTuner`, :func:`tune`); :class:`UserError`, the base of every error a
+user can fix (:mod:`marglik.errors`).
 """
 
 from .augment import AffineAugmentation
@@ -23,6 +24,7 @@ from .curvature import (
     kron_logdet,
     kron_logdet_projected,
 )
+from .errors import UserError
 from .laplace import KronLaplace
 from .nn import Bias, Scale
 from .optim import KFACOptimizer
@@ -52,4 +54,5 @@ __all__ = [
     "Config",
     "MarglikTuner",
     "tune",
+    "UserError",
 ]

@@ -2,18 +2,8 @@
 
 Built on Hydra; the configs live in the package (``marglik/conf``, also reachable as the
 top-level ``configs/``), so the console script works from any directory and from a
-non-editable install. Config groups and the fixed override paths::
-
-    data=digits|cifar10|mnist|fashion_mnist   data.rotation=<deg> data.translation=<px> data.train_size=<n>
-    model=cnn|mlp|wrn16_4|vit   model.<that model's own options>
-    curvature.approx=expand|reduce  curvature.copies_approx=expand|reduce  curvature.fisher_type=type-2|mc|empirical  curvature.mc_samples=<n>
-    curvature.separate_bias=true|false|null
-    hyper.augmentation=true|false  hyper.prior_structure=scalar|layerwise  hyper.lr=  hyper.aug_lr=
-    hyper.steps=  hyper.frequency=  hyper.burn_in=  hyper.n_samples=  hyper.marglik_batches=
-    hyper.selection=full|subset  hyper.selection_size=<n>
-    trainer.epochs=<n> trainer.batch_size= trainer.lr= trainer.optimizer=adam|sgd
-    trainer.device=auto|cpu|cuda  trainer.seed=<n>  trainer.resume=auto|never|<run dir>
-    logger.mode=offline|online|disabled  logger.project=  logger.group=
+non-editable install. Every option, its default and what it allows: ``marglik --help``, generated
+from the typed schema (:mod:`marglik.cli_config`), so it cannot drift from the code.
 
 Outputs go to the Hydra run directory (``outputs/<date>/<time>_<data>_<approx>-<copies_approx>[-sepbias]``; set it with
 ``hydra.run.dir=...``): ``summary.json``, ``history.csv``, ``curves.png``, ``checkpoints/``,
@@ -22,9 +12,17 @@ resumes an interrupted run (``trainer.resume=auto``).
 
 Before Hydra runs, the overrides are composed and checked against the typed schema
 (:mod:`marglik.cli_config`): a bad key, type or value prints one line
-``marglik: config error: <key>=<value>: <problem>; allowed: <...>`` and exits with status 2
-(``HYDRA_FULL_ERROR=1`` raises it with the traceback instead). ``marglik --help`` is generated
-from the schema.
+``marglik: config error: <key>=<value>: <problem>; allowed: <...>`` and exits with status 2.
+``marglik --help`` is generated from the schema.
+
+Exit status: 0 when the run finished (even with warnings: they are printed as
+``marglik: warning: ...`` lines and listed in ``summary.json['warnings']``, so that one bad
+configuration of a ``-m`` sweep does not stop the others); 2 for any cause the user can fix
+(:class:`marglik.errors.UserError`: configuration, device, data, checkpoint, peer backend,
+installation; and an unwritable folder), printed as one line ``marglik: [config ]error: ...`` (by
+rank 0 only under ``torchrun``); 130 after Ctrl-C, one line ``marglik: interrupted; ... resume
+with ...``; 1 with a traceback for anything else (a bug). ``HYDRA_FULL_ERROR=1`` re-raises the
+user errors and the interrupt with their tracebacks.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, NoReturn, Optional
 
@@ -40,12 +39,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError, one_line
 from .launch import is_main_process, prepare_overrides
 from .tuning import Config, tune
-from .tuning.checkpoint import CheckpointError
 from .tuning.config import ConfigError
+from .tuning.device import resolve_device
+from .tuning.explain import explain_run
 
 log = logging.getLogger("marglik")
+#: how long a rank other than 0 waits before exiting on an error, so that rank 0 prints the job's line
+RANK_GRACE_SECONDS = 3.0
 
 
 def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
@@ -57,15 +60,40 @@ def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
     return tune(config, run_dir)
 
 
-def _config_error(err: Exception) -> NoReturn:
-    """One line on stderr and exit status 2 (the traceback only with ``HYDRA_FULL_ERROR=1``):
-    ``marglik: config error: ...`` for a :class:`ConfigError`, ``marglik: error: ...`` for a folder
-    or checkpoint problem."""
+def _user_error(err: BaseException) -> NoReturn:
+    """One line on stderr (rank 0 only) and exit status 2; the traceback with ``HYDRA_FULL_ERROR=1``:
+    ``marglik: config error: ...`` for a :class:`ConfigError`, ``marglik: error: ...`` for any other
+    :class:`UserError` or an unwritable folder."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
-    kind = "config error" if isinstance(err, ConfigError) else "error"
-    print(f"marglik: {kind}: {err}", file=sys.stderr)
+    if is_main_process():
+        print(f"marglik: {getattr(err, 'kind', 'error')}: {one_line(str(err))}", file=sys.stderr, flush=True)
+    else:  # torchrun stops the other ranks when one exits: let rank 0 say it first (its line is the job's)
+        time.sleep(RANK_GRACE_SECONDS)
     sys.exit(2)
+
+
+def _interrupted(err: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C: one line with the resume hint the tuner attached (rank 0 only), exit status 130."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    hint = getattr(err, "resume_hint", None)
+    if is_main_process():
+        print(f"marglik: interrupted; {hint}" if hint else "marglik: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _report_finished(summary: dict, run_dir: str) -> None:
+    """The end of a finished run on stderr: what was written, what was learned, what went wrong."""
+    written = [f for f in ("summary.json", "history.csv", "curves.png") if (Path(run_dir) / f).is_file()]
+    took = f"training {summary['seconds']:.3g} s"
+    if summary["segments"] > 1:
+        took += f", {summary['seconds_this_segment']:.3g} s of it in this segment ({summary['segments']} in all)"
+    print(f"marglik: wrote {', '.join(written)} to {run_dir} ({took})", file=sys.stderr)
+    for line in explain_run(summary):
+        print(f"marglik: {line}", file=sys.stderr)
+    for warning in summary["warnings"]:
+        print(f"marglik: warning: {warning}", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -73,16 +101,16 @@ def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = run_from_config(cfg, run_dir)
-    except (ConfigError, PermissionError, CheckpointError) as err:  # named in one line; a ConfigError here
-        _config_error(err)  # is e.g. a multirun job's, whose overrides are not checked up front
+    except (UserError, PermissionError) as err:  # named in one line; a ConfigError here is e.g. a
+        _user_error(err)  # multirun job's (not checked up front) or one only the machine or the data reveal
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     short = {k: summary[k] for k in ("test_accuracy", "test_nll", "log_marglik", "approx", "copies_approx", "seconds",
                                      "seconds_per_marglik_step")}
     short["augmentation"] = {k: round(v, 3) for k, v in summary["augmentation"].items()}
     log.info("summary: %s", json.dumps(short))
     if is_main_process():
-        written = [f for f in ("summary.json", "history.csv", "curves.png") if (Path(run_dir) / f).is_file()]
-        print(f"marglik: wrote {', '.join(written)} to {run_dir}", file=sys.stderr)
-        print(json.dumps(short, indent=1), file=sys.stderr)
+        _report_finished(summary, run_dir)
     return summary["log_marglik"]  # objective for Hydra sweepers
 
 
@@ -100,9 +128,10 @@ def _precheck(argv: List[str]) -> None:
             or args.config_dir or args.config_name or args.experimental_rerun):
         return  # sweeps / other config sources: each job is checked when it starts
     try:
-        check_overrides(args.overrides)
+        config = check_overrides(args.overrides)
+        resolve_device(config.trainer.device)  # a device this machine lacks: before anything is created
     except ConfigError as err:
-        _config_error(err)
+        _user_error(err)
 
 
 def main() -> None:
@@ -113,9 +142,12 @@ def main() -> None:
 
         print(help_text())
         return
-    _precheck(argv)  # config errors first: nothing is created for a bad config
-    sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
-    _hydra_main()
+    try:
+        _precheck(argv)  # config errors first: nothing is created for a bad config
+        sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
+        _hydra_main()
+    except KeyboardInterrupt as err:  # Ctrl-C outside the run (start-up, Hydra's own work)
+        _interrupted(err)
 
 
 if __name__ == "__main__":

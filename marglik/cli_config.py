@@ -4,9 +4,11 @@ from the schema (so the help cannot drift from the defaults)."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import textwrap
 from dataclasses import fields
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .tuning.config import (
     _SECTIONS,
@@ -138,55 +140,137 @@ def _unparsable(override: str) -> bool:
 
 
 # --------------------------------------------------------------------------- --help
-#: (key, one-line meaning) of the options ``--help`` lists; defaults and allowed values come from the schema.
+#: the options of the top of ``--help`` (the ones a first run changes); every other one is listed below them
 MAIN_OPTIONS = (
-    ("data.rotation", "rotate each image by a fixed random angle in [-R, R] degrees (invariance benchmark)"),
-    ("data.train_size", "random training subset"),
-    ("curvature.approx", "K-FAC flavour of the Laplace marginal likelihood"),
-    ("curvature.fisher_type", "exact GGN factors, sampled labels, or empirical Fisher"),
-    ("curvature.separate_bias", "separate weight and bias Kronecker blocks (null: joint for marglik)"),
-    ("hyper.augmentation", "learn affine augmentation ranges"),
-    ("hyper.prior_structure", "one prior precision, or one per parameter tensor"),
-    ("hyper.burn_in", "epochs of plain MAP training before the first marglik update"),
-    ("hyper.frequency", "epochs between marglik updates"),
-    ("hyper.steps", "hyperparameter steps per marglik update"),
-    ("hyper.n_samples", "augmented copies per image"),
-    ("hyper.selection", "fixed estimator of the best epoch and the reported log marglik"),
-    ("hyper.selection_size", "examples of hyper.selection=subset (drawn once per run)"),
-    ("trainer.epochs", "training epochs"),
-    ("trainer.batch_size", "MAP batch size"),
-    ("trainer.lr", "MAP learning rate"),
-    ("trainer.device", "where to train: auto, cpu, cuda, cuda:<index>, mps"),
-    ("trainer.seed", "training seed"),
-    ("trainer.resume", "auto | never | <run dir or .ckpt>"),
-    ("logger.mode", "Weights & Biases mode (WANDB_MODE wins)"),
+    "data.rotation", "data.train_size", "curvature.approx", "curvature.copies_approx", "curvature.backend",
+    "hyper.augmentation", "hyper.prior_structure", "hyper.burn_in", "trainer.epochs", "trainer.lr",
+    "trainer.device", "trainer.num_threads", "trainer.resume", "logger.mode",
 )
 
 EXAMPLES = (
     ("marglik trainer.epochs=10 logger.mode=disabled",
      "a short run of the default job (digits, small CNN, K-FAC-reduce, learned augmentation)"),
-    ("marglik data.rotation=180 curvature.approx=expand model=mlp hyper.burn_in=2",
-     "rotated digits, K-FAC-expand, an MLP"),
+    ("marglik data.rotation=90 curvature.approx=expand model=mlp hyper.burn_in=2",
+     "rotated digits, K-FAC-expand, an MLP: the learned rotation range grows towards the data's 90 degrees"),
+    ("marglik -m model=mlp,cnn trainer.epochs=20 hydra.sweep.dir=runs/arch && marglik-report runs/arch",
+     "model selection: one run per architecture, then rank them by their log marginal likelihood"),
     ("marglik +experiment=cifar10_wrn16_4 data.download=true trainer.device=cuda",
      "the papers' CIFAR-10 WRN-16-4 setting (GPU)"),
 )
 
+_PLACEHOLDERS = {"hydra.job.num": "job number", "hydra.job.override_dirname": "overrides"}
 
-def _default(key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(Config(), section), name)
+
+def field_docs(klass: type) -> Dict[str, str]:
+    """The ``#:`` comments of a config dataclass's fields: the text after ``#:`` on the field's
+    line, or on the ``#:`` lines just above it (read from the source, the one place they are written).
+
+    Args:
+        klass: a section dataclass (or a model's schema).
+
+    Returns:
+        ``{field name: its comment}`` for the fields that have one (empty if the source is unavailable).
+    """
+    try:
+        source = inspect.getsource(klass)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in fields(klass)}
+    docs: Dict[str, str] = {}
+    pending: List[str] = []
+    for line in source.splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:", line)
+        if m and m.group(1) in names:
+            trailing = re.search(r"#:\s*(.*)$", line)
+            doc = " ".join(pending + ([trailing.group(1).strip()] if trailing else []))
+            if doc:
+                docs[m.group(1)] = doc
+        pending = []
+    return docs
+
+
+def render_dir_pattern(pattern: str) -> str:
+    """A Hydra run / sweep directory pattern in words: ``${now:%Y-%m-%d}`` -> ``<date>``,
+    ``${data.name}`` -> ``<data.name>``, ``${bias_suffix:...}`` -> ``[-sepbias]``.
+
+    Args:
+        pattern: the pattern as written in ``marglik/conf/config.yaml``.
+
+    Returns:
+        The readable form shown by ``--help``.
+    """
+    out = re.sub(r"\$\{bias_suffix:\$\{[^}]*\}\}", "[-sepbias]", pattern)
+    out = out.replace("${now:%Y-%m-%d}", "<date>")
+    out = re.sub(r"\$\{now:[^}]*\}", "<time>", out)
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: f"<{_PLACEHOLDERS.get(m.group(1), m.group(1))}>", out)
+
+
+def output_dirs() -> "tuple[str, str]":
+    """The run and sweep directory patterns of ``marglik/conf/config.yaml``, rendered.
+
+    Returns:
+        ``(run directory, sweep job directory)``.
+    """
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.create((files(CONFIG_MODULE) / "config.yaml").read_text())
+    hydra_cfg = OmegaConf.to_container(raw, resolve=False)["hydra"]  # the patterns, not their values
+    sweep = hydra_cfg["sweep"]
+    return render_dir_pattern(hydra_cfg["run"]["dir"]), render_dir_pattern(f"{sweep['dir']}/{sweep['subdir']}")
+
+
+def _option_line(key: str, klass: type, default: Any, docs: Dict[str, str], width: int) -> List[str]:
+    """``  key=default   meaning (allowed)``, wrapped; the meaning starts a new line after a long default."""
+    name = key.rsplit(".", 1)[-1]
+    meaning = re.sub(r"\bNone\b", "null", docs.get(name, ""))  # as written on the command line
+    allowed = describe_type(field_type(klass, name))
+    text = f"{meaning} ({allowed})" if meaning else allowed
+    head = f"  {key}={show_value(default)}"
+    indent = " " * (width + 2)
+    if len(head) >= width + 2:
+        return [head] + textwrap.wrap(text, 118, initial_indent=indent, subsequent_indent=indent)
+    return textwrap.wrap(text, 118, initial_indent=f"{head:<{width + 2}}", subsequent_indent=indent)
+
+
+def _section_lines(section: str, klass: type, skip: Sequence[str], width: int) -> List[str]:
+    """Every field of a section (or model schema) not in ``skip``; a model's ``name`` is its group."""
+    docs = field_docs(klass)
+    default = klass()
+    lines: List[str] = []
+    for f in fields(klass):
+        key = f"{section}.{f.name}"
+        if key in skip or (section == "model" and f.name == "name"):
+            continue
+        lines += _option_line(key, klass, getattr(default, f.name), docs, width)
+    return lines
 
 
 def help_text() -> str:
-    """The text of ``marglik --help``."""
+    """The text of ``marglik --help``, generated from the schema: every option of every section and
+    model with its default, its ``#:`` comment and what it allows, and the output directories of
+    ``marglik/conf/config.yaml``.
+
+    Returns:
+        The help text.
+    """
+    run_dir, sweep_dir = output_dirs()
+    width = 36
     lines = [
         "marglik: Bayesian hyperparameter selection for neural networks.",
         "",
         "Trains a network on an image-classification task while tuning its prior precisions (weight decay)",
         "and learned data-augmentation ranges by gradient ascent on a K-FAC (expand or reduce) Laplace log",
         "marginal likelihood: no validation set, no grid search (Immer et al. 2021, Algorithm 1).",
-        "Writes summary.json, history.csv, curves.png, config.json and checkpoints/ to the run directory",
-        "outputs/<date>/<time>_<data>_<approx>/ (set it with hydra.run.dir=...); logs to W&B offline.",
+        f"Writes summary.json, history.csv, curves.png, config.json and checkpoints/ to {run_dir}/",
+        "(set it with hydra.run.dir=...) and says at the end, in plain words, what it learned; logs to W&B offline.",
+        f"A sweep (marglik -m a=x,y ...) writes one run per job to {sweep_dir}/;",
+        "marglik-report DIR ranks the runs under DIR by their log marginal likelihood (model selection).",
         "",
         "Usage: marglik [GROUP=OPTION ...] [KEY=VALUE ...]      (also: python -m marglik ...)",
         "",
@@ -196,21 +280,27 @@ def help_text() -> str:
         " model.* options)",
         f"  +experiment={'|'.join(experiments())}",
         "",
-        "Main options (default; allowed):",
+        "Main options (KEY=default  meaning (allowed)):",
     ]
-    width = max(len(k) for k, _ in MAIN_OPTIONS) + 2
-    for key, meaning in MAIN_OPTIONS:
+    for key in MAIN_OPTIONS:
         section, name = key.split(".")
-        tp = field_type(_SECTIONS[section], name)
-        lines.append(f"  {key:<{width}}{meaning}")
-        lines.append(f"  {'':<{width}}  default {show_value(_default(key))}; {describe_type(tp)}")
+        klass = _SECTIONS[section]
+        lines += _option_line(key, klass, getattr(klass(), name), field_docs(klass), width)
+    for section, klass in _SECTIONS.items():
+        lines += ["", f"{section}:"] + _section_lines(section, klass, MAIN_OPTIONS, width)
+    for model, schema in MODEL_SCHEMAS.items():
+        lines += ["", f"model={model} options:"] + _section_lines("model", schema, (), width)
     lines += ["", "Examples:"]
     for cmd, what in EXAMPLES:
         lines += [f"  {cmd}", f"      {what}"]
     lines += [
         "",
-        "Every option and its value: marglik --cfg job [overrides]. A bad key, type or value is one line",
-        "naming it and what is allowed (exit status 2; HYDRA_FULL_ERROR=1 shows the traceback).",
+        "Exit status: 0 the run finished (problems it ran into are printed as 'marglik: warning: ...' lines and",
+        "listed in summary.json's warnings); 2 a cause you can fix (a bad key, type or value, a device this",
+        "machine lacks, missing data, a damaged or mismatched checkpoint, a backend that cannot run the model, a",
+        "torchvision that does not match torch, an unwritable folder): one line naming it and the fix;",
+        "130 interrupted (Ctrl-C; the line says how to resume). HYDRA_FULL_ERROR=1 shows the tracebacks.",
+        "Every option and its value: marglik --cfg job [overrides].",
         "Hydra's own flags (--multirun, --cfg, --config-dir, ...): marglik --hydra-help",
     ]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+
+from .compat import check_torchvision
+from .errors import DataSizeError, DataUnavailableError, one_line
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
@@ -87,19 +91,30 @@ def _load_digits() -> Tuple[Tensor, Tensor]:
 
 
 def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Tuple[Tensor, Tensor]:
-    """``(uint8 images (n, C, H, W), labels (n,))`` of a torchvision dataset."""
+    """``(uint8 images (n, C, H, W), labels (n,))`` of a torchvision dataset.
+
+    Raises:
+        DataUnavailableError: the files are missing (and ``download`` is off), or the download failed.
+        IncompatibleInstallError: torchvision does not match torch.
+    """
+    check_torchvision()
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
     try:
         ds = cls(root=root, train=train, download=download)
-    except RuntimeError as e:
-        if download:
-            raise
-        raise FileNotFoundError(
-            f"{name} not found under root={root!r}. Pass download=True (data.download=true) to fetch "
-            f"it, or point root (data.root) at a folder holding the torchvision files. ({e})"
+    except Exception as e:  # missing files: RuntimeError; offline: URLError / OSError; a failed mirror: RuntimeError
+        where = str(Path(root).expanduser().resolve())
+        if not download:
+            raise DataUnavailableError(
+                f"{name} not found under data.root={where}: set data.download=true to fetch it (needs the network), "
+                "or data.root=<a folder holding the torchvision files>"
+            ) from e
+        reason = one_line(str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else type(e).__name__)
+        raise DataUnavailableError(
+            f"could not download {name} into data.root={where} ({type(e).__name__}: {reason}): no network here? "
+            "Download it on a machine with one and copy the folder to data.root, then run with data.download=false"
         ) from e
     x = torch.as_tensor(np.asarray(ds.data))  # uint8; converted to float after subsetting
     x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)  # CIFAR: NHWC; MNIST: NHW
@@ -123,7 +138,8 @@ def load_dataset(
             ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"`` (torchvision files under ``root``).
         root: folder of the torchvision files.
         download: let torchvision download missing files. Without it, missing files raise
-            ``FileNotFoundError``.
+            :class:`~marglik.errors.DataUnavailableError` (a ``FileNotFoundError``); so does a
+            failed download.
         train_size: if given, a random subset (seeded by ``seed``) of this many training images.
         rotation: rotate every image (train and test) by its own fixed angle, uniform in
             ``[-rotation, rotation]`` degrees (seeded by ``seed``).
@@ -140,6 +156,12 @@ def load_dataset(
     Returns:
         ``(train, test, info)``: ``TensorDataset(X (n, C, H, W), y (n,))`` each, and ``info`` with
         keys ``name, in_channels, num_classes, image_size, train_size, test_size``.
+
+    Raises:
+        DataUnavailableError: torchvision files missing (without ``download``) or not downloadable.
+        DataSizeError: ``train_size`` larger than the training set.
+        IncompatibleInstallError: a torchvision data set, and torchvision does not match torch.
+        ValueError: an unknown ``name``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
@@ -155,7 +177,8 @@ def load_dataset(
     idx = torch.arange(n_train_full)
     if train_size is not None:
         if not 0 < train_size <= n_train_full:
-            raise ValueError(f"train_size must be in (0, {n_train_full}], got {train_size}")
+            raise DataSizeError(f"data.train_size={train_size}: {name} has {n_train_full} training images; "
+                                f"allowed: an integer in [1, {n_train_full}] or null (all)")
         idx = torch.randperm(n_train_full, generator=_generator(seed, _STREAM_SUBSET))[:train_size]
         xtr, ytr = xtr[idx], ytr[idx]
 

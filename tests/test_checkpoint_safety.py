@@ -57,6 +57,58 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, payload_cls):
     assert not target.exists()
 
 
+def _damaged_files(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(200)}, "history": [], "rng": {}, "config": {}}, good)
+    data = good.read_bytes()
+    files = {"empty": b"", "truncated": data[: len(data) // 2], "random bytes": os.urandom(4096),
+             "zip with corrupt contents": data[:200] + os.urandom(len(data) - 400) + data[-200:]}
+    out = {}
+    for name, content in files.items():
+        out[name] = tmp_path / f"{name.replace(' ', '_')}.ckpt"
+        out[name].write_bytes(content)
+    return good, out
+
+
+def test_a_file_that_cannot_be_read_is_damaged_not_unsafe(tmp_path):
+    """torch reports random bytes as 'weights only load failed ... weights_only=False will likely
+    succeed': marglik calls them damaged and never passes that advice on."""
+    good, damaged = _damaged_files(tmp_path)
+    assert ckpt.load(good)["epoch"] == 1  # positive control
+    for name, path in damaged.items():
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.load(path)
+        msg = str(err.value)
+        assert isinstance(err.value, ckpt.DamagedCheckpointError), (name, msg)
+        assert not isinstance(err.value, UnsafeCheckpointError), name
+        assert msg.startswith(f"checkpoint {path} is damaged (") and "\n" not in msg, msg
+        assert "weights_only" not in msg and "unsafe" not in msg and "refused" not in msg, msg
+
+
+def test_a_legacy_torch_file_with_a_payload_is_refused_as_unsafe(tmp_path):
+    target = tmp_path / "pwned"
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"x": _OpenPayload(target)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="legacy.ckpt refused as unsafe") as err:
+        ckpt.load(legacy, required=())
+    assert "weights_only" not in str(err.value) and not target.exists()
+    plain = tmp_path / "plain_legacy.ckpt"
+    torch.save({"x": torch.ones(2)}, plain, _use_new_zipfile_serialization=False)
+    assert torch.equal(ckpt.load(plain, required=())["x"], torch.ones(2))  # a legacy file without payload loads
+
+
+def test_resume_auto_skips_a_damaged_last_checkpoint_naming_it_damaged(tmp_path, caplog):
+    cfg = tiny(trainer={"epochs": 2})
+    tune(cfg, tmp_path)
+    last = tmp_path / "checkpoints" / ckpt.LAST
+    last.write_bytes(os.urandom(2048))
+    with caplog.at_level(logging.WARNING, logger="marglik.tuning"):
+        t = MarglikTuner(cfg.replace(trainer={"epochs": 3}), tmp_path)
+    assert t.resumed_from == tmp_path / "checkpoints" / ckpt.PREV and t.epoch == 1
+    assert f"checkpoint {last} is damaged" in caplog.text and "falling back" in caplog.text
+    assert "refused" not in caplog.text
+
+
 def test_run_checkpoints_hold_only_plain_data_and_an_explicit_resume_refuses_a_bad_file(tmp_path, caplog):
     cfg = tiny(trainer={"epochs": 2})
     tune(cfg, tmp_path / "run")

@@ -100,6 +100,9 @@ def test_python_m_marglik_from_another_directory(tmp_path):
     assert s["approx"] == "expand" and s["copies_approx"] == "reduce" and s["epochs"] == 1 and s["seed"] == 1
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "curves.png").is_file()
     assert "summary.json" in proc.stderr
+    # the closing lines say what was learned, in words: ranges against the data's, precisions by name
+    assert "marglik: augmentation ranges: rotation +-" in proc.stderr and "(data.rotation=0" in proc.stderr
+    assert "marglik: prior precisions per parameter tensor" in proc.stderr and "net.0.weight" in proc.stderr
     # re-running into the same directory resumes (here: nothing left to do) instead of starting over
     proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
@@ -141,7 +144,9 @@ def test_help_says_what_it_does_options_and_examples(tmp_path):
     out = proc.stdout
     assert "marginal likelihood" in out and "prior precisions" in out
     assert "curvature.approx" in out and "expand, reduce" in out and "hyper.augmentation" in out
-    assert out.count("\n  marglik ") == 3  # three example commands
+    assert out.count("\n  marglik ") == 4  # four example commands
+    assert "copies_approx" in out and "curvature.backend" in out and "curvature.structure" in out
+    assert "trainer.num_threads" in out and "marglik-report" in out and "Exit status" in out
 
 
 def test_run_without_tuning_says_so_and_writes_no_nan(tmp_path):

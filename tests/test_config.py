@@ -134,11 +134,55 @@ def test_no_tuning_schedule_is_detected():
 
 def test_help_examples_are_valid_commands():
     text = help_text()
-    assert text.count("\n  marglik ") == 3
-    for cmd, _ in EXAMPLES:
-        check_overrides(cmd.split()[1:])
+    assert text.count("\n  marglik ") == len(EXAMPLES) == 4
+    for cmd, _ in EXAMPLES:  # a sweep (-m key=a,b) is checked once per value
+        words = [w for w in cmd.split("&&")[0].split()[1:] if not w.startswith("-")]
+        sweep = next((w for w in words if "," in w), None)
+        for value in (sweep.split("=")[1].split(",") if sweep else [None]):
+            check_overrides([f"{w.split('=')[0]}={value}" if w == sweep else w for w in words])
     for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp|wrn16_4|vit|cnn_wide"):
         assert key in text
+
+
+def test_help_lists_every_option_of_the_schema_with_its_default():
+    """--help is generated from the dataclasses: no option is left out (the issue found copies_approx,
+    backend, structure and num_threads missing from a hand-written list) and every default is the code's."""
+    from dataclasses import fields
+
+    from marglik.cli_config import field_docs
+    from marglik.tuning.config import _SECTIONS, show_value
+
+    text = help_text()
+    for section, klass in _SECTIONS.items():
+        default = klass()
+        for f in fields(klass):
+            assert f"  {section}.{f.name}={show_value(getattr(default, f.name))}" in text, f"{section}.{f.name}"
+    for model, schema in MODEL_SCHEMAS.items():
+        assert f"model={model} options:" in text
+        for f in fields(schema):
+            if f.name != "name":
+                assert f"  model.{f.name}={show_value(getattr(schema(), f.name))}" in text, (model, f.name)
+    assert field_docs(_SECTIONS["trainer"])["num_threads"].startswith("torch.set_num_threads")
+    assert "curvature.copies_approx=reduce" in text and "trainer.num_threads=null" in text
+
+
+def test_help_shows_the_run_directory_hydra_really_uses():
+    """The pattern in --help, read as a regex, matches the directory Hydra resolves for a run."""
+    import re
+
+    from marglik.cli_config import output_dirs
+
+    pattern, _ = output_dirs()
+    assert pattern in help_text()
+    regex = re.escape(pattern).replace(re.escape("[-sepbias]"), "(-sepbias)?")
+    regex = re.sub(r"<[^>]*>", "[^/]+", regex.replace("\\<", "<").replace("\\>", ">"))
+    for overrides in ([], ["curvature.separate_bias=true", "curvature.approx=expand"]):
+        with initialize_config_module(config_module="marglik.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        resolved = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+        assert re.fullmatch(regex, resolved), (regex, resolved)
+    assert re.fullmatch(regex, "outputs/2025-01-01/10-00-00_digits_expand-reduce-sepbias")
+    assert not re.fullmatch(regex, "outputs/2025-01-01/10-00-00_digits_reduce")  # negative control: old pattern
 
 
 def test_choice_member_names_equal_values():

@@ -14,6 +14,7 @@ from marglik.data import (
     make_graph_dataset,
     random_affine,
 )
+from marglik.errors import DataSizeError, DataUnavailableError, UserError
 from marglik.models import GNN
 
 
@@ -39,8 +40,9 @@ def test_digits_subset_and_upsample():
     other, _, _ = load_dataset("digits", train_size=100, upsample=16, seed=2)
     assert torch.equal(again.tensors[0], train.tensors[0])
     assert not torch.equal(other.tensors[1], train.tensors[1])
-    with pytest.raises(ValueError):
+    with pytest.raises(DataSizeError, match=r"data.train_size=5000: digits has 1437 training images"):
         load_dataset("digits", train_size=5000)
+    assert issubclass(DataSizeError, (UserError, ValueError)) and issubclass(DataSizeError, ValueError)
 
 
 def test_rotated_digits_reproducible_and_different():
@@ -73,9 +75,32 @@ def test_translation_shifts_by_pixels():
 
 def test_torchvision_missing_files_raise(tmp_path):
     for name in ("mnist", "fashion_mnist", "cifar10"):
-        with pytest.raises(FileNotFoundError, match="download=True"):
+        with pytest.raises(DataUnavailableError, match="set data.download=true") as err:
             load_dataset(name, root=str(tmp_path), download=False)
+        assert isinstance(err.value, FileNotFoundError) and "\n" not in str(err.value)
+        assert str(err.value).startswith(f"{name} not found under data.root={tmp_path}")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_failed_download_is_one_line_naming_the_fix(tmp_path, monkeypatch, name):
+    """Offline, simulated: every URL open fails as without a network (nothing leaves the machine)."""
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution (simulated)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset(name, root=str(tmp_path / "data"), download=True)
+    msg = str(err.value)
+    assert calls, "the download was not attempted"  # positive control: the failure is the simulated one
+    assert msg.startswith(f"could not download {name} into data.root=") and "\n" not in msg
+    assert "data.download=false" in msg and "Traceback" not in msg
     with pytest.raises(ValueError):
         load_dataset("imagenet")
 

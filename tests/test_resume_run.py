@@ -89,6 +89,7 @@ def test_extend_a_finished_run(tmp_path, caplog):
     assert "extending the run by 2 epochs" in caplog.text
     s = t.fit()
     assert s["epochs"] == 4
+    assert s["segments"] == 2 and 0 < s["seconds_this_segment"] < s["seconds"]  # the total spans both segments
     assert [r["epoch"] for r in read_history(tmp_path / "history.csv")] == [1, 2, 3, 4]
     # with a constant lr schedule, extending equals running 4 epochs from the start
     ref = MarglikTuner(longer, tmp_path / "ref")

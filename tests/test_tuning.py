@@ -47,6 +47,10 @@ def test_end_to_end_outputs_and_marglik_rises(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert isinstance(on_disk["prior_precision"], list) and len(on_disk["prior_precision"]) == 8  # layerwise
+    names = [n for n, _ in MarglikTuner(cfg, tmp_path / "names").model.named_parameters()]
+    assert list(on_disk["prior_precision_by_name"]) == names and names[0] == "features.0.weight"
+    assert list(on_disk["prior_precision_by_name"].values()) == on_disk["prior_precision"]
+    assert on_disk["segments"] == 1 and on_disk["seconds_this_segment"] == on_disk["seconds"]
     assert set(on_disk["augmentation"]) == {"translation_x", "translation_y", "rotation", "scale_x", "scale_y", "shear"}
     assert on_disk["augmentation"]["rotation"] > 0  # eta moved (degrees)
     assert on_disk["approx"] == "reduce"
@@ -71,6 +75,7 @@ def test_no_augmentation_scalar_prior(tmp_path):
                curvature={"approx": "expand"}, trainer={"epochs": 3, "final_model": "last"})
     s = tune(cfg, tmp_path)
     assert len(s["prior_precision"]) == 1 and s["prior_precision"][0] != 1.0
+    assert s["prior_precision_by_name"] == {"all": s["prior_precision"][0]}
     assert all(v == 0 for v in s["augmentation"].values())
     assert s["approx"] == "expand" and s["final_model"] == "last"
     # one Laplace fit per update serves all K steps when eta is not learned
@@ -261,7 +266,9 @@ def test_summary_types_are_the_same_in_every_run(tmp_path):
             assert _json_type(a[key]) == _json_type(b[key]), (key, a[key], b[key])
     assert a["rollbacks"] == 1 and b["rollbacks"] == 0 and len(a["rollback_events"]) == 1
     assert a["marglik_updates"] == 2 and b["marglik_updates"] == 0 and b["log_marglik"] is None
-    assert a["warnings"] == [] and "no hyperparameter tuning" in b["warnings"][0]
+    assert "no hyperparameter tuning" in b["warnings"][0] and not any("no hyperparameter" in w for w in a["warnings"])
+    assert a["warnings"][0].startswith("1 rollback after non-finite loss values (first in epoch 2")  # said, not hidden
+    assert not any("rollback" in w for w in b["warnings"])
     assert isinstance(a["rotation"], float) and isinstance(a["seconds"], float)
 
 

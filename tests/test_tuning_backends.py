@@ -11,6 +11,7 @@ import torch
 from reference import exact_ggn
 from torch import nn
 
+from marglik.errors import UserError
 from marglik.laplace import KronLaplace
 from marglik.models import MLP
 from marglik.tuning import Config, MarglikTuner
@@ -164,8 +165,10 @@ def test_tuner_reports_a_peer_cannot_run_the_model_before_training(tmp_path):
     """BackPACK's KFLR has no AdaptiveAvgPool2d (SmallCNN) and no non-sequential models (WRN):
     both fail in the constructor, naming the backend and the reason."""
     cfg = _tiny({"name": "cnn", "width": 4, "hidden": 8}, {"backend": "backpack", "approx": "expand"})
-    with pytest.raises(ValueError, match="backend=backpack.*AdaptiveAvgPool2d"):
+    with pytest.raises(ValueError, match="backend=backpack.*AdaptiveAvgPool2d") as err:
         MarglikTuner(cfg, tmp_path / "a")
+    assert isinstance(err.value, UserError)  # one line on the command line
+    assert "model=mlp runs with backpack-kron-expand" in str(err.value)  # true: test_tuner_runs_a_peer_end_to_end
     cfg = _tiny({"name": "wrn16_4"}, {"backend": "backpack", "approx": "expand"})
     with pytest.raises(ValueError, match="needs an nn.Sequential model"):
         MarglikTuner(cfg, tmp_path / "b")

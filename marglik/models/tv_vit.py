@@ -16,6 +16,7 @@ import math
 
 from torch import Tensor, nn
 
+from ..compat import check_torchvision
 from ._base import ImageClassifier
 
 
@@ -44,10 +45,13 @@ class TorchvisionViT(ImageClassifier):
         attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_torchvision()  # a torchvision built for another torch: say so, once, instead of its import error
         from torchvision.models import VisionTransformer  # imported on use: `import marglik` stays light
 
         if image_size % patch_size != 0:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
         self.vit = VisionTransformer(
             image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
             hidden_dim=hidden_dim, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=attention_dropout,

@@ -7,14 +7,16 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
   parallel under ``torchrun`` (:mod:`marglik.tuning.distributed`).
 * :class:`SelectionSet` -- the fixed data of the selection value (``hyper.selection``,
   :class:`SelectionEstimator`) that picks the best epoch and gives the reported log marglik.
-* :class:`CheckpointError` / :class:`UnsafeCheckpointError` -- an unreadable checkpoint / one that
-  holds pickled objects beyond tensors and plain data (refused, nothing in it runs).
+* :class:`CheckpointError` (a :class:`marglik.errors.UserError`): :class:`DamagedCheckpointError` -- a
+  file that cannot be read; :class:`UnsafeCheckpointError` -- a well-formed file that holds pickled
+  objects beyond tensors and plain data (refused, nothing in it runs).
+* :func:`explain_run` -- what a finished run learned, in plain words (the CLI's closing lines).
 * :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
   (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
 """
 
 from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
-from .checkpoint import CheckpointError, UnsafeCheckpointError
+from .checkpoint import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
 from .config import (
     Config,
     ConfigError,
@@ -25,8 +27,10 @@ from .config import (
     ModelConfig,
     TrainerConfig,
 )
+from .device import resolve_device
 from .estimator import SelectionEstimator, SelectionSet
-from .loop import MarglikTuner, NonFiniteError, resolve_device, tune
+from .explain import explain_run
+from .loop import MarglikTuner, NonFiniteError, tune
 
 __all__ = [
     "Config",
@@ -40,7 +44,9 @@ __all__ = [
     "MarglikTuner",
     "NonFiniteError",
     "CheckpointError",
+    "DamagedCheckpointError",
     "UnsafeCheckpointError",
+    "explain_run",
     "SelectionEstimator",
     "SelectionSet",
     "tune",

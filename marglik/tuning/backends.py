@@ -44,14 +44,18 @@ marglik computes: a peer with ``hyper.augmentation=true`` is a configuration err
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..compat import check_torchvision
+from ..errors import UserError
 from .choices import Choice
 
 __all__ = [
+    "BackendUnsupportedError",
     "CurvatureBackend",
     "CurvatureStructure",
     "PeerLaplace",
@@ -196,14 +200,15 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
         A sequential view whose parameters are ``model``'s.
 
     Raises:
-        ValueError: the model has no sequential form, or its parameters differ from the view's.
+        BackendUnsupportedError: the model has no sequential form (a ``ValueError``).
+        ValueError: its parameters differ from the view's.
     """
     if isinstance(model, nn.Sequential):
         return model
     make = getattr(model, "as_sequential", None)
     view = make() if callable(make) else None
     if view is None:
-        raise ValueError(
+        raise BackendUnsupportedError(
             f"curvature.backend=backpack needs an nn.Sequential model (BackPACK backpropagates its quantities "
             f"module by module), and {type(model).__name__} has no sequential form (as_sequential); use "
             "model=mlp|cnn or backend=curvlinops|asdl"
@@ -223,7 +228,7 @@ def _check_peer_layers(model: nn.Module, backend: str) -> None:
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             ok = isinstance(module, _PEER_LAYERS) and getattr(module, "groups", 1) == 1
             if not ok:
-                raise ValueError(
+                raise BackendUnsupportedError(
                     f"curvature.backend={backend}: module {name!r} ({type(module).__name__}) has parameters, but the "
                     "tuning loop runs laplace-torch's peers only on models whose parameters live in nn.Linear / "
                     "ungrouped nn.Conv2d (the layers curvlinops, ASDL and BackPACK all cover); use backend=marglik"
@@ -257,8 +262,9 @@ class PeerLaplace:
         prior_precision: 0-d (scalar) or ``(L,)`` (layerwise, one per trainable parameter tensor).
 
     Raises:
-        ValueError: an unknown backend, structure or fisher type; ``backend="marglik"``; a layer
-            the peer cannot handle.
+        ValueError: an unknown backend, structure or fisher type; ``backend="marglik"``.
+        BackendUnsupportedError: a layer or model form the peer cannot handle (a ``ValueError``).
+        IncompatibleInstallError: torchvision (imported by laplace-torch) does not match torch.
     """
 
     def __init__(
@@ -271,6 +277,7 @@ class PeerLaplace:
         mc_samples: int = 1,
         prior_precision: Any = 1.0,
     ) -> None:
+        check_torchvision()  # laplace-torch imports it (through torchmetrics): a mismatch is not the peer's fault
         from laplace import Laplace
 
         self.backend = _parse(CurvatureBackend, backend, "backend")
@@ -415,9 +422,54 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
     )
 
 
+class BackendUnsupportedError(UserError, ValueError):
+    """A laplace-torch peer (``curvature.backend``) that cannot run the model; the message names
+    the backend, the model, the reason and a combination that runs."""
+
+
+def _trial_fit(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> Optional[str]:
+    """Fit the peer on ``batch``; ``None`` if it gives a finite log marginal likelihood, else why not
+    (a :class:`BackendUnsupportedError`, whose message is complete, propagates).
+
+    The model's mode and gradients are restored; the global RNGs are forked (an MC Fisher's
+    sampling must not shift the run's random stream)."""
+    was_training = model.training
+    device = batch[0].device
+    try:  # a probe: the libraries' warnings about it (deprecations, hooks) are not the user's business
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la = build_laplace(curvature, model, torch.ones((), device=device), differentiable=False)
+            la.fit([batch])
+            value = la.log_marginal_likelihood()
+    except BackendUnsupportedError:  # a layer or model form the peer does not take: it says why and what runs
+        raise
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return None if torch.isfinite(value) else "non-finite log marginal likelihood on a trial batch"
+
+
+def _mlp_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> bool:
+    """Whether the same peer runs ``model=mlp`` (a small MLP) on the same data."""
+    from ..models import MLP
+
+    x = batch[0]
+    with torch.no_grad():
+        num_classes = model(x).shape[-1]
+    mlp = MLP(x[0].numel(), num_classes, hidden=[8]).to(x.device)
+    try:
+        return _trial_fit(curvature, mlp, batch) is None
+    except BackendUnsupportedError:
+        return False
+
+
 def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> None:
     """Fit the peer once on a tiny batch before training, so that a model a peer cannot run fails
-    at start-up with a message naming the backend (no-op for ``backend=marglik``).
+    at start-up with a message naming the backend, the model and a combination that runs (no-op
+    for ``backend=marglik``). When the peer fails, it is tried on a small MLP: if that runs, the
+    message says that ``model=mlp`` works with this backend.
 
     Args:
         curvature: the ``curvature`` section of a config.
@@ -425,28 +477,21 @@ def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Te
         batch: a tiny ``(X, y)`` batch on the model's device.
 
     Raises:
-        ValueError: the peer cannot build or fit a Laplace approximation of ``model``.
+        BackendUnsupportedError: the peer cannot build or fit a Laplace approximation of ``model``.
+        IncompatibleInstallError: torchvision (which laplace-torch imports) does not match torch;
+            raised before the peer is tried, so that it is not blamed.
     """
     if _parse(CurvatureBackend, curvature.backend, "curvature.backend") is CurvatureBackend.marglik:
         return
+    check_torchvision()
+    problem = _trial_fit(curvature, model, batch)
+    if problem is None:
+        return
     label = curvature_label({"backend": curvature.backend, "structure": curvature.structure,
                              "approx": curvature.approx})
-    was_training = model.training
-    device = batch[0].device
-    try:  # fork_rng: an MC Fisher's sampling must not shift the run's random stream
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            la = build_laplace(curvature, model, torch.ones((), device=device), differentiable=False)
-            la.fit([batch])
-            value = la.log_marginal_likelihood()
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"curvature.backend={curvature.backend} ({label}) cannot run {type(model).__name__}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    if not torch.isfinite(value):
-        raise ValueError(f"{label}: non-finite log marginal likelihood on a trial batch of {type(model).__name__}")
+    name = type(model).__name__
+    if name != "MLP" and _mlp_runs(curvature, model, batch):
+        fix = f"model=mlp runs with {label}; or keep {name} with curvature.backend=marglik"
+    else:
+        fix = f"use curvature.backend=marglik for {name}"
+    raise BackendUnsupportedError(f"curvature.backend={curvature.backend} ({label}) cannot run {name}: {problem}; {fix}")

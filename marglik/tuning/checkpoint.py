@@ -12,9 +12,15 @@ Safety: checkpoints hold tensors and plain data only (dicts, lists, tuples, stri
 integers. :func:`load` reads them with ``torch.load(weights_only=True)``, whose unpickler builds
 nothing but tensors and those types, plus an explicit allow-list (:data:`ALLOWED_GLOBALS`: the
 NumPy array reconstructors of the RNG state that checkpoints written before this change hold).
-A file that asks for any other Python object -- which with ``weights_only=False`` could run code
-while loading -- is refused with :class:`UnsafeCheckpointError`, one line naming the file and
-the objects it asks for; nothing in it is executed.
+A well-formed file that asks for any other Python object -- which an unrestricted unpickler would
+build, possibly running code -- is refused with :class:`UnsafeCheckpointError`, one line naming the
+file and the objects it asks for; nothing in it is executed.
+
+Damage: a file that cannot be read at all (empty, truncated, random bytes, overwritten) is a
+:class:`DamagedCheckpointError`, never a security refusal: torch's weights-only unpickler reports
+both the same way, so :func:`load` tells them apart by reading the file's structure (a zip archive
+whose pickle names disallowed globals, or a legacy torch file) without executing it. No message
+repeats torch's advice to load with ``weights_only=False``.
 
 Faults: a run keeps its last two epoch checkpoints (``last.ckpt``, ``prev.ckpt``); an unreadable
 one is reported by path and the next older one is used (:func:`load_resume_state`), and the run
@@ -28,11 +34,14 @@ import copy
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ..errors import UserError
 
 LAST = "last.ckpt"
 PREV = "prev.ckpt"  #: the good checkpoint before ``last.ckpt`` (the fallback if ``last`` is corrupt)
@@ -42,12 +51,39 @@ CKPT_DIR = "checkpoints"
 REQUIRED_KEYS = ("epoch", "model", "history", "rng", "config")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read (truncated, corrupt, not a run checkpoint)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used: damaged, unsafe, missing, not a run checkpoint, or from
+    another configuration."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read: empty, truncated, corrupt or not a torch file."""
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file that holds pickled objects outside the allow-list (refused unread)."""
+    """A well-formed checkpoint file that holds pickled objects outside the allow-list (refused unread)."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """``trainer.resume`` names no checkpoint file, or a run directory without checkpoints."""
+
+
+class ResumeMismatchError(CheckpointError, ValueError):
+    """The configuration of a resumed run differs from its checkpoint's.
+
+    Args:
+        path: the checkpoint.
+        diff: one ``"key: checkpoint <theirs> vs now <mine>"`` per differing key
+            (:meth:`marglik.tuning.config.Config.resume_diff`).
+    """
+
+    def __init__(self, path: Union[str, Path], diff: Sequence[str]) -> None:
+        self.path, self.diff = Path(path), list(diff)
+        super().__init__(
+            f"cannot resume from {path}: the configuration differs from the checkpoint's in {len(self.diff)} "
+            f"key{'s' if len(self.diff) != 1 else ''}: {'; '.join(self.diff)} (repeat the run's overrides, or "
+            "start over with trainer.resume=never or a fresh hydra.run.dir)"
+        )
 
 
 def _numpy_globals() -> List[Any]:
@@ -186,22 +222,25 @@ def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[s
         The saved dict.
 
     Raises:
-        UnsafeCheckpointError: naming ``path`` and the objects it asks for, if it holds any other
-            pickled object (nothing in it is executed).
-        CheckpointError: naming ``path``, if it is truncated, corrupt or lacks a ``required`` key.
+        UnsafeCheckpointError: naming ``path`` and the objects it asks for, if it is a well-formed
+            torch file that holds any other pickled object (nothing in it is executed).
+        DamagedCheckpointError: naming ``path``, if it cannot be read (empty, truncated, corrupt,
+            not a torch file).
+        CheckpointError: naming ``path``, if it lacks a ``required`` key.
     """
     path = Path(path)
     try:
         with _allowing(ALLOWED_GLOBALS):
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # the weights-only unpickler met something not allowed
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} refused: it holds pickled Python objects that are not allowed "
-            f"({_unsafe_names(path) or str(e).splitlines()[0]}); marglik loads only tensors and plain data, "
-            "so that loading cannot run code -- do not resume from a file you do not trust"
-        ) from None
-    except Exception as e:  # truncated zip, I/O error
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e})") from e
+    except Exception as e:  # torch reports damage and disallowed objects alike: look at the file itself
+        unsafe = _unsafe_names(path) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe is not None:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} refused as unsafe: it holds pickled Python objects that are not allowed "
+                f"({unsafe}); marglik loads only tensors and plain data, so that loading cannot run code -- "
+                "do not resume from a file you do not trust"
+            ) from None
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged ({_damage(path)}) and cannot be read") from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
@@ -218,15 +257,53 @@ def _allowing(allowed: List[Any]) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _unsafe_names(path: Path) -> str:
-    """The globals a checkpoint asks for beyond the allowed ones (read from the pickle's opcodes,
-    not executed); empty if they cannot be listed."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        return ""
+def _unsafe_names(path: Path) -> Optional[str]:
+    """The globals a well-formed checkpoint asks for beyond the allowed ones (read from the
+    pickle's opcodes, not executed); ``None`` if the file is not well formed or asks for none.
+
+    A zip checkpoint (what ``torch.save`` writes) lists its globals; a legacy (pre-zip) torch file
+    is recognised by its leading magic number, but its globals are not listed."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
-    return ", ".join(n for n in names if n not in allowed)
+    if zipfile.is_zipfile(path):
+        try:
+            names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+        except Exception:
+            return None
+        return ", ".join(names) or None
+    return "objects of a legacy torch file, not listed" if _is_legacy_torch_file(path) else None
+
+
+class _NoGlobals(pickle.Unpickler):
+    """An unpickler that builds plain values only (any global is an error): safe on any input."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name}")
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a legacy (``_use_new_zipfile_serialization=False``) torch file."""
+    try:
+        with open(path, "rb") as f:
+            return _NoGlobals(f).load() == torch.serialization.MAGIC_NUMBER
+    except Exception:
+        return False
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with a checkpoint that cannot be read, in words (not torch's message)."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot be opened: {e.strerror or type(e).__name__}"
+    if size == 0:
+        return "empty file"
+    if zipfile.is_zipfile(path):
+        return f"{size} bytes, a torch archive with corrupt contents"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return f"{size} bytes, a truncated torch archive"
+    return f"{size} bytes, not a torch checkpoint: truncated, overwritten or never written by torch.save"
 
 
 def _is_off(spec: Optional[str]) -> bool:
@@ -251,7 +328,8 @@ def resume_candidates(spec: Optional[str], run_dir: Union[str, Path]) -> List[Pa
         Existing checkpoint files, newest first (empty: start fresh).
 
     Raises:
-        FileNotFoundError: ``spec`` names a run directory without checkpoints, or no such path.
+        MissingCheckpointError: ``spec`` names a run directory without checkpoints, or no such path
+            (a ``FileNotFoundError``).
     """
     if _is_off(spec):
         return []
@@ -264,9 +342,10 @@ def resume_candidates(spec: Optional[str], run_dir: Union[str, Path]) -> List[Pa
             found = [c for c in (d / LAST, d / PREV) if c.is_file()]
             if found:
                 return found
-        raise FileNotFoundError(f"trainer.resume={spec!r}: no {CKPT_DIR}/{LAST} or {CKPT_DIR}/{PREV} in that directory")
+        raise MissingCheckpointError(f"trainer.resume={spec}: no {CKPT_DIR}/{LAST} or {CKPT_DIR}/{PREV} in that "
+                                     "directory (trainer.resume=never starts over)")
     if not p.is_file():
-        raise FileNotFoundError(f"trainer.resume={spec!r}: no such checkpoint file or run directory")
+        raise MissingCheckpointError(f"trainer.resume={spec}: no such checkpoint file or run directory")
     prev = p.with_name(PREV)
     return [p, prev] if p.name == LAST and prev.is_file() else [p]
 
@@ -282,7 +361,7 @@ def find_checkpoint(spec: Optional[str], run_dir: Union[str, Path]) -> Optional[
         The first of :func:`resume_candidates`, or ``None``.
 
     Raises:
-        FileNotFoundError: as :func:`resume_candidates`.
+        MissingCheckpointError: as :func:`resume_candidates`.
     """
     cands = resume_candidates(spec, run_dir)
     return cands[0] if cands else None
@@ -293,9 +372,9 @@ def load_resume_state(
 ) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
     """Load the newest good checkpoint for ``trainer.resume``: ``(state, path)`` or ``(None, None)``.
 
-    A candidate that cannot be read is reported (by path) through ``report`` and the next one is
-    tried; if none is good the run starts fresh, saying so (``resume=auto``), or, for an explicit
-    ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed. A candidate
+    A candidate that cannot be read (damaged) is reported (by path) through ``report`` and the next
+    one is tried; if none is good the run starts fresh, saying so (``resume=auto``), or, for an
+    explicit ``trainer.resume=<path>``, :class:`CheckpointError` lists the files that failed. A candidate
     refused as unsafe (:class:`UnsafeCheckpointError`) stops an explicit resume at once (no
     fallback to an older file); under ``resume=auto`` it is reported and skipped like a corrupt one.
 
@@ -310,7 +389,7 @@ def load_resume_state(
     Raises:
         UnsafeCheckpointError: an explicit ``spec`` whose candidate holds disallowed objects.
         CheckpointError: an explicit ``spec`` whose candidates are all unreadable.
-        FileNotFoundError: as :func:`resume_candidates`.
+        MissingCheckpointError: as :func:`resume_candidates`.
     """
     cands = resume_candidates(spec, run_dir)
     failed = []

@@ -25,7 +25,8 @@ Where things live
 
 Adding a field
 --------------
-Add ``name: <type> = <default>  #: doc`` to the section dataclass. For a choice, define
+Add ``name: <type> = <default>  #: doc`` to the section dataclass (the ``#:`` comment is the
+option's meaning in ``marglik --help``, which lists every field). For a choice, define
 ``class MyChoice(Choice): a = "a"; b = "b"`` (names = values; values that are not identifiers
 use the functional form, see :data:`FisherType`) and type the field ``MyChoice`` (``Optional[MyChoice]``
 if ``null`` is allowed). Range checks go in :meth:`Config.validate` as
@@ -39,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Type
@@ -47,6 +49,7 @@ from ..augment import ALL_GENERATORS
 from ..curvature.options import FisherType as EngineFisherType
 from ..curvature.options import KFACApprox
 from ..curvature.prior import PriorStructure as EnginePriorStructure
+from ..errors import UserError
 from .backends import CurvatureBackend, CurvatureStructure, check_curvature_config
 from .choices import Choice
 from .estimator import SelectionEstimator
@@ -120,9 +123,9 @@ class WRNNorm(Choice):
 class DataConfig:
     """``data`` group: which data set and its invariance benchmark options."""
 
-    name: DataName = DataName.digits
+    name: DataName = DataName.digits  #: the data set (also the group: data=<name>)
     root: str = "data"  #: folder of the torchvision files
-    download: bool = False
+    download: bool = False  #: let torchvision download missing files (needs the network)
     train_size: Optional[int] = None  #: random training subset (None: all)
     rotation: float = 0.0  #: degrees; each image rotated by a fixed angle in [-rotation, rotation]
     translation: float = 0.0  #: pixels; fixed per-image shift in [-translation, translation]
@@ -144,8 +147,8 @@ class MLPConfig:
     """``model=mlp``: :class:`marglik.models.MLP` on flattened images."""
 
     name: ModelName = ModelName.mlp
-    hidden: List[int] = field(default_factory=lambda: [128, 128])
-    activation: Activation = Activation.tanh
+    hidden: List[int] = field(default_factory=lambda: [128, 128])  #: widths of the hidden layers
+    activation: Activation = Activation.tanh  #: of the hidden layers
 
 
 @dataclass
@@ -153,8 +156,8 @@ class WRN16_4Config:
     """``model=wrn16_4``: :class:`marglik.models.WideResNet` with depth 16, widen factor 4."""
 
     name: ModelName = ModelName.wrn16_4
-    norm: WRNNorm = WRNNorm.fixup
-    dropout: float = 0.0
+    norm: WRNNorm = WRNNorm.fixup  #: Fixup scalars, BatchNorm, or no normalisation
+    dropout: float = 0.0  #: dropout probability inside the residual blocks
 
 
 @dataclass
@@ -164,13 +167,13 @@ class ViTConfig:
     data). Defaults for 8x8 digits: 2x2 patches -> 16 tokens + class token."""
 
     name: ModelName = ModelName.vit
-    patch_size: int = 2
-    num_layers: int = 2
-    num_heads: int = 4
-    hidden_dim: int = 32
-    mlp_dim: int = 64
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
+    patch_size: int = 2  #: pixels per patch side
+    num_layers: int = 2  #: encoder layers
+    num_heads: int = 4  #: attention heads
+    hidden_dim: int = 32  #: token width
+    mlp_dim: int = 64  #: width of the encoder MLPs
+    dropout: float = 0.0  #: dropout probability
+    attention_dropout: float = 0.0  #: dropout probability on the attention weights
 
 
 #: model name -> the dataclass of its constructor kwargs (plus ``name``).
@@ -198,12 +201,14 @@ class ModelConfig:
 class CurvatureConfig:
     """``curvature``: the K-FAC Laplace approximation used for the marginal likelihood."""
 
-    approx: Approx = Approx.reduce
+    approx: Approx = Approx.reduce  #: K-FAC flavour on the positions inside an image (pixels, tokens)
+    #: exact GGN factors (type-2), sampled labels (mc), or the empirical Fisher
     fisher_type: FisherType = FisherType["type-2"]  # type: ignore[valid-type]
     mc_samples: int = 1  #: labels sampled per output for fisher_type=mc
-    copies_approx: Optional[Approx] = Approx.reduce  #: the augmented-copies axis (null: as approx)
-    backend: CurvatureBackend = CurvatureBackend.marglik  #: peers via laplace-torch (see tuning.backends)
-    structure: CurvatureStructure = CurvatureStructure.kron  #: diag: peers only
+    copies_approx: Optional[Approx] = Approx.reduce  #: K-FAC flavour on the augmented copies of an image (null: as approx)
+    #: who computes the curvature: marglik's own K-FAC, or a laplace-torch peer (marglik.tuning.backends)
+    backend: CurvatureBackend = CurvatureBackend.marglik
+    structure: CurvatureStructure = CurvatureStructure.kron  #: Kronecker-factored or diagonal (diag: peers only)
     #: Kronecker blocks of a layer with a bias: false = one joint [W, b] block (K-FAC with
     #: bias-augmented inputs), true = separate W and b blocks (laplace-torch's structure); null =
     #: the backend's own (false for marglik; laplace-torch's peers are always separate, so false
@@ -215,8 +220,8 @@ class CurvatureConfig:
 class HyperConfig:
     """``hyper``: the outer loop (Immer et al. 2021, Algorithm 1)."""
 
-    prior_structure: PriorStructure = PriorStructure.layerwise
-    prior_prec_init: float = 1.0
+    prior_structure: PriorStructure = PriorStructure.layerwise  #: one prior precision, or one per parameter tensor
+    prior_prec_init: float = 1.0  #: initial prior precision (weight decay)
     lr: float = 0.1  #: Adam lr of the log prior precision
     aug_lr: float = 0.1  #: Adam lr of the augmentation ranges eta
     steps: int = 2  #: K hypersteps per marglik update
@@ -226,6 +231,7 @@ class HyperConfig:
     augmentation: bool = True  #: learn affine augmentation ranges
     n_samples: int = 8  #: S augmented copies per image (training and marglik)
     n_samples_test: Optional[int] = None  #: S at test time (None: n_samples)
+    #: the affine transformations whose ranges are learned
     generators: List[AugGenerator] = field(  # type: ignore[valid-type]
         default_factory=lambda: [AugGenerator[g] for g in ALL_GENERATORS])
     marglik_batches: Optional[int] = 4  #: batches per Laplace fit (None: the whole training set)
@@ -240,18 +246,18 @@ class HyperConfig:
 class TrainerConfig:
     """``trainer``: the MAP training of the network weights."""
 
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 1e-2
+    epochs: int = 50  #: training epochs
+    batch_size: int = 64  #: MAP batch size (global under torchrun)
+    lr: float = 1e-2  #: MAP learning rate
     lr_min: float = 1e-6  #: final lr of the cosine schedule
     schedule: Schedule = Schedule.cosine  #: MAP lr, per optimizer step
-    optimizer: OptimizerName = OptimizerName.adam
+    optimizer: OptimizerName = OptimizerName.adam  #: of the MAP steps
     momentum: float = 0.9  #: sgd only
     device: str = "auto"  #: auto | cpu | cuda | cuda:<i> | mps
-    seed: int = 0
+    seed: int = 0  #: seeds the weights, batches, augmentation noise and marglik subsets
     num_threads: Optional[int] = None  #: torch.set_num_threads (None: torch's default)
     eval_every: int = 1  #: test metrics every this many epochs (0: only at the end)
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  #: batch size of the test evaluation
     final_model: FinalModel = FinalModel.best  #: best (best-marglik checkpoint) | last
     max_rollbacks: int = 10  #: give up after this many non-finite losses / marglik values
     rollback_lr_factor: float = 0.5  #: multiply the offending lr by this after a rollback
@@ -263,12 +269,12 @@ class TrainerConfig:
 class LoggerConfig:
     """``logger``: Weights & Biases. ``WANDB_MODE`` in the environment wins over ``mode``."""
 
-    mode: LoggerMode = LoggerMode.offline
-    project: str = "marglik"
+    mode: LoggerMode = LoggerMode.offline  #: Weights & Biases mode (WANDB_MODE wins)
+    project: str = "marglik"  #: W&B project
     group: Optional[str] = None  #: None: data/model/augmentation/prior, so expand vs reduce share a group
     name: Optional[str] = None  #: None: "<approx>-<copies_approx>-s<seed>"
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: Optional[str] = None  #: W&B entity (team or user)
+    tags: List[str] = field(default_factory=list)  #: W&B tags
 
 
 _SECTIONS: Dict[str, Type[Any]] = {
@@ -311,9 +317,11 @@ def register_configs() -> None:
 
 
 # --------------------------------------------------------------------------- errors and types
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration value, type or key; ``str(err)`` is one line
     ``<key>=<value>: <problem>; allowed: <allowed>``."""
+
+    kind = "config error"
 
     def __init__(self, key: str, value: Any, problem: str, allowed: str) -> None:
         self.key, self.value, self.problem, self.allowed = key, value, problem, allowed
@@ -580,9 +588,12 @@ class Config:
         """
 
         def check(ok: bool, key: str, allowed: str) -> None:
+            section, name = key.split(".")
+            value = self.model.kwargs[name] if section == "model" else getattr(getattr(self, section), name)
+            if isinstance(value, float) and not math.isfinite(value):  # inf passes "> 0": checked first
+                raise ConfigError(key, value, "not a finite number", allowed.replace("a number", "a finite number"))
             if not ok:
-                section, name = key.split(".")
-                raise ConfigError(key, getattr(getattr(self, section), name), "invalid value", allowed)
+                raise ConfigError(key, value, "invalid value", allowed)
 
         d, c, h, t = self.data, self.curvature, self.hyper, self.trainer
         check(d.train_size is None or d.train_size >= 1, "data.train_size", "an integer >= 1 or null")
@@ -614,12 +625,23 @@ class Config:
         check(t.eval_batch_size >= 1, "trainer.eval_batch_size", "an integer >= 1")
         check(t.max_rollbacks >= 0, "trainer.max_rollbacks", "an integer >= 0")
         check(0 < t.rollback_lr_factor <= 1, "trainer.rollback_lr_factor", "a number in (0, 1]")
+        for name in ("dropout", "attention_dropout"):
+            if name in self.model.kwargs:
+                check(0 <= self.model.kwargs[name] < 1, f"model.{name}", "a number in [0, 1)")
+        for key in self._float_keys():  # every other number: finite
+            check(True, key, "a finite number")
         try:  # combinations a curvature backend cannot compute (tuning.backends says which and why)
             check_curvature_config(c, h.augmentation)
         except ValueError as err:
             key = "curvature.separate_bias" if "separate_bias" in str(err) else "curvature.backend"
             value = c.separate_bias if key == "curvature.separate_bias" else c.backend
             raise ConfigError(key, value, str(err), "the fix the message names") from None
+
+    def _float_keys(self) -> List[str]:
+        """The dotted keys whose value is a float (sections and model options)."""
+        keys = [f"{section}.{f.name}" for section in _SECTIONS for f in fields(getattr(self, section))
+                if isinstance(getattr(getattr(self, section), f.name), float)]
+        return keys + [f"model.{k}" for k, v in self.model.kwargs.items() if isinstance(v, float)]
 
     # ------------------------------------------------------------------ schedule facts
     def marglik_updates(self) -> int:
@@ -665,8 +687,8 @@ class Config:
             resumable).
         """
         out = []
-        mine = _flatten(self.to_dict())
-        theirs = _flatten(plain(other))
+        mine = flatten(self.to_dict())
+        theirs = flatten(plain(other))
         for key in sorted(set(mine) | set(theirs)):
             if any(key == f or key.startswith(f + ".") for f in self.RESUME_FREE):
                 continue
@@ -681,12 +703,21 @@ def _valid_device(spec: str) -> bool:
     return re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec) is not None
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as dotted keys.
+
+    Args:
+        d: nested dicts (e.g. :meth:`Config.to_dict`).
+        prefix: prepended to every key.
+
+    Returns:
+        ``{"section.key": value}``; an empty dict stays a value.
+    """
     out: Dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

@@ -90,10 +90,13 @@ from torch import Tensor, nn
 
 from ..augment import AffineAugmentation
 from ..data import load_dataset
+from ..errors import UserError
 from ..models import get_model
 from . import checkpoint as ckpt
 from .backends import build_laplace, check_backend_runs, resolved_separate_bias
 from .config import Config, ConfigError
+from .device import resolve_device
+from .diagnosis import run_warnings
 from .distributed import DistContext
 from .estimator import MarglikSubset, SelectionSet
 from .reporting import plot_curves, summary_record, write_history, write_json
@@ -106,34 +109,15 @@ log = logging.getLogger("marglik.tuning")
 Callback = Callable[["MarglikTuner", Dict[str, Any]], None]
 
 
-class NonFiniteError(RuntimeError):
-    """Raised when a run keeps producing non-finite values after ``trainer.max_rollbacks`` rollbacks."""
+class NonFiniteError(UserError, RuntimeError):
+    """Raised when a run keeps producing non-finite values after ``trainer.max_rollbacks`` rollbacks
+    (one line: what, where, and which learning rates to lower)."""
 
 
 class _RolledBack(Exception):
     """The epoch in flight was rolled back (state restored, lr scaled, event recorded): retry it.
 
     Raised by :meth:`MarglikTuner._rollback`, caught by :meth:`MarglikTuner.fit` only."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    """The torch device for ``trainer.device``.
-
-    Args:
-        spec: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
-
-    Returns:
-        The device.
-
-    Raises:
-        RuntimeError: ``spec`` names a CUDA device but CUDA is not available.
-    """
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={spec!r} but CUDA is not available; use trainer.device=cpu or auto")
-    return dev
 
 
 def _sync(device: torch.device) -> None:
@@ -155,14 +139,14 @@ class MarglikTuner:
             (default: loaded from ``cfg.data``).
 
     Raises:
-        ConfigError: a bad configuration (``cfg`` as a dict), or a laplace-torch peer backend
-            under ``torchrun``.
-        ValueError: a peer backend cannot run the model; a batch gives some rank no example;
-            resuming from a checkpoint whose configuration differs.
+        UserError: every cause the user can fix, as one line (:mod:`marglik.errors`):
+            :class:`ConfigError` (a bad configuration, a device this machine lacks, a batch that gives
+            some ``torchrun`` rank no example, a peer backend under ``torchrun``),
+            :class:`~marglik.tuning.backends.BackendUnsupportedError` (a peer cannot run the model),
+            :class:`~marglik.tuning.checkpoint.CheckpointError` (no readable checkpoint where
+            ``trainer.resume`` names one, or one from another configuration),
+            :class:`~marglik.errors.DataUnavailableError` (data files missing or not downloadable).
         PermissionError: the run or checkpoint directory is not writable.
-        CheckpointError: no readable checkpoint where ``trainer.resume`` names one.
-        FileNotFoundError: ``trainer.resume`` names no checkpoint file or run directory.
-        RuntimeError: ``trainer.device`` names CUDA but none is available.
     """
 
     def __init__(
@@ -197,9 +181,14 @@ class MarglikTuner:
         self.N = len(self.X)
 
         seed_everything(c.trainer.seed)
-        self.model = get_model(
-            c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
-        ).to(self.device)
+        try:
+            self.model = get_model(
+                c.model.name, info["in_channels"], info["num_classes"], info["image_size"], **c.model.kwargs
+            ).to(self.device)
+        except (ValueError, AssertionError) as e:  # options that do not fit the data, e.g. a patch size
+            size = info["image_size"]
+            raise ConfigError("model", c.model.name, str(e) or type(e).__name__,
+                              f"options of model {c.model.name} that fit {size}x{size} images") from e
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         check_backend_runs(c.curvature, self.model, (self.X[:2], self.y[:2]))  # a peer fails here, not mid-run
         if self.dist.world_size > 1 and c.curvature.backend != "marglik":
@@ -255,10 +244,7 @@ class MarglikTuner:
         if state is not None:
             diff = self.cfg.resume_diff(state["config"])
             if diff:
-                raise ValueError(
-                    f"cannot resume from {path}: the configuration differs from the checkpoint's:\n  "
-                    + "\n  ".join(diff) + "\n(use trainer.resume=never, or a fresh run directory)"
-                )
+                raise ckpt.ResumeMismatchError(path, diff)
             before = state["config"]["trainer"]["epochs"]
             if before != t.epochs:
                 self._report(
@@ -268,6 +254,7 @@ class MarglikTuner:
                     + ("; the cosine lr schedule is stretched to the new length" if t.schedule == "cosine" else "")
                 )
             self.load_state_dict(state)
+            self.timing["segments"] = self.timing.get("segments", 1) + 1  # this process continues the run
             self.resumed_from = Path(path)
             self._saved_ckpt = (self.resumed_from, self.epoch)
         self._snapshot = self.state_dict()
@@ -285,10 +272,11 @@ class MarglikTuner:
                  "hyper.marglik_batch_size": (sub.batch_size, sub.size % sub.batch_size)}
         for key, (full, rest) in sizes.items():
             if full < k or 0 < rest < k:
-                raise ValueError(
-                    f"{key}={full} with {self.N} training examples gives a batch of fewer than "
-                    f"world_size={k} examples (sharded over ranks, each rank needs at least one)"
-                )
+                fix = (f"a batch size >= {k} whose last batch ({self.N} mod the batch size) is 0 or >= {k}"
+                       if self.N >= k else f"more training examples than the {k} ranks (data.train_size)")
+                raise ConfigError(key, full, f"with {self.N} training examples a batch of {min(full, rest or full)} "
+                                  f"is split over world_size={k} ranks and gives some rank no example",
+                                  f"{fix}, or fewer ranks (torchrun --nproc_per_node)")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -354,9 +342,11 @@ class MarglikTuner:
                 self.epoch, "MAP lr" if kind == "loss" else "hyper lrs", self.cfg.trainer.rollback_lr_factor),
         }]
         if len(events) > self.cfg.trainer.max_rollbacks:
+            lrs = "trainer.lr" if kind == "loss" else "hyper.lr / hyper.aug_lr (or trainer.lr if the weights diverge)"
             raise NonFiniteError(
                 f"non-finite {kind} ({value}) at epoch {self.epoch + 1} ({where}) after "
-                f"{len(events) - 1} rollbacks (trainer.max_rollbacks={self.cfg.trainer.max_rollbacks})"
+                f"{len(events) - 1} rollbacks (trainer.max_rollbacks={self.cfg.trainer.max_rollbacks}): the run "
+                f"diverges; lower {lrs}, or raise trainer.max_rollbacks"
             )
         lr_scale, hyper_scale = self.lr_scale, self.hyper_lr_scale
         rng = ckpt.rng_state(self.generators)
@@ -386,6 +376,19 @@ class MarglikTuner:
             tqdm.write(f"[marglik {self.run_dir.name}] {msg}", file=sys.stderr)
 
     # ------------------------------------------------------------------ pieces
+    def prior_precision_by_name(self) -> Dict[str, float]:
+        """The current prior precisions by parameter name.
+
+        Returns:
+            ``{parameter name: precision}`` in the order of the trainable parameters
+            (layerwise), or ``{"all": precision}`` (scalar).
+        """
+        prec = self.log_prior.detach().exp().tolist()
+        if len(prec) == 1 and self.cfg.hyper.prior_structure == "scalar":
+            return {"all": prec[0]}
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return dict(zip(names, prec))
+
     def prior_precision(self) -> Tensor:
         """The current prior precision ``exp(log delta)`` (differentiable w.r.t. ``log delta``).
 
@@ -633,8 +636,8 @@ class MarglikTuner:
                         la = self.fit_laplace(self._marglik_data())
                         self.timing["n_fits"] += 1
                     lml = self.log_marglik(la)
-                except torch.linalg.LinAlgError as err:
-                    self._rollback("marglik", f"LinAlgError: {err}", f"hyperstep {k + 1}/{h.steps}")
+                except (torch.linalg.LinAlgError, FloatingPointError) as err:  # e.g. factors overflowed to inf
+                    self._rollback("marglik", f"{type(err).__name__}: {err}", f"hyperstep {k + 1}/{h.steps}")
                 if not torch.isfinite(lml):
                     self._rollback("marglik", lml.item(), f"hyperstep {k + 1}/{h.steps}")
                 grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
@@ -662,8 +665,8 @@ class MarglikTuner:
             t0 = time.perf_counter()
             try:
                 sel = self.selection_log_marglik(la if self._selection_reuses_fit() else None)
-            except torch.linalg.LinAlgError as err:
-                self._rollback("marglik", f"LinAlgError: {err}", "selection value")
+            except (torch.linalg.LinAlgError, FloatingPointError) as err:
+                self._rollback("marglik", f"{type(err).__name__}: {err}", "selection value")
             if not torch.isfinite(sel):
                 self._rollback("marglik", sel.item(), "selection value")
             _sync(self.device)
@@ -815,6 +818,7 @@ class MarglikTuner:
         )
         start = time.perf_counter()
         base_elapsed = self.timing["elapsed"]
+        self._segment_start_elapsed = base_elapsed  # seconds of the run before this segment (resume)
         try:
             while self.epoch < c.trainer.epochs:
                 try:
@@ -844,9 +848,9 @@ class MarglikTuner:
                 pbar.set_postfix(post)
                 for cb in self.callbacks:
                     cb(self, row)
-        except BaseException:
+        except BaseException as err:
             pbar.close()
-            self._report_interrupt()
+            self._report_interrupt(err)
             self._finish_logger()
             self.dist.close()
             raise
@@ -868,8 +872,9 @@ class MarglikTuner:
         if hint and self.is_main:
             print(f"marglik: {hint}", file=sys.stderr)
 
-    def _report_interrupt(self) -> None:
-        """How to continue after an exception: only from a checkpoint that exists on disk."""
+    def _report_interrupt(self, err: BaseException) -> None:
+        """How to continue after an exception: only from a checkpoint that exists on disk. The line
+        is also attached to ``err`` as ``err.resume_hint`` (the CLI prints it after a Ctrl-C)."""
         if not self.is_main:
             return
         saved = self._saved_ckpt
@@ -877,11 +882,14 @@ class MarglikTuner:
             path, epoch = saved
             how = (f"trainer.resume={self.run_dir} (continues in this run directory)"
                    if path.parent == self.run_dir / ckpt.CKPT_DIR else f"trainer.resume={path}")
-            self._report(f"stopped; the checkpoint {path} holds epoch {epoch}/{self.cfg.trainer.epochs}: "
-                         f"resume with {how}")
+            hint = f"the checkpoint {path} holds epoch {epoch}/{self.cfg.trainer.epochs}: resume with {how}"
         else:
-            self._report("stopped before any checkpoint was written: nothing to resume from "
-                         "(a re-run starts at epoch 0)")
+            hint = "stopped before any checkpoint was written: nothing to resume from (a re-run starts at epoch 0)"
+        self._report(hint if hint.startswith("stopped") else f"stopped; {hint}")
+        try:
+            err.resume_hint = hint  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - exceptions without a __dict__
+            pass
 
     def finalize(self) -> Dict[str, Any]:
         """Evaluate the reported model and write ``summary.json``, ``history.csv``, ``curves.png``.
@@ -915,12 +923,15 @@ class MarglikTuner:
             "log_marglik": lml,
             "log_marglik_per_example": lml / self.N if lml is not None and math.isfinite(lml) else None,
             "prior_precision": self.log_prior.detach().exp().tolist(),
+            "prior_precision_by_name": self.prior_precision_by_name(),
             "augmentation": self.ranges(),
             "approx": c.curvature.approx,
             "copies_approx": c.curvature.copies_approx,
             "backend": c.curvature.backend,
             "structure": c.curvature.structure,
             "seconds": self.timing["elapsed"],
+            "seconds_this_segment": self.timing["elapsed"] - getattr(self, "_segment_start_elapsed", 0.0),
+            "segments": self.timing.get("segments", 1),
             "seconds_per_marglik_step": float(np.mean(steps)) if steps else None,
             "seconds_per_cached_hyperstep": float(np.mean(cached)) if cached else None,
             "seconds_per_selection": (float(np.mean(self.timing["selection_seconds"]))
@@ -958,6 +969,10 @@ class MarglikTuner:
             "separate_bias": resolved_separate_bias(c.curvature),
             "warnings": c.warnings(),
         })
+        trouble = run_warnings(summary, self.history, self.info["num_classes"])  # a run that went wrong says so
+        summary["warnings"] += trouble
+        for msg in trouble:
+            self._report(msg)
         if not self.is_main:
             return summary
         write_json(summary, self.run_dir / "summary.json")

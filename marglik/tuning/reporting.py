@@ -42,6 +42,8 @@ class RunSummary:
     log_marglik: Optional[float]
     log_marglik_per_example: Optional[float]
     prior_precision: List[float]  #: current (last) prior precision: 1 entry (scalar) or one per tensor
+    #: the same by trainable parameter name (``{"all": value}`` for a scalar prior)
+    prior_precision_by_name: Dict[str, float]
     augmentation: Dict[str, float]  #: learned ranges of the reported model (see augmentation_units)
     approx: str  #: curvature.approx (positions)
     copies_approx: Optional[str]  #: curvature.copies_approx (augmented copies; null: as approx)
@@ -49,7 +51,9 @@ class RunSummary:
     structure: str  #: curvature.structure (kron | diag)
     separate_bias: bool  #: separate weight and bias Kronecker blocks (curvature.separate_bias resolved)
     world_size: int  #: processes of a data-parallel (torchrun) run; 1 otherwise
-    seconds: float
+    seconds: float  #: training seconds of the whole run, over all its segments (resumes)
+    seconds_this_segment: float  #: training seconds of the segment that wrote this summary
+    segments: int  #: processes the run took: 1, plus one per resume
     seconds_per_marglik_step: Optional[float]
     seconds_per_cached_hyperstep: Optional[float]
     seconds_per_selection: Optional[float]  #: one selection value (its Laplace fit included)
@@ -80,7 +84,10 @@ class RunSummary:
     marglik_estimator: str  #: the data of a hyperstep's estimate (hyper.marglik_batches)
     #: the fixed estimator of log_marglik, best_epoch and the history's log_marglik column (hyper.selection)
     selection_estimator: str
-    warnings: List[str]  #: e.g. that no tuning happens with this schedule
+    #: problems of the configuration (e.g. that no tuning happens with this schedule) and signs that the
+    #: run went wrong (rollbacks, training that did not learn, chance accuracy, an absurd log marglik;
+    #: :mod:`marglik.tuning.diagnosis`)
+    warnings: List[str]
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
