@@ -53,116 +53,25 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import nn
 
-import marglik
-from marglik.augment import AffineAugmentation
-
-from benchlib import RESULTS, peak_extra_memory, pick_device, random_batch, sync, wide_resnet
-
-#: flavour -> (approx over pixels, copies_approx over augmented copies)
-FLAVOURS: Dict[str, Tuple[str, str]] = {
-    "expand": ("expand", "expand"),
-    "mixed": ("expand", "reduce"),
-    "reduce": ("reduce", "reduce"),
-}
-
-
-#: the contender that is a plain training step (the activation reference, not a marglik step)
-TRAIN_STEP = "train-step"
-#: the K differentiable backward passes of a type-2 GGN alone (the activations of a differentiable fit)
-GGN_BACKWARD = "ggn-backward"
-
-
-def build_model(device: torch.device, width: int, depth: int, seed: int = 0) -> nn.Module:
-    """WRN-``depth``-``width`` without normalisation, small random init on the zero-initialised layers."""
-    return wide_resnet(depth, width, device, seed, reinit_zero=True).eval()
-
-
-def build_data(batch: int, image: int, device: torch.device, seed: int = 1):
-    return random_batch(batch, image, device, torch.Generator().manual_seed(seed))
-
-
-def marglik_step(model, X, y, S: int, flavour: str, num_data: Optional[int], augment: bool = True) -> float:
-    """One marglik step (augment, fit, log marglik, gradient); returns the log marglik."""
-    approx, copies = FLAVOURS[flavour]
-    n_layers = sum(1 for _ in model.parameters())
-    log_prior = torch.zeros(n_layers, device=X.device, requires_grad=True)
-    hyper = [log_prior]
-    if augment:
-        aug = AffineAugmentation(n_samples=S).to(X.device)
-        with torch.no_grad():
-            aug.eta.fill_(0.1)
-        data = (aug(X, generator=torch.Generator(device=X.device).manual_seed(0)), y)
-        hyper.append(aug.eta)
-    else:
-        data = (X, y)
-    la = marglik.KronLaplace(model, "classification", approx=approx, copies_approx=copies,
-                             prior_precision=1.0, differentiable=augment)
-    la.fit(data, num_data=num_data)
-    lml = la.log_marginal_likelihood(prior_precision=log_prior.exp())
-    torch.autograd.grad(lml, hyper)
-    return float(lml)
-
-
-def train_step(model, X, y, S: int) -> float:
-    """The reference for "the activations": one MAP training step on the same augmented batch
-    (augment into S copies, forward, mean cross-entropy of the copy-averaged logits, backward to the
-    weights and ``eta``), no curvature. A marglik step cannot need less memory than this, because
-    its fit back-propagates through the same forward pass; what it needs beyond this is the cost of
-    the curvature itself."""
-    aug = AffineAugmentation(n_samples=S).to(X.device)
-    with torch.no_grad():
-        aug.eta.fill_(0.1)
-    Xa = aug(X, generator=torch.Generator(device=X.device).manual_seed(0))  # (B, S, C, H, W)
-    logits = model(Xa.flatten(0, 1)).unflatten(0, Xa.shape[:2]).mean(1)
-    loss = nn.functional.cross_entropy(logits, y)
-    torch.autograd.grad(loss, [*model.parameters(), aug.eta])
-    return float(loss)
-
-
-def ggn_backward_step(model, X, y, S: int) -> float:
-    """The reference for "the activations of a differentiable curvature": the backward passes a
-    type-2 GGN needs (one per class, through the same augmented forward pass, each keeping its graph
-    for a second differentiation, as a fit with ``differentiable=True`` must), then a gradient of
-    their summed squares to ``eta``. No factors, no eigendecompositions. Memory that a marglik step
-    needs beyond this grows with the copies only if the curvature itself stores per-copy data."""
-    aug = AffineAugmentation(n_samples=S).to(X.device)
-    with torch.no_grad():
-        aug.eta.fill_(0.1)
-    Xa = aug(X, generator=torch.Generator(device=X.device).manual_seed(0))
-    logits = model(Xa.flatten(0, 1)).unflatten(0, Xa.shape[:2]).mean(1)  # (B, K)
-    params = list(model.parameters())
-    total = logits.new_zeros(())
-    for k in range(logits.shape[1]):
-        grads = torch.autograd.grad(logits[:, k].sum(), params, create_graph=True)
-        total = total + sum((g * g).sum() for g in grads)
-    torch.autograd.grad(total, [aug.eta])
-    return float(total)
-
-
-def peer_step(model, X, y, approx: str, num_data: Optional[int] = None) -> float:
-    """laplace-torch + curvlinops: fit, log marglik, gradient w.r.t. the layerwise log prior."""
-    from laplace import KronLaplace as LTKronLaplace
-    from laplace.curvature import CurvlinopsGGN
-
-    n_layers = sum(1 for _ in model.parameters())
-    log_prior = torch.zeros(n_layers, device=X.device, requires_grad=True)
-    from torch.utils.data import DataLoader, TensorDataset
-
-    # laplace-torch passes KronLaplace's ``asdl_fisher_kwargs`` on to every backend's ``kron``;
-    # curvlinops' operator reads ``kfac_approx`` from them. It sets N = len(dataset): the batch.
-    la = LTKronLaplace(model, "classification", backend=CurvlinopsGGN, asdl_fisher_kwargs={"kfac_approx": approx})
-    la.fit(DataLoader(TensorDataset(X, y), batch_size=len(y)))
-    lml = la.log_marginal_likelihood(prior_precision=log_prior.exp())
-    torch.autograd.grad(lml, [log_prior])
-    return float(lml)
+from benchlib import RESULTS, peak_extra_memory, pick_device
+from wrn_steps import (
+    FLAVOURS,
+    GGN_BACKWARD,
+    TRAIN_STEP,
+    build_data,
+    build_model,
+    ggn_backward_step,
+    marglik_step,
+    peer_step,
+    time_round_robin,
+    train_step,
+)
 
 
 def contenders(S: int, with_peer: bool) -> Dict[str, Callable]:
@@ -181,21 +90,6 @@ def contenders(S: int, with_peer: bool) -> Dict[str, Callable]:
             )
             out[f"laplace-torch-curvlinops-{approx}"] = (lambda model, X, y, n, a=approx: peer_step(model, X, y, a, n))
     return out
-
-
-def time_round_robin(fns: Dict[str, Callable], args, repeats: int, warmup: int, device) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn(*args)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn(*args)
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 # ------------------------------------------------------------------ memory

@@ -10,6 +10,7 @@ from .logdet import kron_logdet, kron_logdet_projected
 from .options import FisherType, KFACApprox, Likelihood
 from .posterior import DecomposedKron
 from .prior import PriorStructure
+from .row_factor import FactorForm, RowFactor
 from .sharing import example_index
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "eigh_psd",
     "kron_logdet",
     "kron_logdet_projected",
+    "RowFactor",
+    "FactorForm",
 ]

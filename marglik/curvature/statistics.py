@@ -120,7 +120,7 @@ def expand_input_sum(
         x = c.x
         if copies_approx is KFACApprox.REDUCE:  # one position per (example, position)
             x = over_copies(x, 0, N, c.index, block.name, mean=True)
-        M = rule.num_positions(m, x) if has_w else None
+        M = rule.input_rows_count(m, x) if has_w else None
         if M is not None and keep_rows(M, block_input_dim(block), form):
             X = rule.expand_inputs(m, x).transpose(1, 2)  # (G, M, din)
             if has_b:

@@ -150,9 +150,10 @@ class KroneckerRule(Rule):
     #: may keep few of them as rows, :mod:`marglik.curvature.row_factor`)
     rows_capable: bool = False
 
-    def num_positions(self, module: nn.Module, x: Tensor) -> Optional[int]:
-        """``M``, the number of positions of an input ``x`` (what :meth:`expand_inputs` would give),
-        without forming them; ``None``: unknown (the engine then takes the dense Gram)."""
+    def input_rows_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
+        """``M``, the number of positions of an input ``x`` (the columns :meth:`expand_inputs` would
+        give), when forming them is no dearer than the rule's own Gram; ``None`` otherwise (the engine
+        then takes the dense Gram of :meth:`expand_input_stats`)."""
         return None
 
     def expand_inputs(self, module: nn.Module, x: Tensor) -> Tensor:

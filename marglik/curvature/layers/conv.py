@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,12 @@ class ConvRule(KroneckerRule):
     module_types = _CONV
     rows_capable = True
 
-    def num_positions(self, module: nn.Module, x: Tensor) -> int:
+    def input_rows_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
         self._check(module, x)
+        if lag_gram_applies(module):
+            # the shifted-correlation Gram beats unfolded patches; rows would be multiplied out as soon
+            # as a later batch passes the bound (K-FAC-expand convolutions have N R rows: rarely few)
+            return None
         spec = _pad_spec(module)
         return x.shape[0] * math.prod(_out_sizes(module, [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec)]))
 

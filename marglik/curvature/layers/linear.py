@@ -13,8 +13,8 @@ class LinearRule(KroneckerRule):
     module_types = (nn.Linear,)
     rows_capable = True
 
-    def num_positions(self, module: nn.Linear, x: Tensor) -> int:
-        return x.numel() // x.shape[-1]
+    def input_rows_count(self, module: nn.Linear, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]  # the rows are a reshape of x
 
     def expand_inputs(self, module: nn.Linear, x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
