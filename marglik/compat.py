@@ -62,3 +62,30 @@ def check_torchvision() -> None:
         _problem = _diagnose()
     if _problem is not None:
         raise IncompatibleInstallError(str(_problem))
+
+
+def import_laplace():
+    """``import laplace`` after :func:`check_torchvision`, without its import-time log lines.
+
+    laplace-torch logs on the root logger while importing (``Asdfghjkl backend not available ...``
+    when its old ASDL fork is absent); under Hydra's logging that line lands between a command's
+    one-line error and its exit. The root logger is raised to WARNING for the import only.
+
+    Returns:
+        The ``laplace`` module.
+
+    Raises:
+        IncompatibleInstallError: torchvision (imported by laplace-torch) does not match torch.
+    """
+    import logging
+
+    check_torchvision()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        import laplace
+        import laplace.curvature  # noqa: F401  (the submodule that logs)
+    finally:
+        root.setLevel(level)
+    return laplace

@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..compat import check_torchvision
+from ..compat import check_torchvision, import_laplace
 from ..errors import UserError
 from .choices import Choice
 
@@ -277,8 +277,8 @@ class PeerLaplace:
         mc_samples: int = 1,
         prior_precision: Any = 1.0,
     ) -> None:
-        check_torchvision()  # laplace-torch imports it (through torchmetrics): a mismatch is not the peer's fault
-        from laplace import Laplace
+        # laplace-torch imports torchvision (through torchmetrics): a mismatch is not the peer's fault
+        Laplace = import_laplace().Laplace
 
         self.backend = _parse(CurvatureBackend, backend, "backend")
         self.structure = _parse(CurvatureStructure, structure, "structure")
@@ -301,7 +301,7 @@ class PeerLaplace:
         self.n_data = 0
 
     def _backend_class(self, fisher_type: str) -> Tuple[type, Dict[str, Any]]:
-        from laplace import curvature as lc
+        lc = import_laplace().curvature
 
         classes = {
             CurvatureBackend.curvlinops: (lc.CurvlinopsGGN, lc.CurvlinopsEF),
