@@ -6,6 +6,17 @@ input side, bias = last coordinate) and ``B_g`` (``nB x nB``, output side) whose
 row-major. With ``A = V_A diag(l^A) V_A^T`` and ``B = V_B diag(l^B) V_B^T`` the product has the
 eigenvectors ``V_B ⊗ V_A`` and the eigenvalues ``lam[g, j, i] = l^B_gj l^A_gi``; in matrix form a
 vector ``X (nB, nA)`` has the eigen-coordinates ``V_B^T X V_A`` (:meth:`KronEigen.to_eigenbasis`).
+
+Truncated decompositions. A factor built from ``m`` rows with ``m`` well below its dimension ``n`` is
+held as those rows (:class:`~marglik.curvature.row_factor.RowFactor`) and decomposed on its row space
+only: ``k = m`` eigenpairs (:class:`FactorEigen`), the other ``n - k`` eigenvalues exactly 0 on the
+orthogonal complement, whose basis is never formed. Everything downstream sums over the held pairs
+and treats the complement in closed form: a function of ``B ⊗ A`` that is ``phi(lam)`` on the held pairs
+is ``phi(0)`` on every other one (:meth:`KronEigen.apply_spectral`); the projected diagonal prior sees
+the complement as one cluster of ``n - k`` equal eigenvalues (:meth:`KronEigen.project_diagonal`,
+:meth:`KronEigen.apply_extended`); the weight-and-bias prior needs the one complement direction the
+bias coordinate has (:meth:`KronEigen.bias_spectrum`). With ``k = n`` (dense factors) every formula
+reduces to the full-basis one, so there is one code path.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ the module's parameters in ``model.parameters()``. Two block types exist:
   vector ``[W_g.flatten(), b_g]`` is ``B[g] ⊗ A[g]`` *in the ordering of the augmented matrix*
   ``[W_g, b_g]`` of shape ``(db, da)`` flattened row-major (output index outer, input index inner),
   where the bias is the last input coordinate (the "ones" appended to the layer input).
-  Between groups the block is zero (an extra block-diagonal approximation for grouped convs and
+  Each factor is dense or, when built from few rows against its dimension, held as
+  those rows (:class:`~marglik.curvature.row_factor.RowFactor`, ``F = rows^T rows``); ``.A`` / ``.B``
+  are dense either way. Between groups the block is zero (an extra block-diagonal approximation for grouped convs and
   between the q/k/v projections). A bias-only block with ``A = 1`` is a dense block ``B`` over
   the (flattened) parameter: the exact block of a raw parameter such as a class token.
 * :class:`DiagonalBlock` -- per-channel ``k x k`` blocks (``k`` = 1 or 2) for elementwise affine

@@ -23,9 +23,15 @@ shaped like the block's :attr:`~PosteriorBlock.index` (the positions of its coor
 input side, bias = last coordinate) and ``B`` (``nB x nB``) with eigenvalues ``lA``, ``lB``,
 eigenvectors ``V_A``, ``V_B`` and ``lam_ji = lB_j lA_i`` (:class:`~marglik.curvature.eigen.KronEigen`).
 
+Factors held as rows (few rows against their dimension) are decomposed on their row space only;
+each class treats the null-space complement in closed form (:mod:`marglik.curvature.eigen`), with the
+same results as the dense decomposition to round-off (``tests/test_row_factors.py``).
+
 Gradients of :meth:`~PosteriorBlock.logdet_ratio`: closed form in the eigendecomposition for the
 Kronecker cases (:mod:`marglik.curvature.logdet`), plain autograd through a Cholesky factor
-(:class:`DenseKron`) or ``2 x 2`` determinants (:class:`ChannelPosterior`); never through ``eigh``.
+(:class:`DenseKron`) or ``2 x 2`` determinants (:class:`ChannelPosterior`); never through ``eigh``. For a
+factor held as rows the gradient is returned w.r.t. the rows (``2 rows V M V^T``), without a ``d x d``
+matrix (:meth:`~marglik.curvature.eigen.FactorEigen.grad`).
 """
 
 from __future__ import annotations

@@ -415,6 +415,7 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
             copies_approx=curvature.copies_approx, fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
             separate_bias=resolved_separate_bias(curvature),
+            factor_form=getattr(curvature, "factor_form", "auto"),
         )
     return PeerLaplace(
         model, backend.value, curvature.structure, approx=curvature.approx, fisher_type=curvature.fisher_type,

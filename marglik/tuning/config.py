@@ -49,6 +49,7 @@ from ..augment import ALL_GENERATORS
 from ..curvature.options import FisherType as EngineFisherType
 from ..curvature.options import KFACApprox
 from ..curvature.prior import PriorStructure as EnginePriorStructure
+from ..curvature.row_factor import FactorForm as EngineFactorForm
 from ..errors import UserError
 from .backends import CurvatureBackend, CurvatureStructure, check_curvature_config
 from .choices import Choice
@@ -71,6 +72,7 @@ Approx = Choice("Approx", [(m.value, m.value) for m in KFACApprox], module=__nam
 
 #: ``type-2`` is not an identifier, hence the functional form (member names = values).
 FisherType = Choice("FisherType", [(m.value, m.value) for m in EngineFisherType], module=__name__)
+FactorForm = Choice("FactorForm", [(m.value, m.value) for m in EngineFactorForm], module=__name__)
 AugGenerator = Choice("AugGenerator", [(g, g) for g in ALL_GENERATORS], module=__name__)
 
 
@@ -214,6 +216,9 @@ class CurvatureConfig:
     #: the backend's own (false for marglik; laplace-torch's peers are always separate, so false
     #: with a peer is an error)
     separate_bias: Optional[bool] = None
+    #: auto: factors from at most half their dimension in rows are decomposed through the rows
+    #: (the same posterior, O(d m^2) instead of O(d^3)); dense: every factor dense (for comparisons)
+    factor_form: FactorForm = FactorForm.auto  # type: ignore[valid-type]
 
 
 @dataclass
@@ -672,9 +677,11 @@ class Config:
         return out
 
     # settings that may differ between an interrupted run and its resumption (trainer.epochs:
-    # extending a finished run; the cosine schedules then stretch to the new length)
+    # extending a finished run; the cosine schedules then stretch to the new length;
+    # curvature.factor_form: the same numbers to round-off, so is a checkpoint without the key)
     RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.progress", "trainer.num_threads",
-                   "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger")
+                   "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger",
+                   "curvature.factor_form")
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
         """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.
