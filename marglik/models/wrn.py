@@ -145,9 +145,16 @@ class WideResNet(ImageClassifier):
         self._init(num_blocks=3 * n)
 
     def _init(self, num_blocks: int) -> None:
+        # He initialisation that keeps the *forward* signal's scale (fan_in) without normalisation:
+        # Fixup prescribes a standard initialisation for the non-zero layers, and fan_out (torchvision's
+        # choice for BatchNorm networks, where BN restores the scale) shrinks the signal by
+        # sqrt(c_in / c_out) at every widening convolution; on 1-channel digits the pooled features of
+        # WRN-16-4 came out at ~1e-2, the classifier's gradient with them, and SGD or Adam sat at
+        # chance (results/wrn_marglik.md, runs before this fix). BatchNorm keeps fan_out.
+        mode = "fan_out" if self.norm == "batchnorm" else "fan_in"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
