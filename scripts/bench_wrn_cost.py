@@ -140,7 +140,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     ap.add_argument("--from-json", action="store_true",
-                    help="only re-render <out>/wrn_cost<tag>.md (and the wrn_marglik splice) from its JSON")
+                    help="only re-render <out>/wrn_cost<tag>.md from its JSON")
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if pick_device(args.device).type == "cuda" else 1
@@ -159,8 +159,6 @@ def main(argv=None) -> dict:
         args.copies = list(dict.fromkeys(r["copies"] for r in payload["rows"]))
         md = render(payload, args)
         (out / f"wrn_cost{args.tag}.md").write_text(md)
-        if not payload["meta"].get("quick"):
-            splice_into_wrn_marglik(out, args.tag, payload, md)
         return payload
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -240,30 +238,8 @@ def main(argv=None) -> dict:
     (out / f"wrn_cost{args.tag}.json").write_text(json.dumps(payload, indent=2))
     md = render(payload, args)
     (out / f"wrn_cost{args.tag}.md").write_text(md)
-    if not args.quick:
-        splice_into_wrn_marglik(out, args.tag, payload, md)
     print(md)
     return payload
-
-
-def splice_into_wrn_marglik(out: Path, tag: str, payload: dict, md: str) -> None:
-    """Put the cost-scaling tables into ``wrn_marglik{tag}.md`` (section ``## Cost scaling``, replaced if
-    present) and ``wrn_marglik{tag}.json`` (key ``cost_scaling``); the tuning runs' own generator
-    (``scripts/run_wrn_marglik.py``) keeps both when it rewrites the files."""
-    body = md.split("\n", 1)[1].replace("\n## ", "\n### ")
-    section = f"## Cost scaling\n\nFrom `scripts/bench_wrn_cost.py` (also in `wrn_cost{tag}.md`).\n{body}"
-    md_path, json_path = out / f"wrn_marglik{tag}.md", out / f"wrn_marglik{tag}.json"
-    text = md_path.read_text() if md_path.exists() else "# WRN-16-4 marginal-likelihood experiment\n"
-    if "## Cost scaling" in text:
-        head, rest = text.split("## Cost scaling", 1)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    md_path.write_text(text)
-    data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    data["cost_scaling"] = payload
-    json_path.write_text(json.dumps(data, indent=2))
 
 
 def _beyond_table(ratios: List[dict], rows: List[dict], reference: str, key: str) -> List[str]:

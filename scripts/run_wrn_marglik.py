@@ -1,123 +1,198 @@
 #!/usr/bin/env python
-"""WRN-16-4 (Fixup) marginal-likelihood tuning with learned augmentation, at CPU scale.
+"""WRN-16-4 (Fixup) marginal-likelihood tuning with learned augmentation, trained, at CPU scale.
 
-The seed paper's Wide ResNet experiment (Eschenhagen et al. 2023; LILA, Immer et al. 2022) shrunk
-to what two shared CPU cores do in minutes: scikit-learn digits upsampled to 32x32 and rotated by a
-fixed random angle in [-R, R] (an offline 32x32 image task), WRN-16-4 with Fixup trained with
-marginal-likelihood tuning of a layerwise prior (:mod:`marglik.tuning`), with and without learned
-augmentation (the rotation generator), for the K-FAC flavours ``<approx>-<copies_approx>``:
+The seed paper's Wide ResNet experiment (Eschenhagen et al. 2023; LILA, Immer et al. 2022) on an
+offline task two CPU cores finish in a session: scikit-learn's 8x8 digits, every train and test
+image rotated by a fixed random angle in [-90, 90] degrees; WRN-16-4 with Fixup, SGD with momentum
+and cosine decay (the paper's optimiser), a layerwise prior and, in the augmentation arms, the
+rotation range learned by the Laplace marginal likelihood. The protocol and why each choice was
+made: :data:`PROTOCOL_NOTES` (also in the report).
 
-* ``expand-reduce``: K-FAC-expand over the pixels, reduce over the S augmented copies (LILA's
-  expand arm: the model averages its logits over the copies);
-* ``reduce-reduce``: K-FAC-reduce over both;
-* ``expand-expand``: the ablation (expand over the copies too; ``--no-ablation`` skips it).
+Arms (``<approx>-<copies_approx>``: K-FAC flavour over the pixels, then over the S copies):
 
-Without augmentation there are no copies, so only ``expand`` / ``reduce`` on pixels are run.
+* learned rotation, ``expand-reduce`` (the literature's expand arm) and ``reduce-reduce``: three
+  seeds each; ``expand-expand`` (the ablation): one seed;
+* no augmentation, ``expand`` and ``reduce``: one seed each.
 
-Writes ``results/wrn_marglik.{md,json,png}``: the JSON's ``"runs"`` list and the md's
-``## Tuning runs`` section. An existing ``"cost_scaling"`` key (JSON) and ``## Cost scaling``
-section (md), written by the cost-scaling benchmark, are preserved. Run directories go under
-``--run-root``; jobs run in ``--workers`` processes with one torch thread each.
+Every finished model is also scored under one common estimator (reduce-reduce K-FAC, the whole
+training set, the augmentation noise fixed: :func:`common_estimate`), so that rows can be compared;
+each arm's own reported value is its selection value (``hyper.selection``). Convergence of the
+hyperparameters over the last three marglik updates, the wall time split into training and marglik,
+and the seconds of one hyperstep per flavour measured in one process complete the report.
 
-    python scripts/run_wrn_marglik.py                  # the committed results (see the md for the time)
-    python scripts/run_wrn_marglik.py --quick --out /tmp/wrn
+Writes ``results/wrn_marglik.{json,md,png}`` (markdown and figure rendered from the JSON alone; run
+directories, repository-relative in the JSON, under ``--run-root``)::
+
+    python scripts/run_wrn_marglik.py                  # the committed results (about 1.5 h on 2 cores)
+    python scripts/run_wrn_marglik.py --quick --out /tmp/wrn --run-root /tmp/wrn/runs
     python scripts/run_wrn_marglik.py --from-json      # re-render md / png from the JSON
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import re
+import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from benchlib import flavour_label, hyperstep_timing_rows, rollback_count, time_hypersteps
+from runner import read_json, run_pool, write_outputs
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import ROOT, flavour_label, hyperstep_timing_rows, time_hypersteps
 
 STEM = "wrn_marglik"
-RUNS_HEADING = "## Tuning runs"
+#: (augmentation, approx, copies_approx, number of seeds)
+ARMS: List[Tuple[bool, str, str, int]] = [
+    (True, "expand", "reduce", 3), (True, "reduce", "reduce", 3), (True, "expand", "expand", 1),
+    (False, "expand", "reduce", 1), (False, "reduce", "reduce", 1),
+]
+_ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "expand (no copies)": 3, "reduce (no copies)": 4}
+
+PROTOCOL_NOTES = """
+Why this protocol. *Task*: the digits are the only image data that ship with a package; rotating
+each image by a fixed angle in [-90, 90] degrees makes rotation invariance a hyperparameter with a
+known answer. *Input size 8x8* (native): WRN-16-4 then costs about 2 ms per image and SGD step on
+one CPU thread, so 30 epochs with S = 4 augmented copies and the marglik updates fit the 20-minute
+budget per run; the learned augmentation acts on the same 8x8 grid as the data's rotation (the
+small-CNN invariance study, `results/invariance_digits.md`, learns the range there). *Fixup
+WRN-16-4*: as in the paper (no BatchNorm, whose batch statistics the per-example Laplace curvature
+does not model). Its non-zero layers use He initialisation with fan_in: with fan_out (the earlier
+runs) the pooled features of the 1-channel input came out at ~1e-2 and neither SGD nor Adam left
+chance level; Fixup's zero-initialised residual branches and classifier are kept. *SGD* (momentum
+0.9, lr 0.03, cosine to 1e-6, batch 32, 30 epochs = 1,350 steps): the paper's optimiser; in pilots
+lr 0.1 drove the scalar Fixup bias before the classifier negative and killed every feature within
+20 steps, 0.01 learned more slowly than 0.03. *Prior*: layerwise, initial precision 1 (under SGD
+the L2 term shrinks weights in proportion, unlike Adam, where a strong prior erased the
+zero-initialised branches in the earlier runs). *Marglik*: after 4 burn-in epochs, every 2 epochs 3
+hypersteps (13 updates, 39 hypersteps), each on 2 random batches of 64 images with S = 4 copies
+(S = 2 with 32-image batches learned no rotation in a pilot: too little signal per step); Adam with
+lr 0.3 on the log prior precisions and 0.2 on eta (radians) decayed by a cosine over the epochs after
+burn-in (`hyper.schedule=cosine`, the same schedule family as the weights'): with a constant lr 0.1
+a pilot's precisions were still rising by 0.1-0.2 in log per update when the weights' lr had run
+out, so the last updates' movement below is bounded by the decayed step size as much as by
+convergence -- the trajectories (rotation, mean log prior precision) are in the figure. The selection value is on a fixed subset of 512
+images (`hyper.selection=subset`: the whole set costs ~3x more per update).
+""".strip()
 
 
-def job_configs(args) -> List[Dict[str, Any]]:
-    """One job per (flavour, augmentation): learned rotation for every flavour, none per pixel approx."""
-    variants = [(fl, True) for fl in args.flavours]
-    variants += [(f"{a}-reduce", False) for a in dict.fromkeys(fl.split("-")[0] for fl in args.flavours)]
+# ------------------------------------------------------------------ jobs
+def arm_name(aug: bool, approx: str, copies: str) -> str:
+    return f"aug-{approx}-{copies}" if aug else f"none-{approx}"
+
+
+def job_config(args, aug: bool, approx: str, copies: str, seed: int) -> Dict[str, Any]:
+    """The tuning config of one run (see :data:`PROTOCOL_NOTES`)."""
+    return dict(
+        data={"name": "digits", "rotation": float(args.rotation), "train_size": args.train_size, "seed": 0},
+        model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
+        curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
+        hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr,
+               "aug_lr": args.aug_lr, "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
+               "schedule": "cosine", "augmentation": aug, "generators": ["rotation"],
+               "n_samples": args.n_samples, "n_samples_test": args.n_samples,
+               "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size,
+               "selection": "subset", "selection_size": args.selection_size},
+        trainer={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_min": 1e-6,
+                 "optimizer": "sgd", "momentum": 0.9, "schedule": "cosine", "seed": seed, "device": "cpu",
+                 "num_threads": 1, "progress": False, "eval_every": 0, "eval_batch_size": 360,
+                 "final_model": "best", "resume": "auto", "max_rollbacks": 10, "rollback_lr_factor": 0.5},
+        logger={"mode": args.wandb, "group": f"wrn16_4-digits-rot{args.rotation:g}"},
+    )
+
+
+def jobs_of(args) -> List[Dict[str, Any]]:
     jobs = []
-    for flavour, aug in variants:
-        approx, copies = flavour.split("-")
-        name = f"{'aug' if aug else 'none'}-{flavour if aug else approx}"
-        cfg = dict(
-            data={"name": "digits", "upsample": 32, "rotation": float(args.rotation),
-                  "train_size": args.train_size, "seed": 0},
-            model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
-            curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
-            hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr, "aug_lr": args.aug_lr,
-                   "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
-                   "augmentation": aug, "generators": ["rotation"],
-                   "n_samples": args.n_samples, "n_samples_test": args.n_samples,
-                   "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size},
-            trainer={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam",
-                     "schedule": "cosine", "seed": args.seed, "device": "cpu", "num_threads": 1,
-                     "progress": False, "eval_every": 0, "eval_batch_size": 120, "final_model": "last",
-                     "resume": "auto", "max_rollbacks": 10, "rollback_lr_factor": 1.0},
-            logger={"mode": args.wandb, "group": f"wrn16_4-digits32-rot{args.rotation:g}"},
-        )
-        jobs.append({"name": name, "approx": approx, "copies_approx": copies if aug else None,
-                     "augmentation": aug, "cfg": cfg})
+    for aug, approx, copies, n_seeds in ARMS:
+        if not aug and copies == "expand":
+            continue
+        for seed in range(n_seeds if not args.quick else 1):
+            name = f"{arm_name(aug, approx, copies)}-s{seed}"
+            jobs.append({"name": name, "arm": arm_name(aug, approx, copies), "augmentation": aug,
+                         "approx": approx, "copies_approx": copies if aug else None, "seed": seed,
+                         "cfg": job_config(args, aug, approx, copies, seed), "run_root": args.run_root,
+                         "post": common_estimate})
+    # the six main-arm runs first (two at a time), the single-seed arms after
+    jobs.sort(key=lambda j: (j["seed"] > 0, j["copies_approx"] == "expand", not j["augmentation"]))
     return jobs
 
 
-def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
-    import numpy as np
-    import torch
+def common_estimate(job: Dict[str, Any], tuner: Any, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """Score the reported model under one estimator shared by all arms: reduce-reduce K-FAC, the
+    whole training set, one fixed draw of augmentation noise (the run's own learned range; none
+    without augmentation), no gradient. Runs in the worker on the finished tuner (which holds the
+    reported weights and hyperparameters)."""
+    from marglik.tuning.estimator import SelectionSet
 
-    torch.set_num_threads(1)
-    from marglik.tuning import Config, tune
-    from marglik.tuning.reporting import read_history
-
-    run_dir = Path(run_root) / job["name"]
-    out = {k: job[k] for k in ("name", "approx", "copies_approx", "augmentation")}
-    t0 = time.time()
-    try:
-        s = tune(Config.from_dict(job["cfg"]), run_dir)
-    except Exception as e:  # one failed run must not lose the others
-        out.update({"error": f"{type(e).__name__}: {e}", "wall_seconds": time.time() - t0, "run_dir": str(run_dir)})
-        return out
-    hist = read_history(run_dir / "history.csv")
-    epoch_s = [h["epoch_seconds"] for h in hist if h.get("epoch_seconds") is not None]
-    out.update({
-        "test_accuracy": s["test_accuracy"],
-        "test_nll": s["test_nll"],
-        "log_marglik": s["log_marglik"],
-        "log_marglik_per_example": s["log_marglik_per_example"],
-        "rotation_deg": (s["augmentation"] or {}).get("rotation", 0.0) if job["augmentation"] else None,
-        "seconds_per_epoch": float(np.mean(epoch_s)) if epoch_s else None,
-        "seconds_per_marglik_step": s["seconds_per_marglik_step"],
-        "seconds_per_cached_hyperstep": s["seconds_per_cached_hyperstep"],
-        "n_laplace_fits": s["n_laplace_fits"],
-        "n_hypersteps": s["n_hypersteps"],
-        "prior_precision": s["prior_precision"],
-        "seconds": s["seconds"],
-        "num_params": s["num_params"],
-        "rollbacks": rollback_count(s.get("rollbacks")),
-        "rotation_history": [h.get("aug_rotation") for h in hist],
-        "train_acc_history": [h.get("train_acc") for h in hist],
-        "log_marglik_history": [h.get("log_marglik") for h in hist],
-        "run_dir": str(run_dir),
-    })
-    return out
+    cfg = tuner.cfg
+    cfg.curvature.approx, cfg.curvature.copies_approx = "reduce", "reduce"
+    cfg.hyper.selection = "full"
+    tuner.selection = SelectionSet.from_config(cfg, tuner.N)
+    t0 = time.perf_counter()
+    value = float(tuner.selection_log_marglik())
+    return {"common_log_marglik": value, "common_log_marglik_per_example": value / tuner.N,
+            "common_seconds": time.perf_counter() - t0}
 
 
-def time_marglik_steps(args, repeats: int, rotation_deg: float = 30.0) -> Dict[str, Any]:
-    """One marglik hyperstep of the tuning loop per learned-augmentation flavour, all in this process
-    on the same WRN weights and data, flavours interleaved, ``repeats`` times: medians and ratios to
-    ``reduce-reduce`` (the per-run times above come from runs that met different CPU loads)."""
+# ------------------------------------------------------------------ derived numbers
+def convergence(history: Dict[str, List[Any]], updates: int = 3) -> Dict[str, Optional[float]]:
+    """How much the hyperparameters moved over the last ``updates`` marglik updates: the range of
+    the learned rotation (degrees) over the values before and after them, and the sum of the
+    per-update largest changes of a log prior precision (a bound on every tensor's movement)."""
+    lml = history.get("log_marglik") or []
+    idx = [i for i, v in enumerate(lml) if v is not None]
+    if len(idx) < updates + 1:
+        return {"rotation_movement_deg": None, "log_prior_movement": None}
+    last = idx[-updates:]
+    rot = history.get("aug_rotation")
+    rot_vals = [rot[i] for i in [idx[-updates - 1]] + last] if rot else None
+    change = history.get("log_prior_change_max") or [None] * len(lml)
+    moves = [change[i] for i in last]
+    return {"rotation_movement_deg": None if not rot_vals else max(rot_vals) - min(rot_vals),
+            "log_prior_movement": None if any(m is None for m in moves) else sum(moves)}
+
+
+def time_split(history: Dict[str, List[Any]]) -> Dict[str, float]:
+    """Seconds of MAP training and of marglik updates (hypersteps and selection values)."""
+    ep, hy = history.get("epoch_seconds") or [], history.get("hyper_seconds") or []
+    marglik = sum(h or 0.0 for h in hy)
+    return {"train_seconds": sum(e or 0.0 for e in ep) - marglik, "marglik_seconds": marglik}
+
+
+def mean_se(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    m = statistics.fmean(vals)
+    return m, (statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None)
+
+
+def arm_table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per arm: mean and standard error over seeds of every reported number."""
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        row = {"arm": arm, "label": flavour_label(rs[0]), "augmentation": rs[0]["augmentation"], "seeds": len(rs)}
+        for key, get in (
+            ("test_accuracy", lambda r: r["summary"]["test_accuracy"]),
+            ("test_nll", lambda r: r["summary"]["test_nll"]),
+            ("own_log_marglik_per_example", lambda r: r["summary"]["log_marglik_per_example"]),
+            ("common_log_marglik_per_example", lambda r: r.get("common_log_marglik_per_example")),
+            ("rotation_deg", lambda r: (r["summary"]["augmentation"] or {}).get("rotation") if r["augmentation"] else None),
+            ("rotation_movement_deg", lambda r: r["convergence"]["rotation_movement_deg"]),
+            ("log_prior_movement", lambda r: r["convergence"]["log_prior_movement"]),
+            ("train_seconds", lambda r: r["time_split"]["train_seconds"]),
+            ("marglik_seconds", lambda r: r["time_split"]["marglik_seconds"]),
+        ):
+            row[key], row[key + "_se"] = mean_se([get(r) for r in rs])
+        out.append(row)
+    return sorted(out, key=lambda a: _ORDER.get(a["label"], 9))
+
+
+def time_marglik_steps(args, repeats: int) -> Dict[str, Any]:
+    """One marglik update's hypersteps per learned-augmentation flavour, in this process on the same
+    WRN weights and data, flavours interleaved (:func:`benchlib.time_hypersteps`)."""
     import tempfile
 
     import torch
@@ -126,182 +201,104 @@ def time_marglik_steps(args, repeats: int, rotation_deg: float = 30.0) -> Dict[s
 
     torch.set_num_threads(1)
     tuners, state = {}, None
-    for job in job_configs(args):
-        if not job["augmentation"]:
+    for aug, approx, copies, _ in ARMS:
+        if not aug:
             continue
-        cfg = Config.from_dict(job["cfg"], hyper={"steps": 1, "selection": "subset", "selection_size": 8}, trainer={"resume": "never"}, logger={"mode": "disabled"})
-        t = MarglikTuner(cfg, Path(tempfile.mkdtemp(prefix=f"wrn_timing_{job['name']}_")))
+        cfg = Config.from_dict(job_config(args, True, approx, copies, 0), hyper={"selection_size": 8},
+                               trainer={"resume": "never"}, logger={"mode": "disabled"})
+        t = MarglikTuner(cfg, Path(tempfile.mkdtemp(prefix=f"wrn_timing_{approx}_{copies}_")))
         state = t.model.state_dict() if state is None else state
         t.model.load_state_dict(state)
-        tuners[f"{job['approx']}-{job['copies_approx']}"] = t
-    return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": args.n_samples,
-            "marglik_batch_size": args.marglik_batch_size, "marglik_batches": args.marglik_batches}
+        tuners[f"{approx}-{copies}"] = t
+    return {**time_hypersteps(tuners, repeats, 45.0), "n_samples": args.n_samples,
+            "marglik_batch_size": args.marglik_batch_size, "marglik_batches": args.marglik_batches,
+            "steps": args.steps}
+
+
+# ------------------------------------------------------------------ rendering (from the JSON alone)
+def _f(v: Optional[float], spec: str, se: Optional[float] = None) -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) + ("" if se is None else f" ± {format(se, spec)}")
+
+
+def render(data: Dict[str, Any]) -> str:
+    s = data["setup"]
+    runs = [r for r in data["runs"] if "error" not in r]
+    arms = arm_table(runs)
+    lines = [
+        "# WRN-16-4: marginal-likelihood tuning with learned augmentation, trained",
+        "",
+        f"Generated by `python scripts/run_wrn_marglik.py`{' --quick' if s.get('quick') else ''} "
+        f"({len(data['runs'])} runs, {data['wall_seconds'] / 60:.0f} min wall clock, {s['workers']} runs at a time "
+        "with one torch thread each on a 2-core CPU shared with other jobs).",
+        "",
+        f"Setting: scikit-learn digits (8x8, {s['train_size'] or 1437} train / 360 test), every image rotated by a "
+        f"fixed random angle in [-{s['rotation']:g}, {s['rotation']:g}] degrees; WRN-16-4 with Fixup "
+        f"({s.get('num_params', '2.7M')} parameters); SGD (momentum 0.9, lr {s['lr']:g}, cosine, batch "
+        f"{s['batch_size']}, {s['epochs']} epochs); layerwise prior (initial precision {s['prior_prec_init']:g}) "
+        f"tuned by the Laplace marginal likelihood (K-FAC GGN, type-2) after {s['burn_in']} burn-in epochs, "
+        f"{s['steps']} hypersteps every {s['frequency']} epochs (Adam, lr {s['hyper_lr']:g} on the log prior "
+        f"precisions, {s['aug_lr']:g} on eta), each on {s['marglik_batches']} random batches of "
+        f"{s['marglik_batch_size']} images; learned range of the rotation generator with S = {s['n_samples']} "
+        "copies (training, marglik and test predictions average the logits over the copies); the reported "
+        f"model is the best selection value (a fixed subset of {s['selection_size']} training images).",
+        "",
+        PROTOCOL_NOTES,
+        "",
+        "## Results per arm (mean ± standard error over seeds)",
+        "",
+        "* own log marglik / N: each arm's selection value, under its own K-FAC flavour (not comparable "
+        "between flavours); common: every reported model scored by one estimator (reduce-reduce K-FAC, the "
+        "whole training set, fixed augmentation noise at the model's learned range).",
+        "* convergence: over the last three marglik updates, the range of the learned rotation (degrees) and "
+        "the summed largest change of a log prior precision; targets < 3 degrees and < 0.1.",
+        f"* learned rotation against the true {s['rotation']:g} degrees.",
+        "",
+        "| augmentation | K-FAC (pixels-copies) | seeds | test acc | test NLL | own log marglik / N | "
+        "common log marglik / N | learned rotation (deg) | rotation moved (deg) | log prior moved | "
+        "train s | marglik s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in arms:
+        lines.append(
+            f"| {'learned rotation' if a['augmentation'] else 'none'} | {a['label']} | {a['seeds']} | "
+            f"{_f(a['test_accuracy'], '.3f', a['test_accuracy_se'])} | {_f(a['test_nll'], '.3f', a['test_nll_se'])} | "
+            f"{_f(a['own_log_marglik_per_example'], '.3f', a['own_log_marglik_per_example_se'])} | "
+            f"{_f(a['common_log_marglik_per_example'], '.3f', a['common_log_marglik_per_example_se'])} | "
+            f"{_f(a['rotation_deg'], '.1f', a['rotation_deg_se'])} | {_f(a['rotation_movement_deg'], '.2f')} | "
+            f"{_f(a['log_prior_movement'], '.3f')} | {_f(a['train_seconds'], '.0f')} | {_f(a['marglik_seconds'], '.0f')} |")
+    lines += timing_lines(data.get("step_timing"))
+    lines += ["", "## Every run", "",
+              "| run | test acc | test NLL | own log marglik / N | common log marglik / N | learned rotation | "
+              "rotation moved | log prior moved | best epoch | train s | marglik s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (_ORDER.get(flavour_label(r), 9), r["seed"])):
+        sm, cv, ts = r["summary"], r["convergence"], r["time_split"]
+        rot = (sm["augmentation"] or {}).get("rotation") if r["augmentation"] else None
+        lines.append(f"| {r['name']} | {sm['test_accuracy']:.3f} | {sm['test_nll']:.3f} | "
+                     f"{_f(sm['log_marglik_per_example'], '.3f')} | {_f(r.get('common_log_marglik_per_example'), '.3f')} | "
+                     f"{_f(rot, '.1f')} | {_f(cv['rotation_movement_deg'], '.2f')} | {_f(cv['log_prior_movement'], '.3f')} | "
+                     f"{sm['best_epoch']} | {ts['train_seconds']:.0f} | {ts['marglik_seconds']:.0f} |")
+    failed = [r for r in data["runs"] if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"* `{r['name']}`: {r['error']}" for r in failed]
+    if data.get("reading"):
+        lines += ["", "## Reading", "", data["reading"].strip()]
+    lines += ["", f"![wrn marglik]({STEM}.png)", ""]
+    return "\n".join(lines)
 
 
 def timing_lines(timing: Optional[Dict[str, Any]]) -> List[str]:
     if not timing:
         return []
-    lines = [
-        "",
-        f"Seconds per marglik step measured in one process (same WRN weights and data for every flavour, "
-        f"{timing['marglik_batches']} batch(es) of {timing['marglik_batch_size']} images with "
-        f"S={timing['n_samples']} copies at a learned range of {timing['rotation_deg']:g} degrees, flavours "
-        f"interleaved, {timing['repeats']} repeats; one hyperstep = augmentation, differentiable Laplace fit, "
-        "log marglik, gradient w.r.t. prior precisions and eta, optimizer step). Use these ratios, not the "
-        "per-run column above, to compare costs:",
-        "",
-    ]
-    return lines + hyperstep_timing_rows(timing, _ORDER, digits=2)
-
-
-_ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "reduce-expand": 3}
-
-
-def _key(r: Dict[str, Any]):
-    return (not r["augmentation"], _ORDER.get(flavour_label(r), 9), r["approx"])
-
-
-def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def setup_text(s: Dict[str, Any]) -> str:
-    return (
-        f"Setting: scikit-learn digits upsampled to 32x32 (bilinear), every train and test image rotated by a "
-        f"fixed random angle in [-{s['rotation']:g}, {s['rotation']:g}] degrees; a random subset of "
-        f"{s['train_size']} training images, the full test split (360 images). WRN-16-4 with Fixup "
-        f"({s.get('num_params', '2.7M')} parameters), {s['epochs']} epochs of Adam (lr {s['lr']:g}, cosine, batch "
-        f"{s['batch_size']}); layerwise prior precision (initial {s.get('prior_prec_init', 1.0):g}) tuned by the "
-        f"Laplace marginal likelihood (K-FAC GGN, type-2) after {s['burn_in']} burn-in epoch(s), {s['steps']} "
-        f"hyperstep(s) every {s.get('frequency', 1)} epoch(s) (Adam, lr {s.get('hyper_lr', 0.1):g} on the log prior precisions, {s['aug_lr']:g} on eta); learned augmentation of the rotation generator with "
-        f"S={s['n_samples']} augmented copies (training, marglik and test predictions average the logits over "
-        f"the copies); each Laplace fit uses {s['marglik_batches']} random batch(es) of {s['marglik_batch_size']} "
-        "images rescaled to N (a stochastic estimate). The reported model is the last one (with this few "
-        "marglik evaluations the best-marglik checkpoint of Algorithm 1 is not meaningful). One torch thread "
-        f"per run, {s['workers']} runs at a time, on a 2-core CPU shared with other jobs: compare ratios of "
-        "times within this table, not absolute times."
-    )
-
-
-def runs_section(data: Dict[str, Any]) -> List[str]:
-    s = data["setup"]
-    runs = [r for r in data["runs"] if "error" not in r]
-    failed = [r for r in data["runs"] if "error" in r]
-    lines = [
-        RUNS_HEADING,
-        "",
-        f"Generated by `python scripts/run_wrn_marglik.py` ({'--quick, ' if s.get('quick') else ''}"
-        f"{len(data['runs'])} runs, {data['wall_seconds'] / 60:.1f} min wall clock).",
-        "",
-        setup_text(s),
-        "",
-        "* K-FAC flavour `<approx>-<copies_approx>`: expand or reduce over the pixels of one image "
-        "(`curvature.approx`), then over the S augmented copies (`curvature.copies_approx`). "
-        "`expand-reduce` is the literature's K-FAC-expand arm (LILA: copies reduced, pixels expanded); "
-        "`expand-expand` is the ablation. Without augmentation there are no copies.",
-        "* learned rotation: |eta_rot| in degrees (angles drawn uniform in [-learned, learned]); the true "
-        f"range is {s['rotation']:g}.",
-        "* s / epoch: mean wall time of an epoch (MAP training on the S copies, the epoch's marglik "
-        "hypersteps, and the final evaluation in the last epoch). s / marglik step: one Laplace fit + log "
-        "marglik + gradient (with learned augmentation a differentiable fit of the augmented batch; "
-        "without, the fit is reused for the epoch's hypersteps and this is the fit's step). Runs met "
-        "different CPU loads (two runs at a time plus other jobs; the last run shared the machine with the "
-        "cost benchmark only), so times are not comparable between rows: the in-process measurement below is.",
-        "",
-        "| augmentation | K-FAC (pixels-copies) | test acc | test NLL | log marglik / N | learned rotation (deg) "
-        "| s / epoch | s / marglik step | hypersteps | run s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in sorted(runs, key=_key):
-        lines.append(
-            f"| {'learned rotation' if r['augmentation'] else 'none'} | {flavour_label(r)} | "
-            f"{r['test_accuracy']:.4f} | {r['test_nll']:.4f} | {_fmt(r.get('log_marglik_per_example'), '.4f')} | "
-            f"{_fmt(r.get('rotation_deg'), '.1f')} | {_fmt(r.get('seconds_per_epoch'), '.0f')} | "
-            f"{_fmt(r.get('seconds_per_marglik_step'), '.1f')} | {r.get('n_hypersteps')} | {r['seconds']:.0f} |"
-        )
-    lines += timing_lines(data.get("step_timing"))
-    obs = observations(runs)
-    if obs:
-        lines += ["", "What the runs show:", ""] + [f"* {o}" for o in obs]
-    if NOTES.strip() and not s.get("quick"):
-        lines += ["", NOTES.strip()]
-    if failed:
-        lines += ["", "Failed runs:", ""] + [f"* `{r['name']}`: {r['error']}" for r in failed]
-    lines += ["", f"![wrn marglik]({STEM}.png)", ""]
-    return lines
-
-
-def observations(runs: List[Dict[str, Any]]) -> List[str]:
-    by = {(r["augmentation"], flavour_label(r)): r for r in runs}
-    out = []
-    for fl in ("expand-reduce", "reduce-reduce", "expand-expand"):
-        aug = by.get((True, fl))
-        none = by.get((False, f"{fl.split('-')[0]} (no copies)"))
-        if aug and none:
-            out.append(
-                f"{fl}: learned rotation {aug['rotation_deg']:.1f} deg; test accuracy {aug['test_accuracy']:.4f} with "
-                f"learned augmentation vs {none['test_accuracy']:.4f} without "
-                f"({100 * (aug['test_accuracy'] - none['test_accuracy']):+.1f} points), test NLL "
-                f"{aug['test_nll']:.4f} vs {none['test_nll']:.4f}."
-            )
-    return out
-
-
-#: Interpretation of the committed runs (checked against the numbers above when they were produced).
-NOTES = """
-How to read this. The budget (640 Adam steps per run on 512 images; five runs in about an hour on
-the shared 2-core CPU, one torch thread each) trains WRN-16-4 only part of the way: the first
-~200 steps sit at chance while the zero-initialised Fixup branches and classifier grow (the escape
-from Fixup's saddle), after which training accuracy climbs to 0.27-0.32 as the cosine schedule
-runs out. All five runs end at test accuracy 0.25-0.30 and test NLL 1.89-1.93 (360 test images:
-one standard error of an accuracy is about 0.024), so no flavour is better or worse in quality at
-this scale, with or without learned augmentation. The initial prior precision is 1e-3 because
-under Adam an L2 term moves every weight whose data gradient is still zero (the branches behind a
-zero-initialised conv) towards zero at the full learning rate, whatever the precision is, so a
-strong initial prior erases the initialisation before the data gradient arrives (the previous
-version of this file, prior 1.0 and 18 steps, stayed at chance). The hyperparameters are
-step-limited, not converged: the 14 hypersteps raised most layers' prior precision by Adam's
-maximal step each (1e-3 to 0.067 = 1e-3 e^(14 x 0.3)), and the rotation ranges were still rising
-at the end (by 4-9 degrees per update). They show the direction and speed of each flavour's marglik
-gradient: expand-reduce moved the range fastest (108 degrees, past the true 90), reduce-reduce to
-86, the expand-expand ablation to 62. With S = 2 copies, expanding over them under-counts the
-curvature by only a factor 2, so the ablation is not blind to the rotation as it was with more
-copies (S = 8) on the small CNN (`results/invariance_digits.md`). The log marglik values are each
-flavour's own stochastic estimate (2 batches of 16 images) and are not comparable between rows
-(these runs predate the fixed selection estimator, `hyper.selection`; a rerun reports its
-whole-set value instead).
-Cost: measured in one process on the same weights and data, one hyperstep (32 images, S = 2)
-costs 1.38x (expand-reduce) and 1.56x (expand-expand) that of reduce-reduce, with 3 repeats
-spread under 5%; the per-run columns met different CPU loads. The paper-scale run is `marglik
-+experiment=cifar10_wrn16_4 data.download=true curvature.approx=expand` (copies reduced by
-default) or `curvature.approx=reduce`, on a GPU.
-"""
-
-
-def replace_section(text: str, heading: str, body: List[str]) -> str:
-    """Replace the ``heading`` section (up to the next ``## `` heading) of ``text``, or append it."""
-    block = "\n".join(body).rstrip() + "\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        return pattern.sub(lambda m: block + "\n", text, count=1).rstrip() + "\n"
-    return text.rstrip() + "\n\n" + block
-
-
-def write_outputs(data: Dict[str, Any], out: Path) -> None:
-    """Write the JSON (keeping an existing ``cost_scaling`` key), the md (keeping any other ``## ``
-    section, e.g. ``## Cost scaling``) and the figure."""
-    jpath, mpath = out / f"{STEM}.json", out / f"{STEM}.md"
-    if jpath.exists():
-        old = json.loads(jpath.read_text())
-        for key, value in old.items():
-            if key not in data and key != "runs":
-                data[key] = value  # e.g. "cost_scaling", written by another script
-    jpath.write_text(json.dumps(data, indent=1) + "\n")
-    text = mpath.read_text() if mpath.exists() else ""
-    if not text.startswith("# "):
-        text = "# WRN-16-4: marginal-likelihood tuning with learned augmentation\n\n" + text
-    mpath.write_text(replace_section(text, RUNS_HEADING, runs_section(data)))
-    plot(data, out / f"{STEM}.png")
+    return ["", "## Seconds per hyperstep, measured in one process", "",
+            f"The hypersteps of one marglik update ({timing['steps']} hypersteps, each {timing['marglik_batches']} "
+            f"batches of {timing['marglik_batch_size']} images with S = {timing['n_samples']} copies at a learned "
+            f"range of {timing['rotation_deg']:g} degrees: augmentation, differentiable Laplace fit, log marglik, "
+            "gradient w.r.t. the prior precisions and eta, optimizer step), the same WRN weights and data for every "
+            f"flavour, flavours interleaved, {timing['repeats']} repeats, one thread:", ""] + \
+        hyperstep_timing_rows(timing, _ORDER, digits=2)
 
 
 def plot(data: Dict[str, Any], path: Path) -> None:
@@ -310,135 +307,126 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted([r for r in data["runs"] if "error" not in r], key=_key)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    ax = axes[3]
-    for r in runs:
-        acc = r.get("train_acc_history") or []
-        ax.plot(range(1, len(acc) + 1), acc, ls="-" if r["augmentation"] else ":",
-                label=f"{'aug' if r['augmentation'] else 'none'} {flavour_label(r)}")
-    ax.axhline(0.1, color="k", ls="--", lw=1, label="chance")
-    ax.set_xlabel("epoch")
-    ax.set_title("training accuracy")
-    ax.legend(fontsize=6)
+    runs = sorted([r for r in data["runs"] if "error" not in r], key=lambda r: (_ORDER.get(flavour_label(r), 9), r["seed"]))
+    arms = arm_table(runs)
+    colors = {a["label"]: f"C{i}" for i, a in enumerate(arms)}
+    fig, axes = plt.subplots(1, 5, figsize=(23, 4))
     ax = axes[0]
     for r in runs:
         if r["augmentation"]:
-            hist = [0.0 if v is None else v for v in r["rotation_history"]]
-            ax.plot(range(1, len(hist) + 1), hist, marker="o", label=flavour_label(r))
+            rot = r["history"].get("aug_rotation") or []
+            ax.plot(range(1, len(rot) + 1), rot, color=colors[flavour_label(r)], alpha=0.8,
+                    label=flavour_label(r) if r["seed"] == 0 else None)
     ax.axhline(data["setup"]["rotation"], color="k", ls="--", lw=1, label="true range")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learned rotation (deg)")
-    ax.set_title("learned rotation range")
+    ax.set(xlabel="epoch", ylabel="learned rotation (deg)", title="learned rotation range")
     ax.legend(fontsize=7)
-    labels = [f"{'aug' if r['augmentation'] else 'none'}\n{flavour_label(r)}" for r in runs]
-    colors = ["C0" if r["augmentation"] else "C7" for r in runs]
-    axes[1].bar(range(len(runs)), [r["test_accuracy"] for r in runs], color=colors)
-    axes[1].set_title("test accuracy")
-    for ax in axes[1:2]:
-        ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels(labels, fontsize=6, rotation=45)
-    timing = data.get("step_timing")
-    if timing:  # measured in one process on the same weights and data: comparable between flavours
-        names = sorted(timing["median_seconds"], key=lambda k: _ORDER.get(k, 9))
-        axes[2].bar(range(len(names)), [timing["ratio_to_reduce_reduce"][k] for k in names], color="C0")
-        axes[2].set_xticks(range(len(names)))
-        axes[2].set_xticklabels(names, fontsize=7)
-        axes[2].set_title("marglik step time / reduce-reduce (one process)")
-    else:  # only the per-run times, which met different loads
-        axes[2].bar(range(len(runs)), [r.get("seconds_per_marglik_step") or 0.0 for r in runs], color=colors)
-        axes[2].set_xticks(range(len(runs)))
-        axes[2].set_xticklabels(labels, fontsize=6, rotation=45)
-        axes[2].set_title("seconds per marglik step (per run)")
+    ax = axes[1]
+    for r in runs:
+        acc = r["history"].get("train_acc") or []
+        ax.plot(range(1, len(acc) + 1), acc, color=colors[flavour_label(r)], ls="-" if r["augmentation"] else ":",
+                alpha=0.8, label=flavour_label(r) if r["seed"] == 0 else None)
+    ax.set(xlabel="epoch", title="training accuracy")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for r in runs:
+        prec = [math.log(v) for v in (r["history"].get("prior_prec_mean") or []) if v]
+        ax.plot(range(1, len(prec) + 1), prec, color=colors[flavour_label(r)], ls="-" if r["augmentation"] else ":",
+                alpha=0.8, label=flavour_label(r) if r["seed"] == 0 else None)
+    ax.set(xlabel="epoch", title="log of the mean prior precision")
+    ax.legend(fontsize=7)
+    for ax, key, title in ((axes[3], "test_accuracy", "test accuracy (± s.e.)"),
+                           (axes[4], "common_log_marglik_per_example", "common log marglik / N (± s.e.)")):
+        vals = [a[key] if a[key] is not None else float("nan") for a in arms]
+        errs = [a[key + "_se"] or 0.0 for a in arms]
+        ax.bar(range(len(arms)), vals, yerr=errs, color=[colors[a["label"]] for a in arms], capsize=3)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels([("aug\n" if a["augmentation"] else "none\n") + a["label"] for a in arms], fontsize=7)
+        ax.set_title(title)
+        finite = [v for v in vals if v == v]
+        if finite and key == "test_accuracy":
+            ax.set_ylim(min(finite) - 0.05, min(1.0, max(finite) + 0.03))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+# ------------------------------------------------------------------ main
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flavours", nargs="+", default=["expand-reduce", "reduce-reduce", "expand-expand"],
-                   choices=list(_ORDER), help="<approx>-<copies_approx> with learned augmentation")
-    p.add_argument("--no-ablation", action="store_true", help="drop expand-expand")
     p.add_argument("--rotation", type=float, default=90.0)
-    p.add_argument("--train-size", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-samples", type=int, default=2, help="S augmented copies")
-    p.add_argument("--burn-in", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=None, help="None: all 1437 training digits")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.03, help="SGD lr (cosine to 1e-6)")
+    p.add_argument("--n-samples", type=int, default=4, help="S augmented copies")
+    p.add_argument("--burn-in", type=int, default=4)
     p.add_argument("--frequency", type=int, default=2, help="a marglik update every F epochs")
-    p.add_argument("--steps", type=int, default=2, help="hypersteps per marglik epoch")
-    p.add_argument("--prior-prec-init", type=float, default=1e-3,
-                   help="small: under Adam a strong L2 term shrinks the zero-gradient Fixup branches before they learn")
+    p.add_argument("--steps", type=int, default=3, help="hypersteps per marglik update")
+    p.add_argument("--prior-prec-init", type=float, default=1.0)
     p.add_argument("--hyper-lr", type=float, default=0.3, help="Adam lr on the log prior precisions")
-    p.add_argument("--aug-lr", type=float, default=0.2)
+    p.add_argument("--aug-lr", type=float, default=0.2, help="Adam lr on eta (radians)")
     p.add_argument("--marglik-batches", type=int, default=2)
-    p.add_argument("--marglik-batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--marglik-batch-size", type=int, default=64)
+    p.add_argument("--selection-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
-    p.add_argument("--out", default=str(REPO / "results"))
-    p.add_argument("--run-root", default=str(REPO / "outputs" / "wrn_marglik"))
-    p.add_argument("--quick", action="store_true", help="smoke test: 32 images, 2 epochs, marglik batch 4")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--run-root", default=str(ROOT / "outputs" / "wrn_marglik"))
+    p.add_argument("--quick", action="store_true", help="smoke test: 64 images, 3 epochs, one seed per arm")
     p.add_argument("--from-json", action="store_true", help="only re-render md / png from <out>/wrn_marglik.json")
-    p.add_argument("--timing-repeats", type=int, default=3,
-                   help="after the runs, time one marglik step per flavour in one process (0: skip)")
-    p.add_argument("--timing-only", action="store_true",
-                   help="only the in-process timing, added to an existing <out>/wrn_marglik.json")
+    p.add_argument("--timing-repeats", type=int, default=3, help="in-process hyperstep timing repeats (0: skip)")
+    p.add_argument("--timing-only", action="store_true", help="only the in-process timing, into the existing JSON")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.timing_only:
-        data = json.loads((out / f"{STEM}.json").read_text())
-        data["step_timing"] = time_marglik_steps(args, args.timing_repeats)
-        write_outputs(data, out)
-        return 0
-    if args.from_json:
-        data = json.loads((out / f"{STEM}.json").read_text())
-        for r in data["runs"]:  # runs written before the training-accuracy history was recorded
-            hist_file = Path(r.get("run_dir", "")) / "history.csv"
-            if "train_acc_history" not in r and hist_file.is_file():
-                from marglik.tuning.reporting import read_history
-
-                r["train_acc_history"] = [h.get("train_acc") for h in read_history(hist_file)]
-        write_outputs(data, out)
-        return 0
-    if args.no_ablation:
-        args.flavours = [f for f in args.flavours if f != "expand-expand"]
     if args.quick:
-        args.train_size, args.epochs, args.marglik_batch_size = 32, 2, 4
+        args.train_size, args.epochs, args.burn_in, args.frequency = 64, 3, 1, 1
+        args.marglik_batch_size, args.selection_size, args.n_samples, args.timing_repeats = 8, 16, 2, 1
+    return args
+
+
+def finish(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """Derived numbers of one record (convergence, time split), kept in the JSON."""
+    if "error" not in rec:
+        rec["convergence"] = convergence(rec["history"])
+        rec["time_split"] = time_split(rec["history"])
+    return rec
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    if args.from_json or args.timing_only:
+        data = read_json(out, STEM)
+        if args.timing_only:
+            data["step_timing"] = time_marglik_steps(args, args.timing_repeats)
+        write_outputs(out, STEM, data, render, plot)
+        return 0
     os.environ.setdefault("WANDB_SILENT", "true")
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = job_configs(args)
-    # the main arms first, then the baselines without augmentation, the expand-expand ablation last
-    jobs.sort(key=lambda j: (j["copies_approx"] == "expand", not j["augmentation"], j["approx"] != "expand"))
-    print(f"{len(jobs)} runs, {args.workers} workers; run dirs under {args.run_root}", flush=True)
+    jobs = jobs_of(args)
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    setup.update({"num_params": None, "test_size": 360, "device": "cpu", "torch_threads_per_run": 1})
+    print(f"{len(jobs)} runs, {args.workers} at a time; run directories under {args.run_root}", flush=True)
     t0 = time.time()
-    results: List[Dict[str, Any]] = []
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "no_ablation")}
-    setup.update({"data": "digits upsampled to 32x32, rotated", "model": "WRN-16-4 (Fixup)", "test_size": 360,
-                  "device": "cpu", "torch_threads_per_run": 1})
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as ex:
-        futs = [ex.submit(run_job, j, args.run_root) for j in jobs]
-        for f in as_completed(futs):
-            r = f.result()
-            results.append(r)
-            if "error" in r:
-                print(f"[{time.time() - t0:6.0f}s] {r['name']:<20} FAILED: {r['error']}", flush=True)
-                continue
-            print(f"[{time.time() - t0:6.0f}s] {r['name']:<20} acc {r['test_accuracy']:.4f} nll {r['test_nll']:.3f} "
-                  f"rot {r['rotation_deg'] or 0:6.1f} deg  s/epoch {r['seconds_per_epoch'] or 0:.0f}  "
-                  f"s/step {r['seconds_per_marglik_step'] or 0:.1f}  run {r['seconds']:.0f}s", flush=True)
-            if "num_params" in r:
-                setup["num_params"] = r["num_params"]
-            # rewrite after every run: an interrupted sweep keeps what finished
-            data = {"setup": setup, "wall_seconds": time.time() - t0,
-                    "runs": sorted(results, key=lambda r: r["name"])}
-            write_outputs(data, out)
-    if args.timing_repeats > 0 and results:
-        print("timing one marglik step per flavour in this process ...", flush=True)
+    data: Dict[str, Any] = {"setup": setup, "runs": [], "wall_seconds": 0.0}
+
+    def on_result(done: List[Dict[str, Any]]) -> None:
+        data["runs"] = sorted((finish(r) for r in done), key=lambda r: r["name"])
+        data["wall_seconds"] = time.time() - t0
+        for r in done:
+            if "summary" in r:
+                setup["num_params"] = r["summary"]["num_params"]
+        write_outputs(out, STEM, data, render, plot)
+
+    def describe(r: Dict[str, Any]) -> str:
+        sm = r["summary"]
+        rot = (sm["augmentation"] or {}).get("rotation", 0.0) if r["augmentation"] else 0.0
+        return (f"acc {sm['test_accuracy']:.3f} nll {sm['test_nll']:.3f} rot {rot:5.1f} deg "
+                f"common lml/N {r.get('common_log_marglik_per_example', float('nan')):.3f} run {r['wall_seconds']:.0f} s")
+
+    run_pool(jobs, args.workers, on_result, describe=describe)
+    if args.timing_repeats > 0:
+        print("timing one marglik update's hypersteps per flavour in this process ...", flush=True)
         data["step_timing"] = time_marglik_steps(args, args.timing_repeats)
-        write_outputs(data, out)
+        write_outputs(out, STEM, data, render, plot)
     print(f"wrote {out / STEM}.md/.json/.png in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -22,7 +22,8 @@ from benchlib import ROOT
 
 #: per-epoch columns of ``history.csv`` a run record keeps (all the figures and tables need)
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_acc", "test_nll", "log_marglik", "log_marglik_per_example",
-                "hyperstep_log_marglik", "prior_prec_mean", "prior_prec_min", "prior_prec_max", "epoch_seconds",
+                "hyperstep_log_marglik", "prior_prec_mean", "prior_prec_min", "prior_prec_max", "log_prior_change_max",
+                "epoch_seconds",
                 "hyper_seconds")
 
 

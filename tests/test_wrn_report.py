@@ -1,5 +1,6 @@
-"""scripts/run_wrn_marglik.py's writer: it rewrites the "runs" key and the "## Tuning runs"
-section and keeps what other scripts add to the same files (the cost-scaling benchmark)."""
+"""scripts/run_wrn_marglik.py's report: markdown and figure rendered from the JSON alone (no run
+directory read), per-arm means and standard errors over seeds, convergence and time split from the
+recorded histories, repository-relative paths."""
 
 from __future__ import annotations
 
@@ -11,54 +12,63 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib")
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_wrn_marglik.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def _load():
-    if str(SCRIPT.parent) not in sys.path:  # the script imports its sibling benchlib, as when run directly
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("run_wrn_marglik", SCRIPT)
+def _load(name):
+    if str(SCRIPTS) not in sys.path:  # the scripts import their siblings (benchlib, runner), as when run directly
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def _run(approx, copies, aug, acc):
-    return {"name": f"{approx}-{copies}-{aug}", "approx": approx, "copies_approx": copies if aug else None,
-            "augmentation": aug, "test_accuracy": acc, "test_nll": 1.0, "log_marglik": -100.0,
-            "log_marglik_per_example": -1.0, "rotation_deg": 12.0 if aug else None, "seconds_per_epoch": 3.0,
-            "seconds_per_marglik_step": 2.0 if copies == "reduce" else 4.0, "n_hypersteps": 2, "seconds": 10.0,
-            "rotation_history": [0.0, 6.0, 12.0], "run_dir": "x"}
+def _history(rots, changes):
+    n = len(rots)
+    lml = [None if i % 2 == 0 else -100.0 - i for i in range(n)]
+    return {"epoch": list(range(1, n + 1)), "train_acc": [0.1 * i for i in range(n)], "log_marglik": lml,
+            "aug_rotation": rots, "log_prior_change_max": changes, "epoch_seconds": [10.0] * n,
+            "hyper_seconds": [4.0 if v is not None else 0.0 for v in lml]}
 
 
-def test_rewrite_keeps_cost_scaling(tmp_path):
-    mod = _load()
-    setup = dict(rotation=90.0, train_size=8, epochs=3, lr=1e-3, batch_size=4, burn_in=1, steps=1, aug_lr=0.2,
-                 n_samples=2, marglik_batches=1, marglik_batch_size=4, workers=1)
-    (tmp_path / "wrn_marglik.json").write_text(json.dumps({"runs": [{"old": 1}], "cost_scaling": {"rows": [1, 2]}}))
-    (tmp_path / "wrn_marglik.md").write_text(
-        "# WRN\n\n## Tuning runs\n\nold table\n\n## Cost scaling\n\nscaling table | 1 |\n")
-    runs = [_run("expand", "reduce", True, 0.5), _run("reduce", "reduce", True, 0.6), _run("expand", None, False, 0.4)]
-    mod.write_outputs({"setup": setup, "wall_seconds": 60.0, "runs": runs}, tmp_path)
-    data = json.loads((tmp_path / "wrn_marglik.json").read_text())
-    assert data["cost_scaling"] == {"rows": [1, 2]} and len(data["runs"]) == 3
-    assert {"approx", "copies_approx", "augmentation", "test_accuracy", "test_nll", "log_marglik", "rotation_deg",
-            "seconds_per_epoch", "seconds_per_marglik_step"} <= set(data["runs"][0])
+def _record(mod, arm, aug, approx, copies, seed, acc):
+    rots = [0.0, 39.0, 39.0, 40.0, 40.0, 41.0, 41.0, 42.0] if aug else [0.0] * 8
+    changes = [0.0, 0.5, 0.0, 0.2, 0.0, 0.03, 0.0, 0.02]
+    rec = {"name": f"{arm}-s{seed}", "arm": arm, "augmentation": aug, "approx": approx,
+           "copies_approx": copies if aug else None, "seed": seed, "run_dir": f"outputs/wrn_marglik/{arm}-s{seed}",
+           "summary": {"test_accuracy": acc, "test_nll": 0.3, "log_marglik_per_example": -0.5, "best_epoch": 8,
+                       "augmentation": {"rotation": rots[-1]} if aug else {}, "num_params": 2748890},
+           "history": _history(rots, changes), "common_log_marglik_per_example": -0.6, "wall_seconds": 80.0}
+    return mod.finish(rec)
+
+
+def test_report_renders_from_json_alone(tmp_path):
+    mod = _load("run_wrn_marglik")
+    args = mod.parse(["--out", str(tmp_path)])
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    runs = [_record(mod, "aug-reduce-reduce", True, "reduce", "reduce", s, a) for s, a in ((0, 0.90), (1, 0.92))]
+    runs += [_record(mod, "none-reduce", False, "reduce", "reduce", 0, 0.85)]
+    data = {"setup": {**setup, "num_params": 2748890}, "runs": runs, "wall_seconds": 600.0}
+    mod.write_outputs(tmp_path, mod.STEM, data, mod.render, mod.plot)
     md = (tmp_path / "wrn_marglik.md").read_text()
-    assert "old table" not in md and "## Cost scaling\n\nscaling table | 1 |" in md
-    assert md.index("## Tuning runs") < md.index("## Cost scaling")
-    assert "| learned rotation | expand-reduce | 0.5000 |" in md
-    assert (tmp_path / "wrn_marglik.png").is_file()
-    # a second rewrite is stable (no duplicated sections)
-    mod.write_outputs(json.loads((tmp_path / "wrn_marglik.json").read_text()), tmp_path)
-    md2 = (tmp_path / "wrn_marglik.md").read_text()
-    assert md2.count("## Tuning runs") == 1 and md2.count("## Cost scaling") == 1
+    # the mean and standard error of the two seeds: 0.91 ± 0.01
+    assert "| learned rotation | reduce-reduce | 2 | 0.910 ± 0.010 |" in md
+    # convergence over the last three updates (epochs 4, 6, 8): rotation 39 before them -> 42 (range 3.0),
+    # the priors' largest changes 0.2 + 0.03 + 0.02
+    assert runs[0]["convergence"] == pytest.approx({"rotation_movement_deg": 3.0, "log_prior_movement": 0.25})
+    assert runs[0]["time_split"] == {"train_seconds": 64.0, "marglik_seconds": 16.0}
+    saved = json.loads((tmp_path / "wrn_marglik.json").read_text())
+    assert all(not r["run_dir"].startswith("/") for r in saved["runs"])
+    # re-rendered from the JSON alone, byte for byte, and the figure exists
+    (tmp_path / "wrn_marglik.md").unlink()
+    (tmp_path / "wrn_marglik.png").unlink()
+    mod.main(["--from-json", "--out", str(tmp_path)])
+    assert (tmp_path / "wrn_marglik.md").read_text() == md
+    assert (tmp_path / "wrn_marglik.png").stat().st_size > 1000
 
 
-def test_fresh_files(tmp_path):
-    mod = _load()
-    setup = dict(rotation=90.0, train_size=8, epochs=3, lr=1e-3, batch_size=4, burn_in=1, steps=1, aug_lr=0.2,
-                 n_samples=2, marglik_batches=1, marglik_batch_size=4, workers=1)
-    mod.write_outputs({"setup": setup, "wall_seconds": 1.0, "runs": [_run("reduce", "reduce", True, 0.6)]}, tmp_path)
-    md = (tmp_path / "wrn_marglik.md").read_text()
-    assert md.startswith("# WRN-16-4") and "## Tuning runs" in md
+def test_runner_paths_are_repository_relative(tmp_path):
+    runner = _load("runner")
+    assert runner.repo_path(SCRIPTS.parent / "outputs" / "x") == "outputs/x"
+    assert not runner.repo_path(tmp_path / "y").startswith("/")

@@ -743,6 +743,7 @@ class MarglikTuner:
         t0 = time.perf_counter()
         train = self._map_epoch()
         row: Dict[str, Any] = {"epoch": self.epoch + 1, **train}
+        log_prior_before = self.log_prior.detach().clone()
         e = self.epoch + 1
         hyper_s = 0.0
         if marglik_update_due(c.hyper, e):
@@ -761,6 +762,8 @@ class MarglikTuner:
         row.update({
             "prior_prec_mean": prec.mean().item(), "prior_prec_min": prec.min().item(),
             "prior_prec_max": prec.max().item(),
+            # convergence: the largest change of a log prior precision in this epoch's update
+            "log_prior_change_max": (self.log_prior.detach() - log_prior_before).abs().max().item(),
         })
         row.update({f"aug_{k}": v for k, v in self.ranges().items()})
         ev = c.trainer.eval_every
