@@ -11,7 +11,8 @@ Tasks (offline, CPU):
   width 64, 4 layers, 4 heads, MLP 128; every parameter preconditioned) on scikit-learn's digits
   upsampled to 16x16 under random affine warps (rotation +-20 deg, shifts +-15% of the side,
   log-scale +-0.1; fresh warps every step, :class:`marglik.augment.AffineAugmentation`). Validation:
-  the 360 held-out digits under 4 fixed warps each (1440 images). AdamW needs ~1000-2000 steps.
+  the 360 held-out digits under 4 fixed warps each (1440 images). AdamW needs about a thousand
+  steps to the target.
 * ``gnn``: :class:`marglik.models.GNN` (3 GIN-style layers, width 64, sum aggregation, mean
   readout) on the generated "hub edge" graph task of :func:`marglik.data.make_graph_dataset`
   (2000 training graphs, 500 validation graphs from another seed).
@@ -22,31 +23,39 @@ Protocol (the same for every optimiser):
 
 1. One schedule family: linear warm-up over a fraction ``warmup`` of the budget, then cosine decay
    to 0; a fixed step budget and batch size per task; the same batches and warps per seed for every
-   optimiser. Validation accuracy every ``eval_every`` steps, not timed (training seconds exclude
+   optimiser. The schedule multiplies the learning rate and, for K-FAC, the KL clip by its square
+   (while the clip binds it, not ``lr``, sets the step length ``sqrt(kl_clip / <u, g>)``). Validation accuracy every ``eval_every`` steps, not timed (training seconds exclude
    evaluation and batch preparation).
 2. Each optimiser is tuned by a coordinate search on the sweep seeds (disjoint from the reported
    seeds): one axis at a time, the others held at the current choice; a choice on the edge of its
    grid widens the grid (up to ``--max-widen`` times per stage) until the choice is interior or
-   the axis reaches its natural end (momentum 0, a period of 1 step, KL clipping off).
+   the axis reaches its natural end (momentum 0, a period of 1 step, KL clipping off). Ties keep
+   the current value.
 3. AdamW first: learning rate by best validation accuracy (full runs). **Target** =
    ``--target-frac`` x the best mean (over sweep seeds) best validation accuracy of that sweep.
    Then learning rate, weight decay, warm-up and learning rate again, by mean steps to the target.
-4. K-FAC (mc Fisher, pi-damping, factor EMA 0.95, no weight decay), per flavour: learning rate,
-   damping, KL clip, momentum, warm-up by steps to the target; factor and inverse update periods by
-   *seconds* to the target (their only purpose is cost); learning rate again.
+4. K-FAC (mc Fisher, pi-damping, factor EMA 0.95, no weight decay), per flavour: KL clip, learning
+   rate, damping, momentum, warm-up by steps to the target; factor and inverse update periods by
+   *seconds* to the target (their only purpose is cost; seconds = steps x a per-step cost measured
+   by :func:`measure_costs`, robust to the machine's load); KL clip and learning rate again.
    Sweep runs stop at the target, and a run stops early once it can no longer beat the current
    choice of its stage (lossless for the choice: with ``n`` seeds a run can only win while its
    steps are below ``n x`` the incumbent's mean minus the other seeds' steps).
 5. The chosen configurations run on seeds 1..``--seeds`` for the full budget. Reported per seed and
-   as medians (a seed that never reaches the target counts as infinite): steps and training seconds
-   to the target, ratios to AdamW, mean seconds per step, and the same for other target rules
+   as medians (a seed that never reaches the target counts as infinite): steps to the target, the
+   training seconds measured in the runs and steps x the per-step cost of an interleaved probe of
+   the three chosen configurations, ratios to AdamW, and the same for other target rules
    (0.95-0.99 x the AdamW base). Benchmark criteria: both K-FAC flavours <= 0.75 x AdamW's median
    steps with every seed reaching the target, and <= 1.0 x its median seconds.
 
 Wall-clock numbers come from a shared CPU with one torch thread and are noisy.
 
-Writes ``results/<--out-name>.{json,md,png}``; the markdown and the figure are rendered from the
-JSON alone (``--from-json FILE`` re-renders them). ``--quick`` is a smoke test (seconds).
+Runs: ``--tasks gnn`` (default) -> ``results/optimizer_steps_to_target``; ``--tasks tvvit --out-name
+optimizer_steps_to_target_tvvit --sweep-seeds 1`` (the CPU-budget reduction; run times in the
+reports' headers). Writes ``results/<--out-name>.{json,md,png}``; the markdown and the figure are
+rendered from the JSON alone (``--from-json FILE`` re-renders them; with ``--schedule-probe FRAC``
+it first adds the chosen configurations' runs under a schedule compressed to ``FRAC`` of the
+budget, a diagnostic; ``--notes`` sets the report's reading). ``--quick`` is a smoke test (seconds).
 """
 
 from __future__ import annotations
@@ -706,6 +715,22 @@ def task_budget(name: str, args) -> Budget:
     return Budget(args.steps or d.steps, args.eval_every or d.eval_every, args.batch_size or d.batch_size)
 
 
+def schedule_probe(name: str, rec: Dict[str, Any], frac: float, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Diagnostic, not part of the selection: the chosen configurations again on the reported seeds
+    with the whole schedule (warm-up + cosine) compressed to ``frac`` of the budget. Shows whether an
+    early lead turns into fewer steps to the target once the schedule anneals sooner."""
+    task = MAKERS[name]()
+    b = Budget(**rec["budget"])
+    short = Budget(round(frac * b.steps), b.eval_every, b.batch_size)
+    final = {}
+    for opt, fin in rec["final"].items():
+        seeds = [c["seed"] for c in fin["runs"]]
+        runs = final_runs(task, opt, fin["config"], short, seeds, log)
+        final[opt] = {"runs": [_curve(r) for r in runs], "modelled_sec_per_step": fin["modelled_sec_per_step"]}
+    return {"frac": frac, "steps": short.steps, "final": final,
+            "summary": outcome(final, rec["target"]["val_acc"])}
+
+
 # ----------------------------------------------------------------------------------------- summary (JSON -> JSON)
 def _steps_to(curve: Dict[str, Any], target: float) -> float:
     return next((float(s) for s, a in zip(curve["steps"], curve["acc"]) if a >= target), math.inf)
@@ -723,10 +748,11 @@ def _ratio(a: float, b: float) -> Optional[float]:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
 
 
-def outcome(rec: Dict[str, Any], target: float) -> Dict[str, Any]:
-    """Per-optimiser medians, per-seed values and ratios to AdamW for one target accuracy."""
+def outcome(final: Dict[str, Any], target: float) -> Dict[str, Any]:
+    """Per-optimiser medians, per-seed values and ratios to AdamW for one target accuracy, from
+    ``final`` = ``{opt: {"runs": [curve, ...], "modelled_sec_per_step": s}}``."""
     out: Dict[str, Any] = {}
-    for opt, fin in rec["final"].items():
+    for opt, fin in final.items():
         st = [_steps_to(c, target) for c in fin["runs"]]
         sec = [_seconds_to(c, target) for c in fin["runs"]]
         med = _median(st)
@@ -744,7 +770,7 @@ def outcome(rec: Dict[str, Any], target: float) -> Dict[str, Any]:
 
 def summarise(rec: Dict[str, Any]) -> Dict[str, Any]:
     """Summary, target-rule sensitivity and benchmark criteria of a task record."""
-    main = outcome(rec, rec["target"]["val_acc"])
+    main = outcome(rec["final"], rec["target"]["val_acc"])
     for opt, fin in rec["final"].items():
         runs = fin["runs"]
         main[opt]["sec_per_step"] = statistics.median(c["sec_per_step"] for c in runs)
@@ -753,7 +779,7 @@ def summarise(rec: Dict[str, Any]) -> Dict[str, Any]:
         main[opt]["modelled_sec_per_step"] = fin["modelled_sec_per_step"]
     for opt in main:
         main[opt]["step_overhead"] = main[opt]["sec_per_step"] / main["adamw"]["sec_per_step"]
-    sens = {f"{f:.2f}": dict(outcome(rec, f * rec["target"]["base"]), target_val_acc=f * rec["target"]["base"])
+    sens = {f"{f:.2f}": dict(outcome(rec["final"], f * rec["target"]["base"]), target_val_acc=f * rec["target"]["base"])
             for f in SENSITIVITY_FRACS}
     criteria = {}
     for opt in OPTIMIZERS[1:]:
@@ -789,6 +815,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
          f"reports {PAPER_RANGE[0]:.2f}-{PAPER_RANGE[1]:.2f} in steps).", ""]
     if meta.get("reductions"):
         L += ["Reduced from the full protocol: " + meta["reductions"], ""]
+    if meta.get("notes"):
+        L += ["Reading: " + meta["notes"], ""]
     for name, rec in result["tasks"].items():
         L += _task_section(name, rec)
     return "\n".join(L)
@@ -828,7 +856,26 @@ def _task_section(name: str, rec: Dict[str, Any]) -> List[str]:
         cells = [f"{_num(row[o]['steps'])}, {_times(row[o]['steps_ratio'])} / {_times(row[o]['modelled_seconds_ratio'])} "
                  f"({row[o]['reached']:.1f})" for o in s]
         L.append(f"| {frac} | {row['target_val_acc']:.4f} | " + " | ".join(cells) + " |")
-    L += [""] + _sweep_section(rec) + [""]
+    L += _probe_section(rec) + [""] + _sweep_section(rec) + [""]
+    return L
+
+
+def _probe_section(rec: Dict[str, Any]) -> List[str]:
+    probe = rec.get("schedule_probe")
+    if not probe:
+        return []
+    s = probe["summary"]
+    L = ["", f"### Diagnostic: the schedule compressed to {probe['frac']:g} of the budget ({probe['steps']} steps)", "",
+         "The chosen configurations (not re-tuned) on the reported seeds with the warm-up + cosine schedule "
+         f"ending at step {probe['steps']}; same target (`--from-json <this file> --schedule-probe {probe['frac']:g}`). "
+         "Not part of the selection or the criteria.", "",
+         "| optimizer | steps to target (median) | per seed | steps ratio | reached | interleaved seconds ratio | "
+         "best val acc (median) |", "|---|---|---|---|---|---|---|"]
+    for opt, m in s.items():
+        best = statistics.median(max(c["acc"], default=0.0) for c in probe["final"][opt]["runs"])
+        L.append(f"| {opt} | {_num(m['steps'], '.0f', 'not reached')} | "
+                 f"{', '.join(_num(v) for v in m['steps_per_seed'])} | {_times(m['steps_ratio'])} | "
+                 f"{m['reached']:.2f} | {_times(m['modelled_seconds_ratio'])} | {best:.4f} |")
     return L
 
 
@@ -904,6 +951,19 @@ def render(result: Dict[str, Any], out: Path, stem: str) -> None:
     render_figure(result, Path(out) / f"{stem}.png")
 
 
+def portable_argv(argv: Sequence[str]) -> List[str]:
+    """The recorded command without ``--raw FILE`` (a scratch dump on the machine that ran it)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--raw":
+            skip = True
+        elif not a.startswith("--raw="):
+            out.append(a)
+    return out
+
+
 def _rel(path: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(ROOT))
@@ -928,6 +988,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--reductions", default="", help="what was reduced from the full protocol (goes in the report)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared CPU)")
     p.add_argument("--raw", default=None, help="also dump each task's runs (before summarising) to this file")
+    p.add_argument("--schedule-probe", type=float, default=None,
+                   help="with --from-json: add the chosen configurations' runs under a schedule of this fraction "
+                        "of the budget (a diagnostic)")
+    p.add_argument("--notes", default=None, help="with --from-json: set the report's reading paragraph")
     p.add_argument("--from-json", default=None, help="only re-render the markdown and figure of this result JSON")
     p.add_argument("--quick", action="store_true", help="smoke test: a few steps, 1 seed, one-point grids")
     args = p.parse_args(argv)
@@ -939,12 +1003,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the protocol (or re-render with ``--from-json``); returns the result JSON."""
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.from_json:
         path = Path(args.from_json)
         result = json.loads(path.read_text())
+        result["meta"]["argv"] = portable_argv(result["meta"]["argv"])
+        if args.notes is not None:
+            result["meta"]["notes"] = args.notes
+        if args.schedule_probe:
+            for name, rec in result["tasks"].items():
+                rec["schedule_probe"] = schedule_probe(name, rec, args.schedule_probe, print)
         render(result, path.parent, path.stem)
         return result
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
 
     def log(msg: str) -> None:
@@ -954,7 +1024,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     tasks = {name: run_task(name, args, log) for name in args.tasks}
     result = {
         "schema": SCHEMA, "tasks": tasks,
-        "meta": {"script": "scripts/bench_optimizer.py", "argv": list(argv if argv is not None else sys.argv[1:]),
+        "meta": {"script": "scripts/bench_optimizer.py", "argv": portable_argv(argv if argv is not None else sys.argv[1:]),
                  "json": _rel(out / f"{args.out_name}.json"), "figure": _rel(out / f"{args.out_name}.png"),
                  "seeds": list(range(1, args.seeds + 1)), "sweep_seeds": list(SWEEP_SEEDS[: args.sweep_seeds]),
                  "torch_threads": torch.get_num_threads(), "total_seconds": round(time.time() - t0, 1),
