@@ -86,7 +86,7 @@ in the first steps (at the chosen ``lr`` and ``momentum``). While the clip binds
 same step for ``lr`` 0.03-0.3), so a learning-rate schedule alone does not anneal it: scale ``param_groups[0]["kl_clip"]`` by the square of the
 schedule's factor too (the benchmark does). Chosen there: ``kl_clip`` 1e-5 (ViT) / 1e-4 (GNN),
 ``momentum`` 0.8-0.9, ``damping`` 3e-4..1e-3, factors and inverses every 10-30 steps. A factor or
-inverse update costs about one to two plain steps, so periods of 10-30 make the per-step overhead
+inverse update costs up to about two plain steps, so periods of 10-30 keep the per-step overhead
 small; dense blocks of large raw parameters (the ViT's positional embedding, ``p x p``) dominate
 the inverse update (per-step costs in the results' ``step_costs``).
 """
