@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command device check: tests that touch devices, the K-FAC and marglik benchmarks, the WRN-16-4
-# cost-scaling benchmark and a short WRN-16-4 tuning run on one device; writes results/*_<device>.*
+# cost-scaling and marglik-step benchmarks and a short WRN-16-4 tuning run on one device; writes results/*_<device>.*
 # and prints a summary. On one GPU the full check takes at most ~8 minutes.
 #
 #   bash scripts/device_check.sh                         # cuda if available, else cpu; writes results/
@@ -52,6 +52,7 @@ if [ "$QUICK" = 1 ]; then
   KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory"
   MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0"
   COST_ARGS="--quick --no-memory"
+  STEP_ARGS="--quick"
   # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
   TUNE_MODEL="model=cnn data.upsample=16"
   TUNE_ARGS="data.train_size=16 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
@@ -60,6 +61,7 @@ else
   KFAC_ARGS="--repeats 5 --threads $THREADS"
   MARGLIK_ARGS="--repeats 10 --threads $THREADS"
   COST_ARGS="--threads $THREADS"
+  STEP_ARGS="--threads $THREADS --repeats 3 --repeats-large 2"
   TUNE_MODEL="model=wrn16_4 data.upsample=32"
   # small batches for enough Adam steps, and a weak initial prior: under Adam a strong L2 term
   # shrinks the zero-initialised Fixup branches before they learn (results/wrn_marglik.md)
@@ -79,6 +81,10 @@ step "bench_marglik.py (log marglik + gradient vs laplace-torch)"
 step "bench_wrn_cost.py (one marglik step vs augmented copies)"
 "$PY" scripts/bench_wrn_cost.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $COST_ARGS > "$OUT/bench_wrn_cost$TAG.log" 2>&1 \
   || { tail -20 "$OUT/bench_wrn_cost$TAG.log"; exit 1; }
+
+step "bench_marglik_step.py (one WRN-16-4 marglik step vs laplace-torch, breakdown, floor)"
+"$PY" scripts/bench_marglik_step.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $STEP_ARGS > "$OUT/bench_marglik_step$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/bench_marglik_step$TAG.log"; exit 1; }
 
 step "short tuning run ($TUNE_MODEL, rotated digits, learned augmentation, K-FAC-reduce)"
 RUN="$OUT/wrn_tuning$TAG"
@@ -110,6 +116,13 @@ for r in c["ratios"]:
     extra += "" if beyond is None else f", reduce MiB beyond the GGN backward passes {beyond:+.0f}"
     print(f"marglik step B={r['batch_size']} S={r['copies']}: expand/reduce {r['expand_over_reduce']:.2f}, "
           f"mixed/reduce {r['mixed_over_reduce']:.2f}{extra}")
+st = json.loads((out / f"marglik_step_wrn{tag}.json").read_text())
+for setting in st["settings"]:
+    r = setting["ratios"]
+    label = f"n={setting['n']}" + (f" S={setting['copies']}" if setting["augment"] else "")
+    keys = [k for k in ("reduce/laplace-torch reduce", "reduce/expand", "marglik-reduce/floor",
+                        "reduce-reduce/expand-reduce", "marglik-reduce-reduce/floor") if k in r]
+    print(f"marglik step {label}: " + ", ".join(f"{k} {r[k]:.2f}" for k in keys))
 s = json.loads((out / f"wrn_tuning{tag}.json").read_text())
 print("WRN tuning run:", {key: s.get(key) for key in ("test_accuracy", "test_nll", "log_marglik", "seconds")})
 PYEOF
