@@ -221,6 +221,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()[0]
     grid = [(False, n, 1) for n in args.sizes] + [(True, n, S) for n in args.aug_sizes for S in args.copies
                                                  if (n, S) not in args.skip]
+    # smallest fits first (the augmented ones beside the plain ones): a run cut short keeps every n it reached
+    grid.sort(key=lambda g: (g[1], g[0], g[2]))
     settings = []
     for i, (augment, n, S) in enumerate(grid):
         X, y = build_data(n, args.image, device)

@@ -32,7 +32,8 @@ def test_enums_compare_as_strings_and_serialise_plainly():
     assert cfg.curvature.fisher_type == "mc" and Config().curvature.fisher_type == "type-2"
     d = cfg.to_dict()
     assert d["curvature"] == {"approx": "expand", "fisher_type": "mc", "mc_samples": 1, "copies_approx": "reduce",
-                              "backend": "marglik", "structure": "kron", "separate_bias": None}
+                              "backend": "marglik", "structure": "kron", "separate_bias": None,
+                              "factor_form": "auto"}
     assert d["hyper"]["selection"] == "full" and type(d["hyper"]["selection"]) is str
     assert type(d["curvature"]["approx"]) is str and type(d["hyper"]["generators"][0]) is str
     json.dumps(d)  # plain JSON
