@@ -113,8 +113,14 @@ def jobs_of(args) -> List[Dict[str, Any]]:
                          "approx": approx, "copies_approx": copies if aug else None, "seed": seed,
                          "cfg": job_config(args, aug, approx, copies, seed), "run_root": args.run_root,
                          "post": common_estimate})
-    # the six main-arm runs first (two at a time), the single-seed arms after
-    jobs.sort(key=lambda j: (j["seed"] > 0, j["copies_approx"] == "expand", not j["augmentation"]))
+    # longest first (expand-expand, expand-reduce, reduce-reduce, then no augmentation), so that two
+    # workers finish together
+    def rank(j: Dict[str, Any]) -> int:
+        if not j["augmentation"]:
+            return 3
+        return 0 if j["copies_approx"] == "expand" else (1 if j["approx"] == "expand" else 2)
+
+    jobs.sort(key=lambda j: (rank(j), j["seed"]))
     return jobs
 
 
