@@ -185,6 +185,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     ap.add_argument("--from-json", action="store_true", help="only re-render <out>/marglik_step_wrn<tag>.md")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the settings already in <out>/marglik_step_wrn<tag>.json and run only the missing ones "
+                         "(a grid measured in several sittings; each setting's contenders still share one process)")
     args = ap.parse_args(argv)
     cuda = pick_device(args.device).type == "cuda"
     if args.aug_sizes is None:
@@ -224,6 +227,11 @@ def main(argv=None) -> dict:
     # smallest fits first (the augmented ones beside the plain ones): a run cut short keeps every n it reached
     grid.sort(key=lambda g: (g[1], g[0], g[2]))
     settings = []
+    if args.append and (out / f"{STEM}{args.tag}.json").is_file():
+        settings = json.loads((out / f"{STEM}{args.tag}.json").read_text())["settings"]
+        have = {(st["augment"], st["n"], st["copies"]) for st in settings}
+        grid = [g for g in grid if g not in have]
+        print(f"appending to {len(settings)} settings measured before: {len(grid)} to run", flush=True)
     for i, (augment, n, S) in enumerate(grid):
         X, y = build_data(n, args.image, device)
         batch = fit_batch(n)
@@ -235,6 +243,7 @@ def main(argv=None) -> dict:
         setting["breakdown"] = {k: breakdown(res, k) for k in res if k.startswith("marglik-")}
         setting["ratios"] = ratios(setting)
         settings.append(setting)
+        settings.sort(key=lambda st: (st["n"], st["augment"], st["copies"]))
         print(f"[{time.perf_counter() - t0:6.0f} s] aug={augment} n={n} S={S}: "
               + ", ".join(f"{k} {v['median_s']:.2f}" for k, v in res.items()), flush=True)
         print("    " + ", ".join(f"{k} {v:.2f}" for k, v in setting["ratios"].items()), flush=True)
