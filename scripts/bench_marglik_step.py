@@ -185,6 +185,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     ap.add_argument("--from-json", action="store_true", help="only re-render <out>/marglik_step_wrn<tag>.md")
+    ap.add_argument("--note", default=None, help="with --from-json: a note on how the numbers were taken, kept "
+                    "in the JSON's meta and rendered under the tables")
     ap.add_argument("--append", action="store_true",
                     help="keep the settings already in <out>/marglik_step_wrn<tag>.json and run only the missing ones "
                          "(a grid measured in several sittings; each setting's contenders still share one process)")
@@ -212,6 +214,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if args.from_json:
         payload = json.loads((out / f"{STEM}{args.tag}.json").read_text())
+        if args.note is not None:
+            payload["meta"]["note"] = args.note
+            (out / f"{STEM}{args.tag}.json").write_text(json.dumps(payload, indent=2))
         (out / f"{STEM}{args.tag}.md").write_text(render(payload))
         return payload
     torch.set_num_threads(args.threads)
@@ -339,7 +344,8 @@ def render(payload: dict) -> str:
               "Seconds of the forward and backward passes (the floor's), the factor products and bookkeeping (the "
               "rest of the fit), the decomposition of the factors and the log determinant with its gradient (with "
               "augmentation: including the backward through the fit to eta); rows: factors kept as rows / all "
-              "factors.", "",
+              "factors. Each part is a median of its own and the factor products are the remainder, so under machine "
+              "load a small remainder can come out negative.", "",
               "| setting | contender | forward | backward passes | factor products | decomposition | "
               "log det + gradient | rows |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in settings:
@@ -367,6 +373,8 @@ def render(payload: dict) -> str:
         lines += ["", "Not run on this device (the differentiable fit of that many augmented images takes hours "
                   "per setting on a CPU; `scripts/device_check.sh` runs them on a GPU): " + "; ".join(meta["not_run"])
                   + "."]
+    if meta.get("note"):
+        lines += ["", "**Note.** " + meta["note"]]
     lines += ["", f"Reproduce: `{meta['command']}` (re-render: `--from-json`)."]
     return "\n".join(lines) + "\n"
 
