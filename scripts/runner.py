@@ -109,10 +109,11 @@ def run_pool(jobs: Sequence[Dict[str, Any]], workers: int, on_result: Callable[[
 
 
 def write_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[Dict[str, Any]], str],
-                  plot: Optional[Callable[[Dict[str, Any], Path], None]] = None, keep: Sequence[str] = ()) -> None:
-    """Write ``<stem>.json`` (``data``), ``<stem>.md`` (``render(data)``) and ``<stem>.png``
-    (``plot(data, path)``) under ``out``; keys in ``keep`` of an existing JSON that ``data`` lacks
-    (sections another script writes) are carried over."""
+                  plot: Optional[Callable[[Dict[str, Any], Path], None]] = None, keep: Sequence[str] = (),
+                  indent: int = 1, end: str = "\n") -> None:
+    """Write ``<stem>.json`` (``data``, ``json.dumps(data, indent=indent) + end``), ``<stem>.md``
+    (``render(data)``) and ``<stem>.png`` (``plot(data, path)``) under ``out``; keys in ``keep`` of an
+    existing JSON that ``data`` lacks (sections another script writes) are carried over."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"{stem}.json"
@@ -121,12 +122,30 @@ def write_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[
         for key in keep:
             if key in old and key not in data:
                 data[key] = old[key]
-    jpath.write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(render(data))
+    jpath.write_text(json.dumps(data, indent=indent) + end)
+    render_outputs(out, stem, data, render, plot)
+
+
+def render_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[Dict[str, Any]], str],
+                   plot: Optional[Callable[[Dict[str, Any], Path], None]] = None) -> str:
+    """Write ``<stem>.md`` (``render(data)``) and ``<stem>.png`` (``plot(data, path)``) under ``out``
+    from ``data`` alone, leaving ``<stem>.json`` as it is (``--from-json``). Returns the markdown."""
+    out = Path(out)
+    md = render(data)
+    (out / f"{stem}.md").write_text(md)
     if plot is not None:
         plot(data, out / f"{stem}.png")
+    return md
 
 
 def read_json(out: Path, stem: str) -> Dict[str, Any]:
     """``<out>/<stem>.json``."""
     return json.loads((Path(out) / f"{stem}.json").read_text())
+
+
+def rerender(out: Path, stem: str, render: Callable[[Dict[str, Any]], str],
+             plot: Optional[Callable[[Dict[str, Any], Path], None]] = None) -> Dict[str, Any]:
+    """``--from-json``: read ``<out>/<stem>.json`` and rewrite its markdown (and figure) from it alone."""
+    data = read_json(out, stem)
+    render_outputs(out, stem, data, render, plot)
+    return data
