@@ -87,7 +87,7 @@ from optbench_report import (  # noqa: F401  (the report's names, re-exported)
 from optbench_search import ADAMW_STAGES, KFAC_STAGES, Axis, Search, adamw_space, kfac_space
 from optbench_tasks import MAKERS, Task
 from optbench_train import Budget, RunResult, measure_costs, step_cost, train_run
-from runner import repo_path, write_outputs
+from runner import portable_argv, repo_path, write_outputs
 
 SWEEP_SEEDS = (100, 101, 102)
 SCHEMA = "optimizer_steps_to_target/2"
@@ -211,19 +211,6 @@ def render(result: Dict[str, Any], out: Path, stem: str) -> None:
     """Write JSON, markdown and figure (the markdown is printed too)."""
     write_outputs(out, stem, result, render_markdown, render_figure, indent=2, end="")
     print((Path(out) / f"{stem}.md").read_text())
-
-
-def portable_argv(argv: Sequence[str]) -> List[str]:
-    """The recorded command without ``--raw FILE`` (a scratch dump on the machine that ran it)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--raw":
-            skip = True
-        elif not a.startswith("--raw="):
-            out.append(a)
-    return out
 
 
 # ----------------------------------------------------------------------------------------- main

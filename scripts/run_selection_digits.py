@@ -60,7 +60,7 @@ from marglik.tuning import Config, MarglikTuner  # noqa: E402
 from marglik.tuning.seeds import Stream, stream_generator  # noqa: E402
 
 from benchlib import ROOT as REPO  # noqa: E402
-from runner import rerender, write_outputs  # noqa: E402
+from runner import portable_argv, rerender, write_outputs  # noqa: E402
 
 STEM = "selection_digits"
 
@@ -309,7 +309,8 @@ def main(argv: List[str] = None) -> None:
     root = args.run_root or Path(tempfile.mkdtemp(prefix="selection_digits_"))
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     res: Dict[str, Any] = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])]),
+        "command": "python " + " ".join(
+            shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *portable_argv(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared with other jobs",
         "threads": args.threads, "epochs": args.epochs, "load_before": load_before,

@@ -36,6 +36,31 @@ def repo_path(path: Any) -> str:
         return Path(os.path.relpath(p, ROOT)).as_posix()
 
 
+def portable_argv(argv: Sequence[str], drop: Sequence[str] = ("--raw",),
+                  paths: Sequence[str] = ("--out", "--run-root", "--run-dir", "--from-json")) -> List[str]:
+    """A recorded command line without the options in ``drop`` (with their values: scratch files of
+    the machine that ran it) and with the values of the options in ``paths`` repository-relative
+    (:func:`repo_path`); ``--opt value`` and ``--opt=value`` alike."""
+    out: List[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in drop:
+            i += 1 if eq else 2
+            continue
+        if name in paths and eq:
+            out.append(f"{name}={repo_path(value)}")
+        elif name in paths and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out += [a, repo_path(args[i + 1])]
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def history_record(history: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
     """A run's ``history.csv`` rows as columns (:data:`HISTORY_KEYS` and every ``aug_*`` range)."""
     keys = list(HISTORY_KEYS) + sorted({k for row in history for k in row if k.startswith("aug_")})
