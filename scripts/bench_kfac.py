@@ -18,7 +18,9 @@ Usage::
     python scripts/bench_kfac.py --backpack      # BackPACK KFLR/KFAC on a Sequential CNN:
                                                  # results/kfac_speed_backpack.{md,json}
     python scripts/bench_kfac.py --vit           # torchvision's ViT instead: results/kfac_speed_vit.{md,json}
-                                                 # (scripts/bench_kfac_vit.py)
+                                                 # (scripts/kfac_vit.py)
+    python scripts/bench_kfac.py --from-json     # re-render results/kfac_speed.md from its JSON alone
+                                                 # (with --backpack / --vit: that report's)
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ import torch.nn.functional as F
 import marglik
 
 from benchlib import RESULTS, RSSPeak, pick_device, random_batch, timed, wide_resnet, write_result
+from kfac_vit import STEM as VIT_STEM
+from kfac_vit import run as run_vit
+from kfac_vit import to_markdown as vit_markdown
+from runner import rerender
 
 CONFIGS = [("expand", "type-2"), ("reduce", "type-2"), ("expand", "mc"), ("reduce", "mc")]
 
@@ -165,13 +171,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--backpack", action="store_true",
                     help="instead: BackPACK's KFLR/KFAC vs marglik and curvlinops on an nn.Sequential CNN "
                          "(results/kfac_speed_backpack.{md,json})")
-    ap.add_argument("--vit", action="store_true", help="benchmark torchvision's ViT (scripts/bench_kfac_vit.py)")
+    ap.add_argument("--vit", action="store_true", help="benchmark torchvision's ViT (scripts/kfac_vit.py)")
+    ap.add_argument("--from-json", action="store_true",
+                    help="only re-render the markdown of <out>/kfac_speed[_backpack|_vit]<tag>.json from it alone")
     args = ap.parse_args(argv)
+    if args.from_json:
+        stem, render = ("kfac_speed_backpack", backpack_markdown) if args.backpack else (
+            (VIT_STEM, vit_markdown) if args.vit else ("kfac_speed", to_markdown))
+        return rerender(Path(args.out), f"{stem}{args.tag}", render)
     if args.backpack:
         return backpack_benchmark(args)
     if args.vit:
-        from bench_kfac_vit import run as run_vit
-
         return run_vit(args.batch_size, args.repeats, args.threads, args.device, args.out, args.tag)
 
     torch.set_num_threads(args.threads)

@@ -28,14 +28,15 @@ Usage::
 
     python scripts/bench_marglik.py              # writes results/marglik_speed.{md,json}
     python scripts/bench_marglik.py --n-data 32 --repeats 5 --out /tmp/bench
+    python scripts/bench_marglik.py --from-json  # re-render the markdown from the JSON alone
     python scripts/bench_marglik.py --device cuda --tag _cuda   # results/marglik_speed_cuda.{md,json}
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import re
 import statistics
 import time
 import warnings
@@ -46,7 +47,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
 
-from benchlib import RESULTS, random_batch, sync, wide_resnet
+from benchlib import RESULTS, random_batch, sync, wide_resnet, write_result
+from runner import rerender
+
+STEM = "marglik_speed"
 
 
 def build(n_data: int, device: torch.device, seed: int = 0, quick: bool = False):
@@ -104,7 +108,7 @@ def float64_reference(la_sep, log_prior: torch.Tensor):
     return ratio, grad
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-data", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -115,7 +119,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16 (scripts/device_check.sh)")
     ap.add_argument("--tag", default="", help="suffix for the result files (e.g. _cuda)")
-    args = ap.parse_args()
+    ap.add_argument("--from-json", action="store_true",
+                    help="only re-render <out>/marglik_speed<tag>.md from its JSON")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        rerender(Path(args.out), f"{STEM}{args.tag}", render)
+        return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -200,25 +209,33 @@ def main() -> None:
         "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "fit_s": fit_times,
+        "n_data": args.n_data,
+        "batch_size": args.batch_size,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"marglik_speed{args.tag}.json").write_text(json.dumps({"meta": meta, "settings": all_results}, indent=2))
+    data = {"meta": meta, "settings": all_results}
+    write_result(Path(args.out), f"{STEM}{args.tag}", data, render)
 
+
+def render(data: dict) -> str:
+    """The report, from the result JSON alone."""
+    meta = data["meta"]
+    # the reproduce line's sizes (older JSON: only inside the data description)
+    n_data = meta.get("n_data") or int(re.match(r"(\d+) ", meta["data"]).group(1))
+    batch_size = meta.get("batch_size") or int(re.search(r"batch size (\d+)", meta["data"]).group(1))
     lines = [
         "# Log marginal likelihood + gradient: marglik vs laplace-torch (WRN-16-4)",
         "",
         f"- model: {meta['model']}",
         f"- data: {meta['data']} (random data: the timing does not depend on it)",
         f"- curvature: {meta['kfac']}; each Laplace fitted once (fit time, s: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in fit_times.items()) + ")",
+        + ", ".join(f"{k} {v:.1f}" for k, v in meta["fit_s"].items()) + ")",
         f"- timed: {meta['timed']}",
-        f"- {args.repeats} repetitions after {args.warmup} warm-up calls, interleaved round-robin over the "
+        f"- {meta['repeats']} repetitions after {meta['warmup']} warm-up calls, interleaved round-robin over the "
         f"contenders (the machine may be shared), median reported; device {meta['device']}, "
-        f"torch.set_num_threads({args.threads}), torch {torch.__version__}",
+        f"torch.set_num_threads({meta['threads']}), torch {meta['torch']}",
         "",
     ]
-    for setting, block in all_results.items():
+    for setting, block in data["settings"].items():
         lines += [
             f"## {setting}",
             "",
@@ -245,10 +262,9 @@ def main() -> None:
         "(weight-bias cross terms kept) posterior, so it has no error column.",
         "",
         "Reproduce: `python scripts/bench_marglik.py "
-        f"--n-data {args.n_data} --batch-size {args.batch_size} --repeats {args.repeats} --threads {args.threads}`",
+        f"--n-data {n_data} --batch-size {batch_size} --repeats {meta['repeats']} --threads {meta['threads']}`",
     ]
-    (out / f"marglik_speed{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -59,7 +58,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchlib import RESULTS, peak_extra_memory, pick_device
+from benchlib import RESULTS, peak_extra_memory, pick_device, write_result
+from runner import rerender
 from wrn_steps import (
     FLAVOURS,
     GGN_BACKWARD,
@@ -153,13 +153,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.from_json:
-        out = Path(args.out)
-        payload = json.loads((out / f"wrn_cost{args.tag}.json").read_text())
-        args.batch_sizes = list(dict.fromkeys(r["batch_size"] for r in payload["rows"]))
-        args.copies = list(dict.fromkeys(r["copies"] for r in payload["rows"]))
-        md = render(payload, args)
-        (out / f"wrn_cost{args.tag}.md").write_text(md)
-        return payload
+        return rerender(Path(args.out), f"wrn_cost{args.tag}", render)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = pick_device(args.device)
@@ -232,13 +226,8 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "load_average_1min": [load_before, os.getloadavg()[0]],  # before / after (a shared machine)
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": rows, "ratios": ratios}
-    (out / f"wrn_cost{args.tag}.json").write_text(json.dumps(payload, indent=2))
-    md = render(payload, args)
-    (out / f"wrn_cost{args.tag}.md").write_text(md)
-    print(md)
+    write_result(Path(args.out), f"wrn_cost{args.tag}", payload, render)
     return payload
 
 
@@ -254,7 +243,10 @@ def _beyond_table(ratios: List[dict], rows: List[dict], reference: str, key: str
     return lines
 
 
-def render(payload: dict, args) -> str:
+def render(payload: dict) -> str:
+    """The report, from the result JSON alone (the batch sizes and copies: those of its rows)."""
+    batch_sizes = list(dict.fromkeys(r["batch_size"] for r in payload["rows"]))
+    copies = list(dict.fromkeys(r["copies"] for r in payload["rows"]))
     meta, rows, ratios = payload["meta"], payload["rows"], payload["ratios"]
 
     def cell(batch, S, cname):
@@ -310,7 +302,7 @@ def render(payload: dict, args) -> str:
             lines.append(f"| {batch} | {S} | " + " | ".join(cell(batch, S, n) for n in names) + " |")
     lines += ["", "Reproduce: `python scripts/bench_wrn_cost.py"
               + (f" --device {meta['device'].split(' ')[0]}" if not meta['device'].startswith('cpu') else "")
-              + f" --batch-sizes {' '.join(map(str, args.batch_sizes))} --copies {' '.join(map(str, args.copies))}`"]
+              + f" --batch-sizes {' '.join(map(str, batch_sizes))} --copies {' '.join(map(str, copies))}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -34,14 +34,15 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
+from benchlib import ROOT as REPO
 from benchlib import flavour_label, hyperstep_timing_rows, rollback_count, time_hypersteps
+from runner import rerender, run_pool, tune_job, write_outputs
 
-REPO = Path(__file__).resolve().parents[1]
+STEM = "invariance_digits"
 
 FLAVOURS = ("expand-expand", "expand-reduce", "reduce-reduce", "reduce-expand")
 KEEP = ("test_accuracy", "test_nll", "log_marglik", "log_marglik_per_example", "prior_precision", "augmentation",
@@ -77,28 +78,20 @@ def job_configs(args) -> List[Dict[str, Any]]:
                 logger={"mode": args.wandb, "group": f"invariance-digits-rot{rot:g}-{method}"},
             )
             jobs.append({"name": name, "rotation": rot, "method": method, "approx": approx,
-                         "copies_approx": None if method == "none" else copies, "cfg": cfg})
+                         "copies_approx": None if method == "none" else copies, "cfg": cfg,
+                         "run_root": args.run_root})
     return jobs
 
 
-def run_job(job: Dict[str, Any], run_root: str) -> Dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
-    from marglik.tuning import Config, tune
-
-    t0 = time.time()
-    out = {k: job[k] for k in ("name", "rotation", "method", "approx", "copies_approx")}
-    try:
-        summary = tune(Config.from_dict(job["cfg"]), Path(run_root) / job["name"])
-    except Exception as e:  # one failed run must not lose the others
-        out.update({"error": f"{type(e).__name__}: {e}", "wall_seconds": time.time() - t0,
-                    "run_dir": str(Path(run_root) / job["name"])})
-        return out
-    out.update({k: summary.get(k) for k in KEEP})
-    out["wall_seconds"] = time.time() - t0
-    out["run_dir"] = str(Path(run_root) / job["name"])
-    return out
+def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    """One run (:func:`runner.tune_job`, one torch thread), its summary's :data:`KEEP` fields
+    flattened into the record next to the per-epoch ``history`` and the repository-relative
+    ``run_dir``."""
+    rec = tune_job(job)
+    summary = rec.pop("summary", None)
+    if summary is not None:
+        rec.update({k: summary.get(k) for k in KEEP})
+    return rec
 
 
 def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: float = 90.0) -> Dict[str, Any]:
@@ -189,8 +182,10 @@ def observations(results: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
-def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: float,
-                   timing: Optional[Dict[str, Any]] = None) -> None:
+def render(data: Dict[str, Any]) -> str:
+    """The report, from the result JSON alone (``settings``, ``runs``, ``wall_seconds``, ``step_timing``)."""
+    args = SimpleNamespace(**data["settings"])
+    results, elapsed, timing = data["runs"], data["wall_seconds"], data.get("step_timing")
     lines = [
         "# Invariance learning on rotated digits",
         "",
@@ -260,7 +255,16 @@ def write_markdown(results: List[Dict[str, Any]], args, path: Path, elapsed: flo
         "![invariance](invariance_digits.png)",
         "",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    if any(r["method"] != "none" and not r.get("history") for r in results):
+        lines += [NO_HISTORY, ""]
+    return "\n".join(lines) + "\n"
+
+
+#: the figure's note for runs recorded without their per-epoch history (the committed runs)
+NO_HISTORY = ("The result JSON of these runs holds no per-epoch histories (the run directories were not kept), "
+              "so the figure, rendered from the JSON alone, marks each run's learned rotation range at the "
+              "best-marglik checkpoint (circle) and at the last epoch (square) instead of its curve over the "
+              "epochs.")
 
 
 #: Interpretation of the committed runs (checked against the numbers above when they were produced).
@@ -295,15 +299,16 @@ the S-fold backward passes and the eigendecompositions are shared by all three.
 """
 
 
-def plot(results: List[Dict[str, Any]], path: Path) -> None:
+def plot(data: Dict[str, Any], path: Path) -> None:
+    """The learned rotation range per run over the epochs (where the record holds its history; else
+    at the best-marglik checkpoint and the last epoch) and the test accuracies, from the JSON alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from marglik.tuning.reporting import read_history
-
-    results = [r for r in results if "error" not in r]
+    epochs = data["settings"]["epochs"]
+    results = [r for r in data["runs"] if "error" not in r]
     rots = sorted({r["rotation"] for r in results})
     fig, axes = plt.subplots(1, len(rots) + 1, figsize=(5 * (len(rots) + 1), 3.8))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
@@ -311,10 +316,18 @@ def plot(results: List[Dict[str, Any]], path: Path) -> None:
         for r in sorted(results, key=_sort_key):
             if r["rotation"] != rot or r["method"] == "none":
                 continue
-            hist = read_history(Path(r["run_dir"]) / "history.csv")
-            ax.plot([h["epoch"] for h in hist], [h["aug_rotation"] for h in hist],
-                    label=f"{r['method']} {flavour_label(r)}", ls="-" if r["method"] == "aug-rot" else ":")
+            label, ls = f"{r['method']} {flavour_label(r)}", "-" if r["method"] == "aug-rot" else ":"
+            hist = r.get("history")
+            if hist:
+                ax.plot(hist["epoch"], hist["aug_rotation"], label=label, ls=ls)
+                continue
+            best = (r.get("augmentation") or {}).get("rotation", 0.0)
+            last = ((r.get("last") or {}).get("augmentation") or {}).get("rotation")
+            line, = ax.plot([r["best_epoch"]], [best], marker="o", ls="none", label=label)
+            if last is not None:
+                ax.plot([epochs], [last], marker="s", ls="none", color=line.get_color())
         ax.axhline(rot, color="k", ls="--", lw=1, label="true range")
+        ax.set_xlim(0, epochs + 1)
         ax.set_title(f"learned rotation range, R={rot:g}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("degrees")
@@ -359,56 +372,45 @@ def main(argv=None) -> int:
     p.add_argument("--from-json", action="store_true",
                    help="only re-render the .md and .png from an existing <out>/invariance_digits.json")
     args = p.parse_args(argv)
+    out = Path(args.out)
     if args.timing_only:
-        path = Path(args.out) / "invariance_digits.json"
-        data = json.loads(path.read_text())
+        data = json.loads((out / f"{STEM}.json").read_text())
         data["step_timing"] = time_marglik_steps(args, list(args.flavours), args.timing_repeats)
-        path.write_text(json.dumps(data, indent=1) + "\n")
-        args.from_json = True
+        write_outputs(out, STEM, data, render, plot)
+        return 0
     if args.from_json:
-        data = json.loads((Path(args.out) / "invariance_digits.json").read_text())
-        for k, v in data["settings"].items():
-            setattr(args, k, v)
-        write_markdown(data["runs"], args, Path(args.out) / "invariance_digits.md", data["wall_seconds"],
-                       data.get("step_timing"))
-        plot(data["runs"], Path(args.out) / "invariance_digits.png")
+        rerender(out, STEM, render, plot)
         return 0
     if args.quick:
         args.epochs, args.train_size, args.n_samples, args.marglik_batches = 15, 400, 4, 2
     os.environ.setdefault("WANDB_SILENT", "true")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = job_configs(args)
     # longest first (expand on copies with augmentation), so the two workers finish together
     jobs.sort(key=lambda j: (j["method"] == "none", j["copies_approx"] != "expand", j["approx"] != "expand"))
     print(f"{len(jobs)} runs, {args.workers} workers; run dirs under {args.run_root}", flush=True)
     t0 = time.time()
-    results = []
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as ex:
-        futs = {ex.submit(run_job, j, args.run_root): j for j in jobs}
-        for f in as_completed(futs):
-            r = f.result()
-            results.append(r)
-            if "error" in r:
-                print(f"[{time.time() - t0:6.0f}s] {r['name']:<24} FAILED: {r['error']}", flush=True)
-                continue
-            aug = r["augmentation"] or {}
-            print(f"[{time.time() - t0:6.0f}s] {r['name']:<24} acc {r['test_accuracy']:.4f} nll {r['test_nll']:.3f} "
-                  f"rot {aug.get('rotation', 0):6.1f} deg  s/step {r['seconds_per_marglik_step'] or 0:.3f}  "
-                  f"run {r['seconds']:.0f}s", flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "run_root")}
+    data: Dict[str, Any] = {"settings": settings, "wall_seconds": 0.0, "runs": [], "step_timing": None}
+
+    def on_result(done: List[Dict[str, Any]]) -> None:  # an interrupted sweep keeps what finished
+        data["runs"] = sorted(done, key=lambda r: r["name"])
+        data["wall_seconds"] = time.time() - t0
+        write_outputs(out, STEM, data, render, plot)
+
+    def describe(r: Dict[str, Any]) -> str:
+        aug = r["augmentation"] or {}
+        return (f"acc {r['test_accuracy']:.4f} nll {r['test_nll']:.3f} rot {aug.get('rotation', 0):6.1f} deg  "
+                f"s/step {r['seconds_per_marglik_step'] or 0:.3f}  run {r['seconds']:.0f}s")
+
+    run_pool(jobs, args.workers, on_result, fn=run_job, describe=describe)
     elapsed = time.time() - t0
-    timing = None
     if args.timing_repeats > 0:
         print("timing one marglik step per flavour in this process ...", flush=True)
-        timing = time_marglik_steps(args, list(args.flavours), args.timing_repeats)
-        print(json.dumps(timing["median_seconds"]), flush=True)
-    stem = "invariance_digits"
-    payload = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "run_root")},
-               "wall_seconds": elapsed, "runs": sorted(results, key=lambda r: r["name"]), "step_timing": timing}
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    write_markdown(results, args, out / f"{stem}.md", elapsed, timing)
-    plot(results, out / f"{stem}.png")
-    print(f"wrote {out / stem}.md/.json/.png in {elapsed / 60:.1f} min")
+        data["step_timing"] = time_marglik_steps(args, list(args.flavours), args.timing_repeats)
+        print(json.dumps(data["step_timing"]["median_seconds"]), flush=True)
+    data["wall_seconds"] = elapsed
+    write_outputs(out, STEM, data, render, plot)
+    print(f"wrote {out / STEM}.md/.json/.png in {elapsed / 60:.1f} min")
     return 0
 
 

@@ -27,10 +27,12 @@ Three questions, one process, all runs sequential with ``--threads`` torch threa
 3. What the fixed estimator costs: seconds of one selection value / seconds of one hyperstep
    (fit + value + gradient), measured in the runs of this process (ratios, not absolute times).
 
-Writes ``results/selection_digits.{md,json}``. About 7 minutes of one CPU thread.
+Writes ``results/selection_digits.{md,json}`` (the markdown rendered from the JSON alone:
+``--from-json`` re-renders it). About 7 minutes of one CPU thread.
 
     python scripts/run_selection_digits.py
     python scripts/run_selection_digits.py --epochs 8 --out /tmp/sel   # smoke test
+    python scripts/run_selection_digits.py --from-json                 # re-render the markdown
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import os
 import platform
@@ -49,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
@@ -58,6 +58,11 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset  # noqa: E402
 from marglik import KronLaplace  # noqa: E402
 from marglik.tuning import Config, MarglikTuner  # noqa: E402
 from marglik.tuning.seeds import Stream, stream_generator  # noqa: E402
+
+from benchlib import ROOT as REPO  # noqa: E402
+from runner import portable_argv, rerender, write_outputs  # noqa: E402
+
+STEM = "selection_digits"
 
 
 class _StreamSampler(Sampler):
@@ -206,7 +211,8 @@ def fmt(v, spec=".4f"):
     return "--" if v is None else format(v, spec)
 
 
-def write_md(res: Dict[str, Any], path: Path) -> None:
+def render(res: Dict[str, Any]) -> str:
+    """The report, from the result JSON alone."""
     d, comp = res["default"], res["comparison"]
     lines = [
         "# Selection on a fixed estimator: the default digits job",
@@ -285,7 +291,7 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
         "the weight-bias cross terms of the Kronecker blocks (the same model and prior).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: List[str] = None) -> None:
@@ -294,12 +300,17 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "results")
     p.add_argument("--run-root", type=Path, default=None)
+    p.add_argument("--from-json", action="store_true", help="only re-render <out>/selection_digits.md from its JSON")
     args = p.parse_args(argv)
+    if args.from_json:
+        rerender(args.out, STEM, render)
+        return
     torch.set_num_threads(args.threads)
     root = args.run_root or Path(tempfile.mkdtemp(prefix="selection_digits_"))
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     res: Dict[str, Any] = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *(argv or sys.argv[1:])]),
+        "command": "python " + " ".join(
+            shlex.quote(a) for a in [f"scripts/{Path(__file__).name}", *portable_argv(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared with other jobs",
         "threads": args.threads, "epochs": args.epochs, "load_before": load_before,
@@ -309,9 +320,7 @@ def main(argv: List[str] = None) -> None:
     res["comparison"] = run_comparison(args, root)
     res["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     res["wall_minutes"] = (time.perf_counter() - t0) / 60
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection_digits.json").write_text(json.dumps(res, indent=2) + "\n")
-    write_md(res, args.out / "selection_digits.md")
+    write_outputs(args.out, STEM, res, render, indent=2)
     print(f"wrote {args.out / 'selection_digits.md'} ({res['wall_minutes']:.1f} min)")
 
 

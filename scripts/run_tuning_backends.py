@@ -13,7 +13,8 @@ gradient step; also as a ratio to marglik reduce on the same model, measured in 
 likelihood (each backend's own estimate at the last update, ``trainer.final_model=last``), test
 accuracy and NLL, and the learned prior precisions (one per parameter tensor).
 
-Writes ``results/tuning_backends.{md,json,png}``; run directories go under ``--run-root``. All runs
+Writes ``results/tuning_backends.{md,json,png}`` (the markdown and figure rendered from the JSON
+alone: ``--from-json`` re-renders them); run directories go under ``--run-root``. All runs
 are sequential in this process with ``--threads`` torch threads (default 1; the machine is
 shared). The default takes about 5-8 minutes on 2 CPU cores; ``--quick`` is a smoke test.
 
@@ -24,7 +25,6 @@ shared). The default takes about 5-8 minutes on 2 CPU cores; ``--quick`` is a sm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import ROOT as REPO
+from runner import rerender, write_outputs
+
+STEM = "tuning_backends"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 CURVATURES = [  # (backend, structure, approx)
@@ -205,7 +208,11 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="3 epochs, 2 hypersteps: a smoke test")
     ap.add_argument("--out", default=str(REPO / "results"))
     ap.add_argument("--run-root", default=None, help="run directories (default: a temporary folder)")
+    ap.add_argument("--from-json", action="store_true",
+                    help="only re-render <out>/tuning_backends.{md,png} from <out>/tuning_backends.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(Path(args.out), STEM, to_markdown, plot)
     if args.quick:
         args.epochs, args.burn_in, args.frequency, args.steps, args.marglik_batches = 3, 1, 1, 2, 1
     args.run_root = args.run_root or tempfile.mkdtemp(prefix="tuning_backends_")
@@ -229,11 +236,7 @@ def main(argv=None) -> Dict[str, Any]:
         },
         "runs": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning_backends.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "tuning_backends.md").write_text(to_markdown(result))
-    plot(result, out / "tuning_backends.png")
+    write_outputs(Path(args.out), STEM, result, to_markdown, plot, indent=2)
     print(to_markdown(result))
     print(f"total {result['setup']['total_seconds']:.0f} s")
     return result

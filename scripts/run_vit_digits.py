@@ -10,6 +10,7 @@ Usage::
 
     python scripts/run_vit_digits.py                      # runs the CLI (minutes on a CPU)
     python scripts/run_vit_digits.py --run-dir DIR        # summarise an existing run of that command
+    python scripts/run_vit_digits.py --from-json          # re-render the markdown from the JSON alone
 """
 
 from __future__ import annotations
@@ -22,30 +23,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import ROOT
+from runner import rerender, write_outputs
+
+STEM = "vit_digits_cli"
+COLUMNS = ["epoch", "train_acc", "test_acc", "log_marglik", "prior_prec_mean", "aug_rotation", "aug_translation_x",
+           "epoch_seconds", "hyper_seconds"]
 OVERRIDES = ["model=vit", "trainer.epochs=3", "hyper.burn_in=1", "trainer.progress=false"]
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
-    run_dir = args.run_dir
-    if run_dir is None:
-        run_dir = tempfile.mkdtemp(prefix="marglik_vit_")
-        env = {**os.environ, "WANDB_MODE": "disabled",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        subprocess.run([sys.executable, "-m", "marglik", *OVERRIDES, f"hydra.run.dir={run_dir}"], env=env, check=True)
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    with open(Path(run_dir) / "history.csv") as f:
-        history = list(csv.DictReader(f))
-    result = {"command": "python -m marglik " + " ".join(OVERRIDES), "summary": summary, "history": history}
-    out = Path(args.out)
-    (out / "vit_digits_cli.json").write_text(json.dumps(result, indent=1))
-    cols = ["epoch", "train_acc", "test_acc", "log_marglik", "prior_prec_mean", "aug_rotation", "aug_translation_x",
-            "epoch_seconds", "hyper_seconds"]
+def render(result: Dict[str, Any]) -> str:
+    """The report, from the result JSON alone (the run's summary and ``history.csv`` rows)."""
+    summary, history, cols = result["summary"], result["history"], COLUMNS
     lines = [
         "# `model=vit` (torchvision VisionTransformer) through the marglik CLI on digits",
         "",
@@ -66,8 +57,29 @@ def main(argv=None) -> dict:
         lines.append("| " + " | ".join(vals) + " |")
     lines += ["", f"Final: test accuracy {summary['test_accuracy']:.3f}, log marginal likelihood "
               f"{summary['log_marglik']:.1f}, learned augmentation ranges {summary['augmentation']}."]
-    (out / "vit_digits_cli.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--from-json", action="store_true", help="only re-render <out>/vit_digits_cli.md from its JSON")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(Path(args.out), STEM, render)
+    run_dir = args.run_dir
+    if run_dir is None:
+        run_dir = tempfile.mkdtemp(prefix="marglik_vit_")
+        env = {**os.environ, "WANDB_MODE": "disabled",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        subprocess.run([sys.executable, "-m", "marglik", *OVERRIDES, f"hydra.run.dir={run_dir}"], env=env, check=True)
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    with open(Path(run_dir) / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    result = {"command": "python -m marglik " + " ".join(OVERRIDES), "summary": summary, "history": history}
+    write_outputs(Path(args.out), STEM, result, render, indent=1, end="")
+    print(render(result), end="")
     return result
 
 

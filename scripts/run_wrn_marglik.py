@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from runner import read_json, run_pool, write_outputs
-
 from benchlib import ROOT, flavour_label, hyperstep_timing_rows, time_hypersteps
+from runner import read_json, run_pool, write_outputs
 
 STEM = "wrn_marglik"
 #: (augmentation, approx, copies_approx, number of seeds)

@@ -36,6 +36,31 @@ def repo_path(path: Any) -> str:
         return Path(os.path.relpath(p, ROOT)).as_posix()
 
 
+def portable_argv(argv: Sequence[str], drop: Sequence[str] = ("--raw",),
+                  paths: Sequence[str] = ("--out", "--run-root", "--run-dir", "--from-json")) -> List[str]:
+    """A recorded command line without the options in ``drop`` (with their values: scratch files of
+    the machine that ran it) and with the values of the options in ``paths`` repository-relative
+    (:func:`repo_path`); ``--opt value`` and ``--opt=value`` alike."""
+    out: List[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in drop:
+            i += 1 if eq else 2
+            continue
+        if name in paths and eq:
+            out.append(f"{name}={repo_path(value)}")
+        elif name in paths and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out += [a, repo_path(args[i + 1])]
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def history_record(history: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
     """A run's ``history.csv`` rows as columns (:data:`HISTORY_KEYS` and every ``aug_*`` range)."""
     keys = list(HISTORY_KEYS) + sorted({k for row in history for k in row if k.startswith("aug_")})
@@ -109,10 +134,11 @@ def run_pool(jobs: Sequence[Dict[str, Any]], workers: int, on_result: Callable[[
 
 
 def write_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[Dict[str, Any]], str],
-                  plot: Optional[Callable[[Dict[str, Any], Path], None]] = None, keep: Sequence[str] = ()) -> None:
-    """Write ``<stem>.json`` (``data``), ``<stem>.md`` (``render(data)``) and ``<stem>.png``
-    (``plot(data, path)``) under ``out``; keys in ``keep`` of an existing JSON that ``data`` lacks
-    (sections another script writes) are carried over."""
+                  plot: Optional[Callable[[Dict[str, Any], Path], None]] = None, keep: Sequence[str] = (),
+                  indent: int = 1, end: str = "\n") -> None:
+    """Write ``<stem>.json`` (``data``, ``json.dumps(data, indent=indent) + end``), ``<stem>.md``
+    (``render(data)``) and ``<stem>.png`` (``plot(data, path)``) under ``out``; keys in ``keep`` of an
+    existing JSON that ``data`` lacks (sections another script writes) are carried over."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"{stem}.json"
@@ -121,12 +147,30 @@ def write_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[
         for key in keep:
             if key in old and key not in data:
                 data[key] = old[key]
-    jpath.write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(render(data))
+    jpath.write_text(json.dumps(data, indent=indent) + end)
+    render_outputs(out, stem, data, render, plot)
+
+
+def render_outputs(out: Path, stem: str, data: Dict[str, Any], render: Callable[[Dict[str, Any]], str],
+                   plot: Optional[Callable[[Dict[str, Any], Path], None]] = None) -> str:
+    """Write ``<stem>.md`` (``render(data)``) and ``<stem>.png`` (``plot(data, path)``) under ``out``
+    from ``data`` alone, leaving ``<stem>.json`` as it is (``--from-json``). Returns the markdown."""
+    out = Path(out)
+    md = render(data)
+    (out / f"{stem}.md").write_text(md)
     if plot is not None:
         plot(data, out / f"{stem}.png")
+    return md
 
 
 def read_json(out: Path, stem: str) -> Dict[str, Any]:
     """``<out>/<stem>.json``."""
     return json.loads((Path(out) / f"{stem}.json").read_text())
+
+
+def rerender(out: Path, stem: str, render: Callable[[Dict[str, Any]], str],
+             plot: Optional[Callable[[Dict[str, Any], Path], None]] = None) -> Dict[str, Any]:
+    """``--from-json``: read ``<out>/<stem>.json`` and rewrite its markdown (and figure) from it alone."""
+    data = read_json(out, stem)
+    render_outputs(out, stem, data, render, plot)
+    return data
