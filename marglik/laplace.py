@@ -33,28 +33,32 @@ predictive (:mod:`marglik.predictive`: ``probit``, ``mc``, ``bridge``, ``bridge_
 follow laplace-torch's formulas and give its numbers (tested against its public predictive), plus
 a probit / MC link for the sigmoid of the binary likelihood, which laplace-torch lacks. Nothing
 private of laplace-torch is used.
+
+This module holds the fit, the prior and the marginal likelihood; the posterior samples and the
+GLM predictive (``sample``, ``jacobians``, ``functional_variance``, ``glm_predictive_distribution``,
+``__call__``) are inherited from :class:`marglik.laplace_predictive.GLMPredictive`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
 from .curvature import KFAC, DecomposedKron, Kron, PriorStructure
-from .curvature.model_inputs import as_batches, call_args
+from .curvature.model_inputs import as_batches
 from .curvature.options import Likelihood
-from .predictive import LinkApprox, sigmoid_mc, sigmoid_probit, softmax_bridge, softmax_mc, softmax_probit
+from .laplace_predictive import GLMPredictive
 
 __all__ = ["KronLaplace"]
 
 TensorLike = Union[float, Tensor]
 
 
-class KronLaplace:
+class KronLaplace(GLMPredictive):
     """Laplace approximation ``N(theta_MAP, P^{-1})`` with a K-FAC posterior precision.
 
     Args:
@@ -401,134 +405,3 @@ class KronLaplace:
         """Dense ``(P, P)`` posterior precision (small models / testing only)."""
         self._check_fitted()
         return self.posterior.to_dense(self.prior_precision.detach(), self._H_factor.detach())
-
-    def sample(self, n_samples: int = 100, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Parameter samples from the posterior ``N(theta_MAP, P^{-1})``.
-
-        Args:
-            n_samples: number of samples.
-            generator: random number generator.
-
-        Returns:
-            ``(n_samples, P)`` in ``params`` order.
-
-        Raises:
-            RuntimeError: not fitted.
-            ValueError: ``n_samples < 1``.
-        """
-        self._check_fitted()
-        eps = self.posterior.sample(n_samples, self.prior_precision, self._H_factor, generator=generator)
-        return self.mean.detach().unsqueeze(0) + eps
-
-    def functional_variance(self, Js: Tensor) -> Tensor:
-        """``J P^{-1} J^T``, the covariance of the linearised outputs.
-
-        Args:
-            Js: ``(N, C, P)`` Jacobians w.r.t. ``params``.
-
-        Returns:
-            ``(N, C, C)``.
-
-        Raises:
-            RuntimeError: not fitted.
-            ValueError: ``Js`` has the wrong shape.
-        """
-        self._check_fitted()
-        if Js.dim() != 3 or Js.shape[-1] != self.n_params:
-            raise ValueError(f"Jacobians must have shape (N, C, {self.n_params}), got {tuple(Js.shape)}")
-        return self.posterior.inv_quad(Js, self.prior_precision.detach(), self._H_factor.detach())
-
-    def jacobians(self, x: Any) -> Tuple[Tensor, Tensor]:
-        """Jacobians of the model outputs w.r.t. the covered parameters (``torch.func.jacrev``).
-
-        Args:
-            x: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``).
-
-        Returns:
-            ``(J, f)``: Jacobians ``(N, C, P)`` and outputs ``(N, C)``, detached. A 1-d output
-            (binary) is treated as ``(N, 1)``.
-
-        Raises:
-            ValueError: the outputs are not ``(N, C)``.
-        """
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        keys = [names[id(p)] for p in self.params]
-        values = {k: p.detach() for k, p in zip(keys, self.params)}
-
-        def f(pdict):
-            out = torch.func.functional_call(self.model, pdict, *call_args(x))
-            if out.dim() == 1:
-                out = out.unsqueeze(-1)
-            return out, out
-
-        jac, out = torch.func.jacrev(f, has_aux=True)(values)
-        if out.dim() != 2:
-            raise ValueError(f"the predictive needs model outputs of shape (N, C), got {tuple(out.shape)}")
-        J = torch.cat([jac[k].flatten(start_dim=2) for k in keys], dim=-1)
-        return J.detach(), out.detach()
-
-    def glm_predictive_distribution(self, x: Any) -> Tuple[Tensor, Tensor]:
-        """Mean and covariance of the linearised network outputs ``f(x)`` under the posterior.
-
-        Args:
-            x: inputs (see :meth:`jacobians`).
-
-        Returns:
-            ``(f_mu, f_var)``: the outputs at the MAP ``(N, C)`` and ``J P^{-1} J^T`` ``(N, C, C)``.
-
-        Raises:
-            RuntimeError: not fitted.
-            ValueError: the model's outputs are not ``(N, C)``.
-        """
-        self._check_fitted()
-        Js, f_mu = self.jacobians(x)
-        return f_mu, self.functional_variance(Js)
-
-    def __call__(
-        self,
-        x: Any,
-        link_approx: Union[str, LinkApprox] = "probit",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: Optional[torch.Generator] = None,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Linearised (GLM) predictive, with laplace-torch's link approximations and conventions.
-
-        Args:
-            x: inputs (see :meth:`jacobians`).
-            link_approx: ``"probit"``, ``"mc"``, ``"bridge"`` or ``"bridge_norm"``
-                (:mod:`marglik.predictive`); the bridge exists for the softmax only. Not used for
-                regression.
-            n_samples: samples for ``"mc"``.
-            diagonal_output: regression: return the output variances ``(N, C)``; ``"mc"`` for
-                classification: sample without the output covariances.
-            generator: random number generator for ``"mc"`` (default: the global one).
-
-        Returns:
-            Classification: class probabilities ``(N, C)``. Binary: probabilities of class 1,
-            ``(N, 1)``. Regression: ``(f_mu (N, C), f_var (N, C, C))`` -- the functional variance,
-            without the observation noise (laplace-torch's convention).
-
-        Raises:
-            RuntimeError: not fitted.
-            ValueError: unknown ``link_approx``, or the bridge for the binary likelihood.
-        """
-        self._check_fitted()
-        link = LinkApprox.parse(link_approx, "link_approx")
-        f_mu, f_var = self.glm_predictive_distribution(x)
-        if self.likelihood is Likelihood.REGRESSION:
-            return f_mu, torch.diagonal(f_var, dim1=-2, dim2=-1) if diagonal_output else f_var
-        if self.likelihood is Likelihood.BINARY:
-            var = f_var[:, :1, 0]
-            if link is LinkApprox.PROBIT:
-                return sigmoid_probit(f_mu, var)
-            if link is LinkApprox.MC:
-                return sigmoid_mc(f_mu, var, n_samples, generator)
-            raise ValueError("the bridge approximation is only defined for the softmax (classification)")
-        if link is LinkApprox.PROBIT:
-            return softmax_probit(f_mu, f_var)
-        if link is LinkApprox.MC:
-            return softmax_mc(f_mu, f_var, n_samples, diagonal_output, generator)
-        return softmax_bridge(f_mu, f_var, normalize=link is LinkApprox.BRIDGE_NORM)
-
-    predictive = __call__

@@ -89,6 +89,10 @@ schedule's factor too (the benchmark does). Chosen there: ``kl_clip`` 1e-5 (ViT)
 inverse update costs up to about two plain steps, so periods of 10-30 keep the per-step overhead
 small; dense blocks of large raw parameters (the ViT's positional embedding, ``p x p``) dominate
 the inverse update (per-step costs in the results' ``step_costs``).
+
+This module holds the optimizer itself (parameter groups, factor tracking, the step); the block
+inverses and the preconditioned gradient are :mod:`marglik.optim.preconditioner`, the momentum and
+fallback updates :mod:`marglik.optim.updates`.
 """
 
 from __future__ import annotations
@@ -99,34 +103,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adamw import adamw
 
 from ..curvature.blocks import CoveredModule
-from ..curvature.eigen import eigh_psd
 from ..curvature.kfac import KFAC
 from ..curvature.layers import UnsupportedModuleError, find_rule
 from ..curvature.module_selection import FIRST_ORDER_TYPES, IgnoreSpec, ignored_modules, is_first_order
-from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood, StrOption
+from ..curvature.options import BlockKind, FisherType, KFACApprox, Likelihood
+from .preconditioner import DAMPING_RULES, DampingRule, precondition, update_inverse
+from .updates import FALLBACKS, Fallback, fallback_update, momentum_update
 
 __all__ = ["KFACOptimizer", "DampingRule", "Fallback", "DAMPING_RULES", "FALLBACKS", "FIRST_ORDER_TYPES"]
-
-
-class DampingRule(StrOption):
-    """How the damping enters the preconditioner (see the module docstring)."""
-
-    PI = "pi"  # factored Tikhonov damping, Cholesky inverses
-    EIGEN = "eigen"  # exact damping in the Kronecker eigenbasis
-
-
-class Fallback(StrOption):
-    """The first-order update of the parameters that are not preconditioned."""
-
-    SGD = "sgd"
-    ADAMW = "adamw"
-
-
-DAMPING_RULES = tuple(r.value for r in DampingRule)
-FALLBACKS = tuple(f.value for f in Fallback)
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -365,71 +351,6 @@ class KFACOptimizer(torch.optim.Optimizer):
             st["factor_updates"] = st.get("factor_updates", 0) + 1
         return True
 
-    # ------------------------------------------------------------------ inverses
-    def _update_inverse(self, layer: CoveredModule, damping: float) -> None:
-        st = self.state[layer.key]
-        if layer.kind is BlockKind.DIAG:
-            D = st["D"].double()
-            eye = torch.eye(D.shape[-1], dtype=D.dtype, device=D.device)
-            st["D_inv"] = torch.linalg.inv(D + damping * eye).to(st["D"].dtype)
-        else:
-            A, B = st["A"].double(), st["B"].double()
-            dtype = st["A"].dtype
-            if self.damping_rule is DampingRule.EIGEN:
-                dA, QA = eigh_psd(A)
-                dB, QB = eigh_psd(B)
-                st["QA"], st["dA"] = QA.to(dtype), dA.to(dtype)
-                st["QB"], st["dB"] = QB.to(dtype), dB.to(dtype)
-            else:
-                A, B = 0.5 * (A + A.mT), 0.5 * (B + B.mT)
-                da, db = A.shape[-1], B.shape[-1]
-                trA = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / da
-                trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1) / db
-                ok = (trA > 0) & (trB > 0)
-                pi = torch.where(ok, (trA / torch.where(ok, trB, torch.ones_like(trB))).clamp_min(0).sqrt(),
-                                 torch.ones_like(trA))
-                s = math.sqrt(damping)
-                eyeA = torch.eye(da, dtype=A.dtype, device=A.device)
-                eyeB = torch.eye(db, dtype=B.dtype, device=B.device)
-                st["A_inv"] = _spd_inverse(A + (pi * s).view(-1, 1, 1) * eyeA).to(dtype)
-                st["B_inv"] = _spd_inverse(B + (s / pi).view(-1, 1, 1) * eyeB).to(dtype)
-                st["pi"] = pi.to(dtype)
-        st["inv_damping"] = float(damping)
-        st["inv_rule"] = DAMPING_RULES.index(self.damping_rule)  # an int: torch's load_state_dict mangles str
-
-    def _precondition(self, layer: CoveredModule, damping: float) -> List[Tensor]:
-        """Preconditioned gradients of the layer's parameters (same shapes as the parameters)."""
-        st = self.state[layer.key]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
-        if layer.kind is BlockKind.DIAG:
-            Gm = torch.stack([g.reshape(-1) for g in grads], dim=-1)  # (C, k)
-            U = (st["D_inv"] @ Gm.unsqueeze(-1)).squeeze(-1)
-            return [U[:, i].reshape(p.shape) for i, p in enumerate(layer.params)]
-        G = layer.groups
-        parts, sizes = [], []
-        if layer.weight is not None:
-            db = layer.weight.shape[0] // G
-            w = grads[0].reshape(G, db, -1)
-            parts.append(w)
-            sizes.append(w.shape[-1])
-        if layer.bias is not None:
-            db = layer.bias.numel() // G  # a raw parameter's block (e.g. a class token) is bias-only
-            parts.append(grads[-1].reshape(G, db, 1))
-            sizes.append(1)
-        M = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (G, db, da)
-        if self.damping_rule is DampingRule.EIGEN:
-            QA, QB = st["QA"], st["QB"]
-            V = QB.mT @ M @ QA
-            V = V / (st["dB"].unsqueeze(-1) * st["dA"].unsqueeze(-2) + damping)
-            U = QB @ V @ QA.mT
-        else:
-            U = st["B_inv"] @ M @ st["A_inv"]
-        out = []
-        pieces = torch.split(U, sizes, dim=-1)
-        for p, piece in zip(layer.params, pieces):
-            out.append(piece.reshape(p.shape))
-        return out
-
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -478,7 +399,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             if group["kind"] == "kfac":
                 self._kfac_group_step(group, step)
             else:
-                self._fallback_group_step(group, step)
+                self._fallback_group_step(group)
         gstate["step"] = step + 1
         return loss
 
@@ -498,8 +419,8 @@ class KFACOptimizer(torch.optim.Optimizer):
                 self.damping_rule
             )
             if due or stale:
-                self._update_inverse(layer, damping)
-            for p, u in zip(layer.params, self._precondition(layer, damping)):
+                update_inverse(st, layer.kind, damping, self.damping_rule)
+            for p, u in zip(layer.params, precondition(st, layer, damping, self.damping_rule)):
                 updates.append((p, u))
                 if kl_clip is not None and p.grad is not None:
                     vg += float((u * p.grad).sum())
@@ -509,43 +430,14 @@ class KFACOptimizer(torch.optim.Optimizer):
         for p, u in updates:
             if nu != 1.0:
                 u = u * nu
-            self._apply(p, u, lr, mom, wd)
+            momentum_update(p, u, self.state[p], lr, mom, wd)
 
-    def _apply(self, p: nn.Parameter, u: Tensor, lr: float, mom: float, wd: float) -> None:
-        st = self.state[p]
-        if mom > 0:
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = st["momentum_buffer"] = u.clone()
-            else:
-                buf.mul_(mom).add_(u)
-            u = buf
-        if wd:
-            p.mul_(1.0 - lr * wd)
-        p.add_(u, alpha=-lr)
-
-    def _fallback_group_step(self, group: Dict[str, Any], step: int) -> None:
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if self.fallback is Fallback.SGD:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._apply(p, p.grad, lr, mom, wd)
-            return
-        b1, b2 = self.fallback_betas
+    def _fallback_group_step(self, group: Dict[str, Any]) -> None:
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None:  # no state entry either (torch's optimizer state is a defaultdict)
                 continue
-            st = self.state[p]
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-                st["adam_step"] = torch.tensor(0.0)
-            elif not torch.is_tensor(st["adam_step"]):  # a state dict written before the step was a tensor
-                st["adam_step"] = torch.tensor(float(st["adam_step"]))
-            adamw(
-                [p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["adam_step"]], foreach=False,
-                amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=wd, eps=self.fallback_eps, maximize=False,
-            )
+            fallback_update(p, self.state[p], self.fallback, group["lr"], group["momentum"], group["weight_decay"],
+                            self.fallback_betas, self.fallback_eps)
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
@@ -561,11 +453,3 @@ def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
-
-def _spd_inverse(M: Tensor) -> Tensor:
-    """Inverse of a batch of symmetric positive-definite matrices (Cholesky; eigh as fallback)."""
-    L, info = torch.linalg.cholesky_ex(M)
-    if bool((info == 0).all()):
-        return torch.cholesky_inverse(L)
-    d, Q = torch.linalg.eigh(M)
-    return (Q / d.clamp_min(torch.finfo(M.dtype).tiny).unsqueeze(-2)) @ Q.mT

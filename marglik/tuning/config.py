@@ -1,20 +1,27 @@
 """Configuration of a marginal-likelihood tuning run: one typed schema for the CLI and the Python API.
 
+This module holds the *schema*: the section dataclasses and :class:`Config`, the full run config.
+It re-exports every name of the modules that do the rest, so ``from marglik.tuning.config import X``
+works for all of them.
+
 Where things live
 -----------------
 * **Defaults**: only in the dataclasses below (``DataConfig``, ``CurvatureConfig``, ``HyperConfig``,
   ``TrainerConfig``, ``LoggerConfig`` and one dataclass per model in :data:`MODEL_SCHEMAS`). They
-  are registered in Hydra's ``ConfigStore`` by :func:`register_configs` (the schema node
-  ``marglik_schema``, the ``data`` options ``digits|mnist|fashion_mnist|cifar10`` and the ``model``
-  options ``cnn|mlp|wrn16_4|vit``), so the CLI composes typed nodes and YAML files under
-  ``marglik/conf`` hold only *variants* (``experiment/*.yaml``) and Hydra's own settings
-  (``config.yaml``).
-* **Choices** are ``str`` enums (:class:`Choice` subclasses) whose member *names equal their
-  values*: Hydra/OmegaConf parse ``curvature.approx=expand`` by member name, and
-  ``cfg.curvature.approx == "expand"`` keeps working because the members are strings.
-* **Checks**: field types (OmegaConf's merge onto the dataclass, plus :func:`_strict_types`:
-  booleans are ``true``/``false`` only, numbers are not booleans), unknown keys, each model's own
-  keyword arguments, and value ranges (:meth:`Config.validate`). Every failure raises
+  are registered in Hydra's ``ConfigStore`` by :func:`~marglik.tuning.config_hydra.register_configs`
+  (:mod:`marglik.tuning.config_hydra`: the schema node ``marglik_schema``, the ``data`` options
+  ``digits|mnist|fashion_mnist|cifar10`` and the ``model`` options ``cnn|mlp|wrn16_4|vit``; done on
+  import of this module), so the CLI composes typed nodes and YAML files under ``marglik/conf`` hold
+  only *variants* (``experiment/*.yaml``) and Hydra's own settings (``config.yaml``).
+* **Choices** (:mod:`marglik.tuning.choices`) are ``str`` enums (:class:`Choice` subclasses) whose
+  member *names equal their values*: Hydra/OmegaConf parse ``curvature.approx=expand`` by member
+  name, and ``cfg.curvature.approx == "expand"`` keeps working because the members are strings.
+* **Parsing** (:mod:`marglik.tuning.config_parsing`): field types (OmegaConf's merge onto the
+  dataclass, plus :func:`~marglik.tuning.config_parsing.strict_types`: booleans are
+  ``true``/``false`` only, numbers are not booleans), unknown keys, each model's own keyword
+  arguments; the error type and its messages.
+* **Checks** (:mod:`marglik.tuning.config_checks`): value ranges and curvature combinations
+  (:meth:`Config.validate`), warnings before a run, resumability. Every failure raises
   :class:`ConfigError`, a ``ValueError`` whose message is one line::
 
       <key>=<value>: <problem>; allowed: <what is allowed>
@@ -27,97 +34,56 @@ Adding a field
 --------------
 Add ``name: <type> = <default>  #: doc`` to the section dataclass (the ``#:`` comment is the
 option's meaning in ``marglik --help``, which lists every field). For a choice, define
-``class MyChoice(Choice): a = "a"; b = "b"`` (names = values; values that are not identifiers
-use the functional form, see :data:`FisherType`) and type the field ``MyChoice`` (``Optional[MyChoice]``
-if ``null`` is allowed). Range checks go in :meth:`Config.validate` as
-``check(ok, "section.key", value, "allowed text")``. Nothing else (no YAML) needs to change. A
-new model: a dataclass with ``name: ModelName = ModelName.<name>`` plus its constructor kwargs,
-an entry in :data:`MODEL_SCHEMAS` and in :class:`ModelName`.
+``class MyChoice(Choice): a = "a"; b = "b"`` in :mod:`marglik.tuning.choices` (names = values;
+values that are not identifiers use the functional form, see :data:`FisherType`) and type the field
+``MyChoice`` (``Optional[MyChoice]`` if ``null`` is allowed). Range checks go in
+:func:`~marglik.tuning.config_checks.validate_config` as ``check(ok, "section.key", "allowed
+text")``. Nothing else (no YAML) needs to change. A new model: a dataclass with
+``name: ModelName = ModelName.<name>`` plus its constructor kwargs, an entry in
+:data:`MODEL_SCHEMAS` and in :class:`ModelName`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import enum
-import math
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type
 
 from ..augment import ALL_GENERATORS
-from ..curvature.options import FisherType as EngineFisherType
-from ..curvature.options import KFACApprox
-from ..curvature.prior import PriorStructure as EnginePriorStructure
-from ..curvature.row_factor import FactorForm as EngineFactorForm
-from ..errors import UserError
-from .backends import CurvatureBackend, CurvatureStructure, check_curvature_config
-from .choices import Choice
+from .backends import CurvatureBackend, CurvatureStructure
+from .choices import (
+    Activation,
+    Approx,
+    AugGenerator,
+    Choice,
+    DataName,
+    FactorForm,
+    FinalModel,
+    FisherType,
+    LoggerMode,
+    ModelName,
+    OptimizerName,
+    PriorStructure,
+    Schedule,
+    WRNNorm,
+)
+from .config_checks import float_keys, resume_diff, run_warnings, valid_device, validate_config
+from .config_parsing import (
+    ConfigError,
+    describe_type,
+    field_type,
+    flatten,
+    is_interpolation,
+    model_kwargs,
+    plain,
+    resolved_types,
+    sections_from_dict,
+    show_value,
+    strict_types,
+    type_problem,
+    typed_section,
+    unknown_key_error,
+)
 from .estimator import SelectionEstimator
-
-
-# --------------------------------------------------------------------------- choices
-class DataName(Choice):
-    digits = "digits"
-    mnist = "mnist"
-    fashion_mnist = "fashion_mnist"
-    cifar10 = "cifar10"
-
-
-#: The engine's options (:mod:`marglik.curvature.options`, :mod:`marglik.curvature.prior`) as config
-#: choices: the values come from the engine's enums, the member names equal the values (how
-#: OmegaConf parses a string into an enum); ``type-2`` is not an identifier, hence the functional form.
-Approx = Choice("Approx", [(m.value, m.value) for m in KFACApprox], module=__name__)
-
-
-#: ``type-2`` is not an identifier, hence the functional form (member names = values).
-FisherType = Choice("FisherType", [(m.value, m.value) for m in EngineFisherType], module=__name__)
-FactorForm = Choice("FactorForm", [(m.value, m.value) for m in EngineFactorForm], module=__name__)
-AugGenerator = Choice("AugGenerator", [(g, g) for g in ALL_GENERATORS], module=__name__)
-
-
-#: the tuning loop learns a scalar or a layerwise prior precision (not the engine's diagonal one)
-PriorStructure = Choice("PriorStructure", [(m.value, m.value) for m in EnginePriorStructure
-                                           if m is not EnginePriorStructure.DIAGONAL], module=__name__)
-
-
-class Schedule(Choice):
-    constant = "constant"
-    cosine = "cosine"
-
-
-class OptimizerName(Choice):
-    adam = "adam"
-    sgd = "sgd"
-
-
-class FinalModel(Choice):
-    best = "best"
-    last = "last"
-
-
-class LoggerMode(Choice):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-class ModelName(Choice):
-    cnn = "cnn"
-    mlp = "mlp"
-    wrn16_4 = "wrn16_4"
-    vit = "vit"
-
-
-class Activation(Choice):
-    tanh = "tanh"
-    relu = "relu"
-
-
-class WRNNorm(Choice):
-    fixup = "fixup"
-    batchnorm = "batchnorm"
-    none = "none"
 
 
 # --------------------------------------------------------------------------- sections
@@ -196,7 +162,7 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.name, self.kwargs = _model_kwargs(self.name, self.kwargs)
+        self.name, self.kwargs = model_kwargs(self.name, self.kwargs, MODEL_SCHEMAS)
 
 
 @dataclass
@@ -291,223 +257,6 @@ _SECTIONS: Dict[str, Type[Any]] = {
 }
 
 
-@dataclass
-class HydraSchema:
-    """The root node the CLI composes (``marglik_schema`` in the ConfigStore); ``model`` is filled
-    by the ``model`` group with one of :data:`MODEL_SCHEMAS`."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: Any = None
-    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
-    hyper: HyperConfig = field(default_factory=HyperConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-def register_configs() -> None:
-    """Register the schema, the ``data`` and the ``model`` options in Hydra's ConfigStore, and the
-    ``bias_suffix`` resolver of the run directory's name (idempotent; done on import of this module)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    # the run directory's name says when the blocks are separate: ${bias_suffix:${curvature.separate_bias}}
-    OmegaConf.register_new_resolver("bias_suffix", lambda v: "-sepbias" if str(v).lower() == "true" else "",
-                                    replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="marglik_schema", node=HydraSchema)
-    for name in DataName:
-        cs.store(group="data", name=name.value, node=DataConfig(name=name))
-    for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="model", name=name, node=schema)
-
-
-# --------------------------------------------------------------------------- errors and types
-class ConfigError(UserError, ValueError):
-    """A bad configuration value, type or key; ``str(err)`` is one line
-    ``<key>=<value>: <problem>; allowed: <allowed>``."""
-
-    kind = "config error"
-
-    def __init__(self, key: str, value: Any, problem: str, allowed: str) -> None:
-        self.key, self.value, self.problem, self.allowed = key, value, problem, allowed
-        super().__init__(f"{key}={show_value(value)}: {problem}; allowed: {allowed}")
-
-
-def show_value(value: Any) -> str:
-    """A value as it would be written on the command line.
-
-    Args:
-        value: a config value.
-
-    Returns:
-        Its command-line spelling (``null``, ``true``, ``[a, b]``, an enum's value).
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, enum.Enum):
-        return str(value.value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {show_value(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-def describe_type(tp: Any) -> str:
-    """What a field accepts, in words (for error messages and ``--help``).
-
-    Args:
-        tp: the field's type annotation.
-
-    Returns:
-        e.g. ``"an integer or null"``, ``"one of expand, reduce"``.
-    """
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return describe_type(inner[0]) + " or null"
-    if origin in (list, List):
-        item = args[0]
-        if isinstance(item, type) and issubclass(item, enum.Enum):
-            return "a list of values from " + ", ".join(m.value for m in item)
-        return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(m.value for m in tp)
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def type_problem(tp: Any) -> str:
-    """The problem of a value that does not fit a field.
-
-    Args:
-        tp: the field's type annotation.
-
-    Returns:
-        ``"not a boolean"``, ``"not a valid choice"`` or ``"wrong type"``.
-    """
-    text = describe_type(tp)
-    if text.startswith("true or false"):
-        return "not a boolean"
-    return "not a valid choice" if text.startswith("one of") else "wrong type"
-
-
-def _resolved_types(klass: Type[Any]) -> Dict[str, Any]:
-    return typing.get_type_hints(klass)
-
-
-def field_type(klass: Type[Any], key: str) -> Any:
-    """The resolved type of a field of a config section.
-
-    Args:
-        klass: the section's dataclass.
-        key: the field name.
-
-    Returns:
-        Its type annotation (forward references resolved).
-    """
-    return _resolved_types(klass)[key]
-
-
-def _strict_types(klass: Type[Any], raw: Dict[str, Any], prefix: str) -> None:
-    """Checks OmegaConf would let through: booleans are ``true``/``false`` only (not ``off``,
-    ``yes``, ``1``), integers and numbers are not booleans."""
-    hints = _resolved_types(klass)
-    for key, value in raw.items():
-        tp = hints.get(key)
-        if tp is None or value is None or _is_interpolation(value):
-            continue
-        if typing.get_origin(tp) is typing.Union:
-            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        if tp is bool and not isinstance(value, bool):
-            raise ConfigError(prefix + key, value, "not a boolean", "true or false")
-        if tp in (int, float) and isinstance(value, bool):
-            raise ConfigError(prefix + key, value, "wrong type", describe_type(tp))
-
-
-def _is_interpolation(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
-def unknown_key_error(key: str, value: Any, known: List[str], where: str) -> ConfigError:
-    """The error for an unknown key, suggesting the closest known one.
-
-    Args:
-        key: the dotted key given.
-        value: its value.
-        known: the keys allowed there.
-        where: what holds them, for the message (e.g. ``"HyperConfig"``).
-
-    Returns:
-        The :class:`ConfigError` to raise.
-    """
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "." in key else ""
-    return ConfigError(key, value, f"unknown key{hint}", f"the keys of {where}: " + ", ".join(sorted(known)))
-
-
-def _typed(klass: Type[Any], raw: Dict[str, Any], prefix: str, where: str) -> Any:
-    """``raw`` merged onto the dataclass ``klass``: a ``klass`` instance, or :class:`ConfigError`."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    known = [f.name for f in fields(klass)]
-    for key, value in raw.items():
-        if key not in known:
-            raise unknown_key_error(prefix + key, value, known, where)
-    _strict_types(klass, raw, prefix)
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(klass), raw)
-        return OmegaConf.to_object(node)
-    except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", None) or getattr(err, "key", "") or "").split(".")[0].split("[")[0]
-        if key in known:
-            value = raw.get(key, getattr(err, "value", None))
-            tp = field_type(klass, key)
-            raise ConfigError(prefix + key, value, type_problem(tp), describe_type(tp)) from None
-        problem = str(err).splitlines()[0]
-        raise ConfigError(prefix.rstrip(".") or "config", raw, problem, f"the fields of {where}") from None
-
-
-def plain(value: Any) -> Any:
-    """Plain data for JSON and checkpoints.
-
-    Args:
-        value: enums, dataclasses, dicts, lists and tuples, nested.
-
-    Returns:
-        The same with enums as their string values, dataclasses as dicts and tuples as lists.
-    """
-    if isinstance(value, enum.Enum):
-        return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def _model_kwargs(name: Any, kwargs: Dict[str, Any]) -> "tuple[ModelName, Dict[str, Any]]":
-    if str(name) not in MODEL_SCHEMAS:
-        raise ConfigError("model.name", name, "unknown model", "one of " + ", ".join(MODEL_SCHEMAS))
-    schema = MODEL_SCHEMAS[str(name)]
-    known = [f.name for f in fields(schema) if f.name != "name"]
-    for key, value in kwargs.items():
-        if key not in known:
-            raise ConfigError(
-                f"model.{key}", value, f"not an option of model {name} (select a model with model={name}, "
-                f"which brings its own options, not with model.name={name})",
-                f"the options of model {name}: " + ", ".join(known))
-    typed = _typed(schema, {**kwargs, "name": str(name)}, "model.", f"model {name}")
-    out = plain(typed)
-    out.pop("name")
-    return ModelName(str(name)), out
-
-
 # --------------------------------------------------------------------------- the run config
 @dataclass
 class Config:
@@ -539,27 +288,7 @@ class Config:
         Raises:
             ConfigError: an unknown key, a value of the wrong type, or an invalid value.
         """
-        d = dict(d or {})
-        for key, val in overrides.items():
-            if key not in _SECTIONS and key != "model":
-                raise unknown_key_error(key, val, ["model", *_SECTIONS], "the config")
-            d[key] = {**dict(d.get(key) or {}), **val}
-        sections: Dict[str, Any] = {}
-        for key, klass in _SECTIONS.items():
-            raw = d.get(key) or {}
-            if not isinstance(raw, dict):
-                raise ConfigError(key, raw, "not a section", "a mapping of " + ", ".join(f.name for f in fields(klass)))
-            sections[key] = _typed(klass, dict(raw), key + ".", key)
-        raw = dict(d.get("model") or {})
-        if "kwargs" in raw:
-            extra = sorted(set(raw) - {"name", "kwargs"})
-            if extra:
-                raise ConfigError(f"model.{extra[0]}", raw[extra[0]], "unknown key", "name and kwargs (or flat kwargs)")
-            sections["model"] = ModelConfig(raw.get("name", "cnn"), dict(raw["kwargs"] or {}))
-        else:
-            name = raw.pop("name", "cnn")
-            sections["model"] = ModelConfig(name, raw)
-        cfg = cls(**sections)
+        cfg = cls(**sections_from_dict(d, overrides, _SECTIONS, ModelConfig))
         cfg.validate()
         return cfg
 
@@ -586,67 +315,17 @@ class Config:
         return Config.from_dict(self.to_dict(), **sections)
 
     def validate(self) -> None:
-        """Check value ranges and curvature combinations (types are checked by :meth:`from_dict`).
+        """Check value ranges and curvature combinations (types are checked by :meth:`from_dict`);
+        the checks are :func:`marglik.tuning.config_checks.validate_config`.
 
         Raises:
             ConfigError: naming the first invalid key, its value and what is allowed.
         """
-
-        def check(ok: bool, key: str, allowed: str) -> None:
-            section, name = key.split(".")
-            value = self.model.kwargs[name] if section == "model" else getattr(getattr(self, section), name)
-            if isinstance(value, float) and not math.isfinite(value):  # inf passes "> 0": checked first
-                raise ConfigError(key, value, "not a finite number", allowed.replace("a number", "a finite number"))
-            if not ok:
-                raise ConfigError(key, value, "invalid value", allowed)
-
-        d, c, h, t = self.data, self.curvature, self.hyper, self.trainer
-        check(d.train_size is None or d.train_size >= 1, "data.train_size", "an integer >= 1 or null")
-        check(d.rotation >= 0, "data.rotation", "a number >= 0 (degrees)")
-        check(d.translation >= 0, "data.translation", "a number >= 0 (pixels)")
-        check(d.upsample is None or d.upsample >= 1, "data.upsample", "an integer >= 1 or null")
-        check(c.mc_samples >= 1, "curvature.mc_samples", "an integer >= 1")
-        check(h.prior_prec_init > 0, "hyper.prior_prec_init", "a number > 0")
-        check(h.lr > 0, "hyper.lr", "a number > 0")
-        check(h.aug_lr >= 0, "hyper.aug_lr", "a number >= 0")
-        check(h.steps >= 1, "hyper.steps", "an integer >= 1")
-        check(h.frequency >= 1, "hyper.frequency", "an integer >= 1")
-        check(h.burn_in >= 0, "hyper.burn_in", "an integer >= 0")
-        check(h.n_samples >= 1, "hyper.n_samples", "an integer >= 1")
-        check(h.n_samples_test is None or h.n_samples_test >= 1, "hyper.n_samples_test", "an integer >= 1 or null")
-        check(len(h.generators) >= 1, "hyper.generators", "a non-empty list of " + ", ".join(ALL_GENERATORS))
-        check(h.marglik_batches is None or h.marglik_batches >= 1, "hyper.marglik_batches", "an integer >= 1 or null")
-        check(h.marglik_batch_size is None or h.marglik_batch_size >= 1, "hyper.marglik_batch_size",
-              "an integer >= 1 or null")
-        check(h.selection_size >= 1, "hyper.selection_size", "an integer >= 1")
-        check(t.epochs >= 0, "trainer.epochs", "an integer >= 0")
-        check(t.batch_size >= 1, "trainer.batch_size", "an integer >= 1")
-        check(t.lr > 0, "trainer.lr", "a number > 0")
-        check(t.lr_min >= 0, "trainer.lr_min", "a number >= 0")
-        check(0 <= t.momentum < 1, "trainer.momentum", "a number in [0, 1)")
-        check(_valid_device(t.device), "trainer.device", "auto, cpu, cuda, cuda:<index> or mps")
-        check(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", "an integer >= 1 or null")
-        check(t.eval_every >= 0, "trainer.eval_every", "an integer >= 0 (0: only at the end)")
-        check(t.eval_batch_size >= 1, "trainer.eval_batch_size", "an integer >= 1")
-        check(t.max_rollbacks >= 0, "trainer.max_rollbacks", "an integer >= 0")
-        check(0 < t.rollback_lr_factor <= 1, "trainer.rollback_lr_factor", "a number in (0, 1]")
-        for name in ("dropout", "attention_dropout"):
-            if name in self.model.kwargs:
-                check(0 <= self.model.kwargs[name] < 1, f"model.{name}", "a number in [0, 1)")
-        for key in self._float_keys():  # every other number: finite
-            check(True, key, "a finite number")
-        try:  # combinations a curvature backend cannot compute (tuning.backends says which and why)
-            check_curvature_config(c, h.augmentation)
-        except ValueError as err:
-            key = "curvature.separate_bias" if "separate_bias" in str(err) else "curvature.backend"
-            value = c.separate_bias if key == "curvature.separate_bias" else c.backend
-            raise ConfigError(key, value, str(err), "the fix the message names") from None
+        validate_config(self)
 
     def _float_keys(self) -> List[str]:
         """The dotted keys whose value is a float (sections and model options)."""
-        keys = [f"{section}.{f.name}" for section in _SECTIONS for f in fields(getattr(self, section))
-                if isinstance(getattr(getattr(self, section), f.name), float)]
-        return keys + [f"model.{k}" for k, v in self.model.kwargs.items() if isinstance(v, float)]
+        return float_keys(self)
 
     # ------------------------------------------------------------------ schedule facts
     def marglik_updates(self) -> int:
@@ -660,21 +339,12 @@ class Config:
         return max(0, (self.trainer.epochs - h.burn_in) // h.frequency)
 
     def warnings(self) -> List[str]:
-        """Problems worth a warning line before a run starts.
+        """Problems worth a warning line before a run starts (:func:`marglik.tuning.config_checks.run_warnings`).
 
         Returns:
             One message per problem (empty when none), e.g. that no tuning happens.
         """
-        out = []
-        if self.marglik_updates() == 0:
-            h, t = self.hyper, self.trainer
-            first = h.burn_in + h.frequency
-            out.append(
-                f"no hyperparameter tuning will happen: trainer.epochs={t.epochs} but the first marginal-likelihood "
-                f"update is after epoch {first} (hyper.burn_in={h.burn_in} + hyper.frequency={h.frequency}); the "
-                f"run only trains the weights. Raise trainer.epochs to >= {first} or lower hyper.burn_in"
-            )
-        return out
+        return run_warnings(self)
 
     # settings that may differ between an interrupted run and its resumption (trainer.epochs:
     # extending a finished run; the cosine schedules then stretch to the new length;
@@ -693,42 +363,19 @@ class Config:
             One ``"key: checkpoint <theirs> vs now <mine>"`` line per differing dotted key (empty:
             resumable).
         """
-        out = []
-        mine = flatten(self.to_dict())
-        theirs = flatten(plain(other))
-        for key in sorted(set(mine) | set(theirs)):
-            if any(key == f or key.startswith(f + ".") for f in self.RESUME_FREE):
-                continue
-            if mine.get(key, "<missing>") != theirs.get(key, "<missing>"):
-                out.append(f"{key}: checkpoint {theirs.get(key, '<missing>')!r} vs now {mine.get(key, '<missing>')!r}")
-        return out
+        return resume_diff(self, other, self.RESUME_FREE)
 
 
-def _valid_device(spec: str) -> bool:
-    import re
+# the names these helpers had when they lived here (kept importable)
+_strict_types = strict_types
+_typed = typed_section
+_model_kwargs = model_kwargs
+_resolved_types = resolved_types
+_is_interpolation = is_interpolation
+_valid_device = valid_device
 
-    return re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec) is not None
-
-
-def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """A nested config dict as dotted keys.
-
-    Args:
-        d: nested dicts (e.g. :meth:`Config.to_dict`).
-        prefix: prepended to every key.
-
-    Returns:
-        ``{"section.key": value}``; an empty dict stays a value.
-    """
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
+# Hydra's ConfigStore: registered on import, as before the split (config_hydra imports this module)
+from .config_hydra import HydraSchema, register_configs  # noqa: E402
 
 register_configs()
 
@@ -736,4 +383,11 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "CurvatureConfig", "HyperConfig", "TrainerConfig", "LoggerConfig",
     "ConfigError", "Choice", "MODEL_SCHEMAS", "CNNConfig", "MLPConfig", "WRN16_4Config", "ViTConfig",
     "register_configs", "describe_type",
+    # re-exported from the modules that do the rest (choices, parsing, checks, Hydra)
+    "Activation", "Approx", "AugGenerator", "DataName", "FactorForm", "FinalModel", "FisherType", "LoggerMode",
+    "ModelName", "OptimizerName", "PriorStructure", "Schedule", "WRNNorm", "CurvatureBackend", "CurvatureStructure",
+    "SelectionEstimator", "ALL_GENERATORS", "HydraSchema", "field_type", "flatten", "plain", "show_value",
+    "type_problem", "unknown_key_error", "strict_types", "typed_section", "model_kwargs", "sections_from_dict",
+    "resolved_types", "is_interpolation", "validate_config", "float_keys", "valid_device", "run_warnings",
+    "resume_diff",
 ]

@@ -1,72 +1,27 @@
-"""Blocks of the K-FAC Laplace posterior precision ``P = s K + diag(p)``, one class per case.
+"""The Kronecker posterior blocks: a :class:`~marglik.curvature.kron.KronBlock` decomposed once
+(:class:`KronBlockEigen`), and given the prior one of its four cases -- :class:`ConstantPriorKron`,
+:class:`WeightBiasPriorKron`, :class:`DenseKron`, :class:`ProjectedPriorKron` (when each applies
+and whether it is exact: :mod:`marglik.curvature.posterior_blocks`) -- plus
+:class:`PackedKronBlocks`, the log det ratios of many blocks of a packable case in one call.
 
-``K`` is block-diagonal (:class:`~marglik.curvature.kron.Kron`), and so is ``P``. A curvature
-block is decomposed once (:class:`KronBlockEigen`, :class:`ChannelBlocksInfo`); given the prior
-``p`` it becomes a :class:`PosteriorBlock`, whose class is the case of the algebra:
-
-================================  =========================================  ==========
-class                             when                                       exact
-================================  =========================================  ==========
-:class:`ConstantPriorKron`        prior constant over a :class:`KronBlock`   yes
-:class:`WeightBiasPriorKron`      layerwise prior on a joint weight+bias     yes
-                                  :class:`KronBlock`
-:class:`DenseKron`                diagonal prior, a factor of size 1         yes
-:class:`ProjectedPriorKron`       diagonal prior, otherwise                  no (K-FAC)
-:class:`ChannelPosterior`         a :class:`DiagonalBlock` (``k x k`` per    yes
-                                  channel), any prior
-================================  =========================================  ==========
-
-Every block has the same interface: :meth:`~PosteriorBlock.logdet_ratio` (``log det P_b - log
-det diag(p_b)``), :meth:`~PosteriorBlock.solve` and :meth:`~PosteriorBlock.sample`, on vectors
-shaped like the block's :attr:`~PosteriorBlock.index` (the positions of its coordinates in
-``Kron.to_dense`` order). Notation: a :class:`KronBlock` group has factors ``A`` (``nA x nA``,
-input side, bias = last coordinate) and ``B`` (``nB x nB``) with eigenvalues ``lA``, ``lB``,
-eigenvectors ``V_A``, ``V_B`` and ``lam_ji = lB_j lA_i`` (:class:`~marglik.curvature.eigen.KronEigen`).
-
-Factors held as rows (few rows against their dimension) are decomposed on their row space only;
-each class treats the null-space complement in closed form (:mod:`marglik.curvature.eigen`), with the
-same results as the dense decomposition to round-off (``tests/test_row_factors.py``).
-
-Gradients of :meth:`~PosteriorBlock.logdet_ratio`: closed form in the eigendecomposition for the
-Kronecker cases (:mod:`marglik.curvature.logdet`), plain autograd through a Cholesky factor
-(:class:`DenseKron`) or ``2 x 2`` determinants (:class:`ChannelPosterior`); never through ``eigh``. For a
-factor held as rows the gradient is returned w.r.t. the rows (``2 rows V M V^T``), without a ``d x d``
-matrix (:meth:`~marglik.curvature.eigen.FactorEigen.grad`).
+Shapes: a block has ``G`` groups with factors ``A (nA, nA)`` (input side, bias = last coordinate)
+and ``B (nB, nB)``; vectors on it are ``(n, G, nB, nA)``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional, Type
+from typing import ClassVar, List, Optional, Type
 
 import torch
 from torch import Tensor
 
-from .eigen import KronEigen
-from .kron import DiagonalBlock, KronBlock
-from .logdet import KronLogdetProjected, KronLogdetRatio, KronSpectrum, PrefixSums
-from .prior import PriorStructure
-
-__all__ = [
-    "PosteriorBlock",
-    "ConstantPriorKron",
-    "WeightBiasPriorKron",
-    "DenseKron",
-    "ProjectedPriorKron",
-    "ChannelPosterior",
-    "KronBlockEigen",
-    "ChannelBlocksInfo",
-    "PackedKronBlocks",
-]
-
-#: ``randn(*shape)``: standard normal draws of the posterior's dtype and device
-Randn = Callable[..., Tensor]
-
-
-# ------------------------------------------------------------------------------------------------
-# decomposed curvature blocks (independent of the prior)
-# ------------------------------------------------------------------------------------------------
+from ..eigen import KronEigen
+from ..kron import KronBlock
+from ..logdet import KronLogdetProjected, KronLogdetRatio, KronSpectrum, PrefixSums
+from ..prior import PriorStructure
+from .base import PosteriorBlock, Randn
 
 
 @dataclass
@@ -123,70 +78,6 @@ class KronBlockEigen:
     def posterior(self, prior: Tensor, structure: PriorStructure) -> "_KronPosterior":
         """The posterior block for the prior precision ``prior`` (of ``structure``)."""
         return self.posterior_type(structure).from_prior(self, prior, structure)
-
-
-@dataclass
-class ChannelBlocksInfo:
-    """A :class:`DiagonalBlock` (per-channel ``k x k`` blocks, ``k = 1, 2``) and where it sits.
-
-    Attributes:
-        block: the curvature block.
-        index: ``(C, k)`` positions of ``(weight[c], bias[c])`` in ``Kron.to_dense`` order.
-        layers: indices in ``Kron.params`` of the block's present parameters.
-    """
-
-    block: DiagonalBlock
-    index: Tensor
-    layers: List[int]
-
-    def posterior(self, prior: Tensor, structure: PriorStructure) -> "ChannelPosterior":
-        """The posterior block for the prior precision ``prior`` (of ``structure``)."""
-        C, k = self.index.shape
-        if structure is PriorStructure.SCALAR:
-            p = prior.reshape(1, 1).expand(C, k)
-        elif structure is PriorStructure.LAYERWISE:
-            p = prior[torch.tensor(self.layers, device=prior.device)].reshape(1, k).expand(C, k)
-        else:
-            p = prior[self.index]
-        return ChannelPosterior(self, p)
-
-
-# ------------------------------------------------------------------------------------------------
-# the interface
-# ------------------------------------------------------------------------------------------------
-
-
-class PosteriorBlock(ABC):
-    """One diagonal block ``P_b = s K_b + diag(p_b)`` of the posterior precision.
-
-    Vectors are shaped like :attr:`index` with leading sample dimensions: ``(n, *index.shape)``.
-    """
-
-    #: whether :meth:`logdet_ratio`, :meth:`solve` and :meth:`sample` use ``P_b`` itself (else an
-    #: approximation of it, the same for all three)
-    exact: ClassVar[bool] = True
-    index: Tensor
-
-    @abstractmethod
-    def logdet_ratio(self, s: Tensor) -> Tensor:
-        """``log det P_b - log det diag(p_b)`` (0-d), differentiable w.r.t. ``s`` and the prior.
-
-        Args:
-            s: 0-d likelihood scale.
-        """
-
-    @abstractmethod
-    def solve(self, X: Tensor, s: Tensor) -> Tensor:
-        """``P_b^{-1} x`` for every ``x`` in ``X`` of shape ``(n, *index.shape)``; same shape."""
-
-    @abstractmethod
-    def sample(self, n: int, s: Tensor, randn: Randn) -> Tensor:
-        """``(n, *index.shape)`` draws from ``N(0, P_b^{-1})`` from standard normals ``randn``."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Kronecker blocks
-# ------------------------------------------------------------------------------------------------
 
 
 class _KronPosterior(PosteriorBlock):
@@ -488,50 +379,3 @@ class PackedKronBlocks:
         """
         delta_b = layer_prior[self.bias_layer] if self.with_bias else None
         return KronLogdetRatio.apply(None, None, s, layer_prior[self.weight_layer], delta_b, self.spectrum)
-
-
-# ------------------------------------------------------------------------------------------------
-# per-channel blocks
-# ------------------------------------------------------------------------------------------------
-
-
-class ChannelPosterior(PosteriorBlock):
-    """A :class:`DiagonalBlock`'s posterior blocks ``s D_c + diag(p_c)`` (``k x k``, ``k = 1, 2``),
-    in closed form -- **exact** for every prior.
-
-    Args:
-        info: the curvature block and its positions.
-        prior: ``(C, k)`` prior precision per channel and parameter.
-    """
-
-    def __init__(self, info: ChannelBlocksInfo, prior: Tensor) -> None:
-        self.info = info
-        self.index = info.index
-        self.prior = prior
-
-    def logdet_ratio(self, s):
-        D, p = self.info.block.blocks, self.prior
-        if D.shape[-1] == 1:
-            return torch.log1p(s * D[:, 0, 0] / p[:, 0]).sum()
-        a, b, c, d = D[:, 0, 0], D[:, 0, 1], D[:, 1, 0], D[:, 1, 1]
-        pw, pb = p[:, 0], p[:, 1]
-        x = s * s * (a * d - b * c) / (pw * pb) + s * (a / pw + d / pb)
-        return torch.log1p(x).sum()
-
-    def solve(self, X, s):
-        D, p = self.info.block.blocks.detach(), self.prior
-        if D.shape[-1] == 1:
-            return X / (s * D[:, 0, 0] + p[:, 0]).unsqueeze(-1)
-        a = s * D[:, 0, 0] + p[:, 0]
-        b = s * D[:, 0, 1]
-        c = s * D[:, 1, 0]
-        d = s * D[:, 1, 1] + p[:, 1]
-        det = a * d - b * c
-        x0, x1 = X[..., 0], X[..., 1]
-        return torch.stack([(d * x0 - b * x1) / det, (a * x1 - c * x0) / det], dim=-1)
-
-    def sample(self, n, s, randn):
-        L = torch.linalg.cholesky(s * self.info.block.blocks.detach() + torch.diag_embed(self.prior))  # (C, k, k)
-        C, k = self.index.shape
-        x = torch.linalg.solve_triangular(L.transpose(-1, -2), randn(C, k, n), upper=True)  # (C, k, n)
-        return x.permute(2, 0, 1)
