@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parent / "data"
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: last.ckpt after epoch 2 of ``tiny(trainer={"epochs": 4})``, written by the loop before the split
 #: (format version 1, commit 1b69669), and that code's summary of the uninterrupted 4-epoch run
-V1_CKPT = DATA / "v1_run_epoch2.ckpt"
+V1_CKPT = DATA / "v1_run_epoch2.pt"
 V1_REFERENCE = DATA / "v1_run_summary.json"
 TIMING = {"seconds", "seconds_this_segment", "seconds_per_marglik_step", "seconds_per_cached_hyperstep",
           "seconds_per_selection", "segments"}
@@ -119,3 +119,14 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert s["log_marglik"] is not None and 0 <= s["test_accuracy"] <= 1
     assert (tmp_path / "runs" / "own_model" / "summary.json").is_file()
     assert ckpt.load(tmp_path / "runs" / "own_model" / "checkpoints" / ckpt.LAST)["epoch"] == 2
+
+
+def test_own_flat_data_with_learned_augmentation_is_a_config_error():
+    from torch import nn
+
+    from marglik.tuning import Config, ConfigError, TensorData, build_parts
+
+    X, y = torch.randn(8, 64), torch.arange(8) % 2
+    cfg = Config.from_dict(trainer={"device": "cpu"}, logger={"mode": "disabled"})  # augmentation on
+    with pytest.raises(ConfigError, match="hyper.augmentation=True: the learned affine augmentation needs images"):
+        build_parts(cfg, model=nn.Linear(64, 2), data=TensorData(X, y, X, y))

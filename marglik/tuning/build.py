@@ -189,6 +189,9 @@ def build_parts(
         laplace_factory = config_laplace_factory(c.curvature)
     h, t = c.hyper, c.trainer
     aug_on = bool(h.augmentation)
+    if aug_on and data.X.dim() != 4:
+        raise ConfigError("hyper.augmentation", True, f"the learned affine augmentation needs images (n, C, H, W); "
+                          f"the training inputs have shape {tuple(data.X.shape)}", "hyper.augmentation=false")
     aug = AffineAugmentation(h.n_samples, generators=h.generators).to(device)
     aug_test = AffineAugmentation(h.n_samples_test or h.n_samples, generators=h.generators).to(device)
     prior = PriorPrecision(named, h.prior_structure, h.prior_prec_init, device)
