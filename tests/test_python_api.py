@@ -136,5 +136,5 @@ def test_own_flat_data_with_learned_augmentation_is_a_config_error():
 
     X, y = torch.randn(8, 64), torch.arange(8) % 2
     cfg = Config.from_dict(trainer={"device": "cpu"}, logger={"mode": "disabled"})  # augmentation on
-    with pytest.raises(ConfigError, match="hyper.augmentation=True: the learned affine augmentation needs images"):
+    with pytest.raises(ConfigError, match="hyper.augmentation=true: the learned affine augmentation needs images"):
         build_parts(cfg, model=nn.Linear(64, 2), data=TensorData(X, y, X, y))
