@@ -94,7 +94,7 @@ def _rollback_worker(rank, init_file, out_dir):
 
     dist_.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     t = MarglikTuner(tiny(trainer={"epochs": 3}), f"{out_dir}/rank{rank}")  # the tuner joins this group
-    orig, calls = t.map_loss, {"n": 0}
+    orig, calls = t.parts.map_step.loss, {"n": 0}
 
     def flaky(x, y, n_global=None):
         calls["n"] += 1
@@ -103,7 +103,7 @@ def _rollback_worker(rank, init_file, out_dir):
             loss = loss * float("nan")
         return loss, nll, out
 
-    t.map_loss = flaky
+    t.parts.map_step.loss = flaky
     s = t.fit()
     torch.save({"rollbacks": s["rollbacks"], "rollback_events": s["rollback_events"], "log_prior": t.log_prior.detach(),
                 "eta": t.aug.eta.detach(),

@@ -140,7 +140,7 @@ def test_resume_from_explicit_path_and_config_mismatch(tmp_path):
 
 def test_nonfinite_loss_rolls_back(tmp_path):
     t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path)
-    orig = t.map_loss
+    orig = t.parts.map_step.loss  # the MAP step part calls its own loss
     calls = {"n": 0}
 
     def flaky(x, y):
@@ -150,7 +150,7 @@ def test_nonfinite_loss_rolls_back(tmp_path):
             return loss * float("nan"), nll, out
         return loss, nll, out
 
-    t.map_loss = flaky
+    t.parts.map_step.loss = flaky
     s = t.fit()
     assert s["rollbacks"] == 1 and len(s["rollback_events"]) == 1
     ev = s["rollback_events"][0]
@@ -163,7 +163,7 @@ def test_nonfinite_loss_rolls_back(tmp_path):
 
 def test_nonfinite_marglik_rolls_back(tmp_path):
     t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path)
-    orig = t.log_marglik
+    orig = t.parts.laplace.log_marglik  # shared by the hypersteps and the selection value
     calls = {"n": 0}
 
     def flaky(la):
@@ -171,7 +171,7 @@ def test_nonfinite_marglik_rolls_back(tmp_path):
         value = orig(la)
         return value * float("nan") if calls["n"] == 2 else value
 
-    t.log_marglik = flaky
+    t.parts.laplace.log_marglik = flaky
     s = t.fit()
     assert [e["kind"] for e in s["rollback_events"]] == ["marglik"] and s["rollbacks"] == 1
     assert t.hyper_lr_scale == 0.5
@@ -181,7 +181,7 @@ def test_nonfinite_marglik_rolls_back(tmp_path):
 
 def test_gives_up_after_max_rollbacks(tmp_path):
     t = MarglikTuner(tiny(trainer={"epochs": 3, "max_rollbacks": 2}), tmp_path)
-    t.log_marglik = lambda la: torch.tensor(float("inf"))
+    t.parts.laplace.log_marglik = lambda la: torch.tensor(float("inf"))
     with pytest.raises(NonFiniteError, match="after 2 rollbacks"):
         t.fit()
     assert len(t.events) == 2
@@ -244,14 +244,14 @@ def test_summary_types_are_the_same_in_every_run(tmp_path):
     from marglik.tuning.reporting import RunSummary
 
     t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path / "tuned")
-    orig, calls = t.map_loss, {"n": 0}
+    orig, calls = t.parts.map_step.loss, {"n": 0}
 
     def flaky(x, y):
         calls["n"] += 1
         loss, nll, out = orig(x, y)
         return (loss * float("nan"), nll, out) if calls["n"] == 5 else (loss, nll, out)
 
-    t.map_loss = flaky
+    t.parts.map_step.loss = flaky
     t.fit()
     tune(tiny(trainer={"epochs": 1}, hyper={"burn_in": 3}), tmp_path / "untuned")
     a = json.loads((tmp_path / "tuned" / "summary.json").read_text())

@@ -5,6 +5,9 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
   :class:`ConfigError` -- a bad key, type or value, as one line.
 * :class:`MarglikTuner` / :func:`tune` -- train, tune, evaluate, write the outputs; data
   parallel under ``torchrun`` (:mod:`marglik.tuning.distributed`).
+* :func:`build_parts` -- a config -> the run's parts (:mod:`marglik.tuning.parts`), taking a
+  user's own model, :class:`TensorData` or Laplace factory; :class:`Trainer` -- the driver that
+  sequences epochs over them.
 * :class:`SelectionSet` -- the fixed data of the selection value (``hyper.selection``,
   :class:`SelectionEstimator`) that picks the best epoch and gives the reported log marglik.
 * :class:`CheckpointError` (a :class:`marglik.errors.UserError`): :class:`DamagedCheckpointError` -- a
@@ -16,6 +19,7 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
 """
 
 from .backends import CurvatureBackend, CurvatureStructure, PeerLaplace
+from .build import build_parts
 from .checkpoint import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
 from .config import (
     Config,
@@ -31,6 +35,8 @@ from .device import resolve_device
 from .estimator import SelectionEstimator, SelectionSet
 from .explain import explain_run
 from .loop import MarglikTuner, NonFiniteError, tune
+from .parts import Parts, TensorData
+from .trainer import Trainer
 
 __all__ = [
     "Config",
@@ -50,6 +56,10 @@ __all__ = [
     "SelectionEstimator",
     "SelectionSet",
     "tune",
+    "Trainer",
+    "Parts",
+    "TensorData",
+    "build_parts",
     "resolve_device",
     "CurvatureBackend",
     "CurvatureStructure",

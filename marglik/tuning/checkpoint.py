@@ -1,11 +1,16 @@
 """Checkpoints of a tuning run: atomic files, RNG states, in-memory snapshots for rollback.
 
-A checkpoint is a plain dict (see :meth:`marglik.tuning.loop.MarglikTuner.state_dict`) holding
-everything the run depends on: model, augmentation and prior parameters, both optimizers, the
-lr scales, the epoch, the history, every random number generator (torch CPU/CUDA, numpy,
-Python, and the run's own ``torch.Generator`` streams) and the resolved config. Resuming from the
-file therefore continues the run exactly as if it had not been interrupted (on the same device
-type; CUDA kernels may be nondeterministic).
+A checkpoint is a plain dict of the run's *part states*
+(:func:`marglik.tuning.checkpoint_format.pack`; format version
+:data:`~marglik.tuning.checkpoint_format.VERSION`): ``{"version", "epoch", "config", "parts": {name: part.state_dict()}}``, with one
+entry per part of :meth:`marglik.tuning.parts.Parts.stateful` plus the driver's own ``"run"``
+state -- model, prior and augmentation parameters, both optimizers with their lr scales, the
+history, the best state, every random number generator (torch CPU/CUDA, numpy, Python, and the
+run's own ``torch.Generator`` streams) -- and the resolved config. This module stores and loads
+that dict; :mod:`marglik.tuning.checkpoint_format` packs and validates it (``check_parts``) and
+never looks inside a part's state, except to ``upgrade`` a version-1 checkpoint (the flat dict
+written before the loop was split into parts) to the current layout. Resuming from the file therefore continues the run exactly as if it
+had not been interrupted (on the same device type; CUDA kernels may be nondeterministic).
 
 Safety: checkpoints hold tensors and plain data only (dicts, lists, tuples, strings, numbers,
 ``None``): the config is saved as a plain dict, NumPy's and Python's RNG states as a tensor and
@@ -47,8 +52,10 @@ LAST = "last.ckpt"
 PREV = "prev.ckpt"  #: the good checkpoint before ``last.ckpt`` (the fallback if ``last`` is corrupt)
 BEST = "best.ckpt"
 CKPT_DIR = "checkpoints"
-#: keys every run checkpoint has; a file without them is not a usable resume point
+#: keys every version-1 run checkpoint has; a file without them is not a usable resume point
 REQUIRED_KEYS = ("epoch", "model", "history", "rng", "config")
+#: keys every run checkpoint of the current version has (:mod:`marglik.tuning.checkpoint_format`)
+REQUIRED_KEYS_V2 = ("version", "epoch", "config", "parts")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -209,14 +216,15 @@ def save(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = Fa
     os.replace(tmp, path)
 
 
-def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+def load(path: Union[str, Path], map_location: Any = "cpu", required: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Read a checkpoint without running code: ``torch.load(weights_only=True)`` with
     :data:`ALLOWED_GLOBALS` as the only Python objects besides tensors and plain data.
 
     Args:
         path: the checkpoint file.
         map_location: as for ``torch.load``.
-        required: keys it must have (default: a run checkpoint's; ``()`` for ``best.ckpt``).
+        required: keys it must have (default: a run checkpoint's of the file's version,
+            :data:`REQUIRED_KEYS_V2` or :data:`REQUIRED_KEYS`; ``()`` for ``best.ckpt``).
 
     Returns:
         The saved dict.
@@ -241,6 +249,8 @@ def load(path: Union[str, Path], map_location: Any = "cpu", required: Sequence[s
                 "do not resume from a file you do not trust"
             ) from None
         raise DamagedCheckpointError(f"checkpoint {path} is damaged ({_damage(path)}) and cannot be read") from None
+    if required is None:
+        required = REQUIRED_KEYS_V2 if isinstance(state, dict) and (state.get("version") or 1) >= 2 else REQUIRED_KEYS
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is not a marglik run checkpoint (missing {missing})")
@@ -384,18 +394,21 @@ def load_resume_state(
         report: called with one line per problem.
 
     Returns:
-        ``(state, path)`` of the checkpoint loaded (on the CPU), or ``(None, None)``.
+        ``(state, path)`` of the checkpoint loaded (on the CPU, in the current format:
+        :func:`marglik.tuning.checkpoint_format.upgrade`), or ``(None, None)``.
 
     Raises:
         UnsafeCheckpointError: an explicit ``spec`` whose candidate holds disallowed objects.
         CheckpointError: an explicit ``spec`` whose candidates are all unreadable.
         MissingCheckpointError: as :func:`resume_candidates`.
     """
+    from .checkpoint_format import upgrade
+
     cands = resume_candidates(spec, run_dir)
     failed = []
     for i, path in enumerate(cands):
         try:
-            return load(path, map_location="cpu"), path  # RNG states must stay on the CPU
+            return upgrade(load(path, map_location="cpu"), path), path  # RNG states must stay on the CPU
         except CheckpointError as e:
             if isinstance(e, UnsafeCheckpointError) and str(spec).lower() != "auto":
                 raise
@@ -433,3 +446,4 @@ def check_writable(path: Union[str, Path], what: str) -> None:
             f"the {what} {path} is not writable ({why}); choose another one "
             f"(hydra.run.dir=... on the command line, run_dir in Python)"
         ) from e
+

@@ -1,0 +1,164 @@
+"""The hypersteps of one marglik update: ``K`` Adam ascent steps of ``(log delta, eta)`` on the
+Laplace log marginal likelihood of a (sub)set of augmented training batches.
+
+A fresh Laplace fit per step when the augmentation is learned (``eta`` moves the data; the fit is
+differentiable w.r.t. ``eta``), one fit for all ``K`` steps otherwise (the fit does not depend on
+the prior precision). Which batches a fit sees: :class:`marglik.tuning.estimator.MarglikSubset`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import DistContext
+from ..estimator import MarglikSubset
+from .data import TensorData
+from .hyperparams import Augmenter, PriorPrecision
+from .laplace_fit import LaplaceMarglik
+from .nonfinite import NonFiniteValue
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (honest timings on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HyperStep:
+    """The ``K`` hypersteps of one marglik update.
+
+    Args:
+        model: the network (put in eval mode for the fits).
+        prior: ``log delta``.
+        augmenter: ``eta`` (learned when enabled) and the augmentation of the fit's batches.
+        laplace: fits and log marginal likelihoods.
+        estimator: which batches a fit sees.
+        data: the training data.
+        optimizer: Adam over ``log delta`` (and ``eta``), each group with its ``base_lr``.
+        generator: the subset stream.
+        steps: ``K``.
+        lr_factor: ``lr_factor(epoch)``: the scheduled factor on the ``base_lr`` s after ``epoch``
+            completed epochs (``None``: 1).
+        dist: the process group.
+
+    State: the optimizer, ``lr_scale`` (the rollbacks' factor on the hyper lrs) and the timings:
+    ``step_seconds`` (steps with a fit), ``cached_step_seconds`` (steps reusing one), ``n_fits``.
+    """
+
+    def __init__(self, model: nn.Module, prior: PriorPrecision, augmenter: Augmenter, laplace: LaplaceMarglik,
+                 estimator: MarglikSubset, data: TensorData, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator, steps: int, lr_factor: Optional[Callable[[int], float]] = None,
+                 dist: Optional[DistContext] = None) -> None:
+        self.model, self.prior, self.augmenter, self.laplace = model, prior, augmenter, laplace
+        self.estimator, self.data, self.optimizer, self.generator = estimator, data, optimizer, generator
+        self.steps = int(steps)
+        self.lr_factor = lr_factor if lr_factor is not None else (lambda epoch: 1.0)
+        self.dist = dist if dist is not None else DistContext()
+        self.lr_scale = 1.0
+        self.step_seconds: List[float] = []
+        self.cached_step_seconds: List[float] = []
+        self.n_fits = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the hyperparameters live."""
+        return self.prior.log_prior.device
+
+    def set_lrs(self, epoch: int) -> None:
+        """Set the hyper lrs: ``base_lr * lr_factor(epoch) * lr_scale``.
+
+        Args:
+            epoch: completed epochs.
+        """
+        factor = self.lr_scale * self.lr_factor(epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+    def batches(self) -> List[Tuple[Tensor, Tensor]]:
+        """Batches for one Laplace fit (the subset: all data, or ``marglik_batches`` random
+        batches), augmented with the current ``eta`` (differentiable w.r.t. ``eta``)."""
+        X, y = self.data.X, self.data.y
+        batches = self.estimator.index_batches(self.generator, X.device)
+        if self.dist.enabled:  # this rank's shard of every batch; the fit all-reduces the sums
+            return [(self.augmenter(X[i], shard=True), y[i][self.dist.shard(len(i))]) for i in batches]
+        return [(self.augmenter(X[i]), y[i]) for i in batches]
+
+    def run(self, epoch: int) -> Tuple[Dict[str, float], Any]:
+        """The ``K`` hypersteps after ``epoch`` completed epochs.
+
+        Args:
+            epoch: completed epochs (for the lr schedule).
+
+        Returns:
+            ``({"hyperstep_log_marglik": last step's estimate (before its step),
+            "hyperstep_log_marglik_first": first step's}, last fit)``.
+
+        Raises:
+            NonFiniteValue: a non-finite hyperparameter, log marglik or gradient, or a failed
+                factorisation (kind ``"marglik"``).
+        """
+        self.set_lrs(epoch)
+        self.model.eval()
+        aug_on = self.augmenter.enabled
+        log_prior, eta = self.prior.log_prior, self.augmenter.eta
+        hyper_params = [log_prior] + ([eta] if aug_on else [])
+        la = None
+        values = []
+        pre = None
+        try:
+            for k in range(self.steps):
+                where = f"hyperstep {k + 1}/{self.steps}"
+                sync(self.device)
+                t0 = time.perf_counter()
+                fitted = la is None or aug_on
+                if not torch.isfinite(log_prior).all() or not torch.isfinite(eta).all():
+                    raise NonFiniteValue("marglik", "non-finite hyperparameters", where)
+                try:
+                    if fitted:
+                        la = self.laplace.fit(self.batches(), self.estimator)
+                        self.n_fits += 1
+                    lml = self.laplace.log_marglik(la)
+                except (torch.linalg.LinAlgError, FloatingPointError) as err:  # e.g. factors overflowed to inf
+                    raise NonFiniteValue("marglik", f"{type(err).__name__}: {err}", where) from None
+                if not torch.isfinite(lml):
+                    raise NonFiniteValue("marglik", lml.item(), where)
+                grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
+                if self.dist.enabled and aug_on:
+                    # eta acts through each rank's own shard: its gradient is the sum over ranks.
+                    # The prior precision acts through the all-reduced factors only: same on all ranks.
+                    grads = (grads[0], self.dist.sum_(torch.zeros_like(eta) if grads[1] is None
+                                                      else grads[1].detach().clone()))
+                pre = lml.item()
+                if any(g is not None and not torch.isfinite(g).all() for g in grads):
+                    raise NonFiniteValue("marglik", "non-finite gradient", where)
+                for p, g in zip(hyper_params, grads):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.dist.enabled:  # identical hyperparameters on every rank, whatever the hardware
+                    for p in hyper_params:
+                        self.dist.broadcast_(p.data)
+                sync(self.device)
+                (self.step_seconds if fitted else self.cached_step_seconds).append(time.perf_counter() - t0)
+                values.append(pre)
+        finally:
+            self.model.train()
+        return {"hyperstep_log_marglik": pre, "hyperstep_log_marglik_first": values[0]}, la
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Returns: ``optimizer``, ``lr_scale``, ``step_seconds``, ``cached_step_seconds``, ``n_fits``."""
+        return {"optimizer": self.optimizer.state_dict(), "lr_scale": self.lr_scale,
+                "step_seconds": list(self.step_seconds), "cached_step_seconds": list(self.cached_step_seconds),
+                "n_fits": self.n_fits}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Args: state: a :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scale = state["lr_scale"]
+        self.step_seconds = list(state["step_seconds"])
+        self.cached_step_seconds = list(state["cached_step_seconds"])
+        self.n_fits = state["n_fits"]
