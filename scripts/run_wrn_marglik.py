@@ -378,6 +378,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--run-root", default=str(ROOT / "outputs" / "wrn_marglik"))
     p.add_argument("--quick", action="store_true", help="smoke test: 64 images, 3 epochs, one seed per arm")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="only these runs, in this order (names as in the report, e.g. aug-reduce-reduce-s0); the "
+                        "runs already in <out>/wrn_marglik.json are kept, and an interrupted run resumes from its "
+                        "last checkpoint under --run-root")
     p.add_argument("--from-json", action="store_true", help="only re-render md / png from <out>/wrn_marglik.json")
     p.add_argument("--timing-repeats", type=int, default=3, help="in-process hyperstep timing repeats (0: skip)")
     p.add_argument("--timing-only", action="store_true", help="only the in-process timing, into the existing JSON")
@@ -407,14 +411,23 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
     jobs = jobs_of(args)
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    kept: List[Dict[str, Any]] = []
+    if args.runs:
+        by_name = {j["name"]: j for j in jobs}
+        unknown = [n for n in args.runs if n not in by_name]
+        if unknown:
+            raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+        jobs = [by_name[n] for n in args.runs]
+        if (out / f"{STEM}.json").is_file():
+            kept = [r for r in read_json(out, STEM)["runs"] if r["name"] not in args.runs]
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only", "runs")}
     setup.update({"num_params": None, "test_size": 360, "device": "cpu", "torch_threads_per_run": 1})
     print(f"{len(jobs)} runs, {args.workers} at a time; run directories under {args.run_root}", flush=True)
     t0 = time.time()
     data: Dict[str, Any] = {"setup": setup, "runs": [], "wall_seconds": 0.0}
 
     def on_result(done: List[Dict[str, Any]]) -> None:
-        data["runs"] = sorted((finish(r) for r in done), key=lambda r: r["name"])
+        data["runs"] = sorted(kept + [finish(r) for r in done], key=lambda r: r["name"])
         data["wall_seconds"] = time.time() - t0
         for r in done:
             if "summary" in r:
