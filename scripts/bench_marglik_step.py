@@ -48,6 +48,8 @@ from benchlib import RESULTS, pick_device, sync
 from wrn_steps import build_data, build_model, floor_step, marglik_step, peer_step
 
 STEM = "marglik_step_wrn"
+GRID_SIZES = [32, 128, 1000]  # n of the default grid, with and without augmentation
+GRID_COPIES = [1, 2, 8]  # S of the default grid
 #: augmentation flavours: pixels-copies (wrn_steps.FLAVOURS: reduce = reduce-reduce, mixed = expand-reduce)
 AUG_FLAVOURS = {"reduce-reduce": "reduce", "expand-reduce": "mixed", "expand-expand": "expand"}
 NOAUG_FLAVOURS = {"reduce": "reduce", "expand": "mixed"}  # without copies mixed = expand
@@ -167,10 +169,10 @@ def ratios(setting: dict) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 1000], help="n without augmentation")
+    ap.add_argument("--sizes", type=int, nargs="+", default=GRID_SIZES, help="n without augmentation")
     ap.add_argument("--aug-sizes", type=int, nargs="+", default=None,
                     help="n with augmentation (on a CPU 128 x 8 and 1000 x S are skipped unless --all)")
-    ap.add_argument("--copies", type=int, nargs="+", default=[1, 2, 8], help="S with augmentation")
+    ap.add_argument("--copies", type=int, nargs="+", default=GRID_COPIES, help="S with augmentation")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds for n <= 32 (larger n: --repeats-large)")
     ap.add_argument("--repeats-large", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first setting")
@@ -193,7 +195,7 @@ def parse(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     cuda = pick_device(args.device).type == "cuda"
     if args.aug_sizes is None:
-        args.aug_sizes = [32, 128, 1000]
+        args.aug_sizes = GRID_SIZES
     # on a CPU the differentiable fits of 128 x 8 and 1000 x S augmented images take hours per setting:
     # they are the GPU run's (scripts/device_check.sh)
     args.skip = set() if (cuda or args.all) else {(128, 8), (1000, 1), (1000, 2), (1000, 8)}
@@ -231,9 +233,10 @@ def main(argv=None) -> dict:
                                                  if (n, S) not in args.skip]
     # smallest fits first (the augmented ones beside the plain ones): a run cut short keeps every n it reached
     grid.sort(key=lambda g: (g[1], g[0], g[2]))
-    settings = []
+    settings, before = [], {}
     if args.append and (out / f"{STEM}{args.tag}.json").is_file():
-        settings = json.loads((out / f"{STEM}{args.tag}.json").read_text())["settings"]
+        before = json.loads((out / f"{STEM}{args.tag}.json").read_text())
+        settings = before["settings"]
         have = {(st["augment"], st["n"], st["copies"]) for st in settings}
         grid = [g for g in grid if g not in have]
         print(f"appending to {len(settings)} settings measured before: {len(grid)} to run", flush=True)
@@ -252,18 +255,22 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - t0:6.0f} s] aug={augment} n={n} S={S}: "
               + ", ".join(f"{k} {v['median_s']:.2f}" for k, v in res.items()), flush=True)
         print("    " + ", ".join(f"{k} {v:.2f}" for k, v in setting["ratios"].items()), flush=True)
-        _write(out, args, _meta(args, device, name, n_params, load_before), settings)  # what finished, so far
-    acc = None
+        _write(out, args, _meta(args, device, name, n_params, load_before, before), settings,
+               accuracy=before.get("accuracy"))  # what finished, so far
+    acc = before.get("accuracy")  # an appending sitting keeps the earlier comparison unless it measures one
     if not args.no_accuracy:
         n = min(args.sizes)
         X, y = build_data(n, args.image, device)
         print(f"accuracy: float32 vs float64 at n = {n} ...", flush=True)
         acc = {"n": n, "rows": accuracy(model, X, y, fit_batch(n), args.num_data)}
-    return _write(out, args, _meta(args, device, name, n_params, load_before), settings, final=True, accuracy=acc)
+    return _write(out, args, _meta(args, device, name, n_params, load_before, before), settings, final=True,
+                  accuracy=acc)
 
 
-def _meta(args, device, name: str, n_params: int, load_before: float) -> dict:
-    return {
+def _meta(args, device, name: str, n_params: int, load_before: float, before: Optional[dict] = None) -> dict:
+    """The run's setting; an appending sitting keeps the earlier sittings' note (``--note``)."""
+    kept = {k: v for k, v in (before or {}).get("meta", {}).items() if k == "note"}
+    return {**kept,
         "model": f"{name} (norm='none', zero-initialised layers given a small random init), {n_params} parameters",
         "images": f"3x{args.image}x{args.image}, random; {args.num_data} examples represented",
         "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
@@ -273,7 +280,6 @@ def _meta(args, device, name: str, n_params: int, load_before: float) -> dict:
         "rows_max_fraction": __import__("marglik").curvature.row_factor.ROWS_MAX_FRACTION,
         "command": "python scripts/bench_marglik_step.py" + (f" --device {device.type} --tag {args.tag}"
                                                             if device.type != "cpu" else ""),
-        "not_run": [f"n = {n}, S = {S}" for n in args.aug_sizes for S in args.copies if (n, S) in args.skip],
     }
 
 
@@ -286,6 +292,14 @@ def _write(out: Path, args, meta: dict, settings: list, final: bool = False, acc
     if final:
         print(md)
     return payload
+
+
+def missing_settings(settings: list) -> list:
+    """Labels of the default grid's settings (n in {32, 128, 1000}, S in {1, 2, 8}) absent from ``settings``
+    (computed from the settings, so a file measured in several sittings states what it lacks)."""
+    have = {(s["augment"], s["n"], s["copies"]) for s in settings}
+    grid = [(False, n, 1) for n in GRID_SIZES] + [(True, n, S) for n in GRID_SIZES for S in GRID_COPIES]
+    return [_label({"augment": a, "n": n, "copies": S}) for a, n, S in grid if (a, n, S) not in have]
 
 
 def _label(s: dict) -> str:
@@ -369,10 +383,11 @@ def render(payload: dict) -> str:
             lines.append(f"| {r['prior_precision']:g} | {r['auto_lml_rel_err']:.1e} | {r['auto_grad_rel_err']:.1e} | "
                          f"{r['dense_lml_rel_err']:.1e} | {r['dense_grad_rel_err']:.1e} | "
                          f"{r['float64_rows_vs_dense_lml_rel']:.1e} |")
-    if meta.get("not_run"):
-        lines += ["", "Not run on this device (the differentiable fit of that many augmented images takes hours "
-                  "per setting on a CPU; `scripts/device_check.sh` runs them on a GPU): " + "; ".join(meta["not_run"])
-                  + "."]
+    missing = [] if meta.get("quick") else missing_settings(settings)
+    if missing:
+        lines += ["", "Not measured here: " + "; ".join(missing) + ". On a CPU the differentiable fits of 128 x 8 "
+                  "and 1000 x S augmented images take hours per setting; `scripts/device_check.sh` runs the whole "
+                  "grid on a GPU."]
     if meta.get("note"):
         lines += ["", "**Note.** " + meta["note"]]
     lines += ["", f"Reproduce: `{meta['command']}` (re-render: `--from-json`)."]

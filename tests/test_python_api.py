@@ -87,7 +87,7 @@ def test_upgrade_rejects_what_it_cannot_read():
         fmt.check_parts(v1, ["run"])
 
 
-def test_a_version_1_checkpoint_resumes_exactly(tmp_path):
+def test_a_version_1_checkpoint_resumes_the_same_run(tmp_path):
     """Epochs 1-2 by the code before the split (the file), 3-4 by the parts: the same run as the
     parts' uninterrupted one, and the same numbers as the old code's own uninterrupted run."""
     cfg = tiny(trainer={"epochs": 4})
@@ -100,9 +100,12 @@ def test_a_version_1_checkpoint_resumes_exactly(tmp_path):
     assert ckpt.load(run / "checkpoints" / ckpt.LAST)["version"] == 2  # written back in the new format
     ref = MarglikTuner(cfg, tmp_path / "ref")
     ref_summary = ref.fit()
-    assert _strip(resumed.history) == _strip(ref.history)
+    # Epochs 1-2 of ``resumed`` were computed where the file was written; another CPU's kernels may
+    # round differently, so the comparison is to float32 rounding carried over two epochs, not bits
+    # (``test_tuning.test_resume_equals_uninterrupted`` checks a same-machine resume for exact equality).
+    _close(_strip(ref.history), _strip(resumed.history), "history")
     for (n, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), n
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=n)
     old = json.loads(V1_REFERENCE.read_text())
     old = {k: v for k, v in old.items() if k not in TIMING}
     # the same machine reproduces the old code exactly; another CPU may round differently

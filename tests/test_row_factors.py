@@ -155,6 +155,41 @@ def test_eigh_rows_orthonormal_for_rank_deficient_rows():
     assert int((lam > 1e-10 * lam.max()).sum()) == 5
 
 
+def _naive_q0(V):
+    """The one-pass ``e_perp / |e_perp|`` (the negative control for the test below)."""
+    e_perp = -V @ V[:, -1, :].unsqueeze(-1)
+    e_perp = e_perp.squeeze(-1)
+    e_perp[:, -1] += 1.0
+    return e_perp / e_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
+
+
+def test_bias_direction_on_the_complement_is_orthogonal_or_absent():
+    """The bias coordinate ``e`` inside the rows' span (every input factor with a bias column): the
+    complement direction ``q0`` must not be normalised round-off, which would put an O(1) vector
+    inside ``span(V)`` (it did on some CPUs with duplicated rows: log det off by 0.19). Outside the
+    span, ``q0`` is the unit ``e_perp``."""
+    from marglik.curvature.eigen import _bias_complement_direction
+
+    naive_bad = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        R = torch.randn(1, 8, 30, generator=g, dtype=DT)
+        R[..., -1] = 1.0  # a bias column: e is in the row space ...
+        R[:, :4, :-1] = 0.0  # ... and is a row itself, four times (dead inputs)
+        _, V, _ = eigh_rows(R)
+        q0 = _bias_complement_direction(V)
+        inside = (V.mT @ q0.unsqueeze(-1)).abs().max()
+        assert q0.norm() == 0 or (inside < 1e-12 and abs(q0.norm() - 1) < 1e-12), seed
+        naive_bad += int((V.mT @ _naive_q0(V).unsqueeze(-1)).abs().max() > 1e-6)
+        Rw = R.clone()
+        Rw[..., -1] = 0.0  # e orthogonal to the rows: q0 = e
+        _, Vw, _ = eigh_rows(Rw)
+        q0w = _bias_complement_direction(Vw)
+        torch.testing.assert_close(q0w.norm(), torch.tensor(1.0, dtype=DT), **TOL)
+        torch.testing.assert_close(q0w[0, -1], torch.tensor(1.0, dtype=DT), **TOL)  # e itself
+    assert naive_bad > 0, "control: the one-pass normalisation should have failed on some seed"
+
+
 # ------------------------------------------------------------------------------------------------
 # log marginal likelihood and its gradients
 # ------------------------------------------------------------------------------------------------

@@ -328,11 +328,7 @@ class KronEigen:
         a = self.a
         evals, V, rows_V = a.evals, a.V, a.rows_V
         if a.complement > 0:
-            u = V[:, -1, :]  # (G, k)
-            e_perp = -(V @ u.unsqueeze(-1)).squeeze(-1)  # (G, nA): e - V u
-            e_perp[:, -1] += 1.0
-            norm = e_perp.norm(dim=-1, keepdim=True)
-            q0 = e_perp / norm.clamp_min(torch.finfo(V.dtype).tiny)
+            q0 = _bias_complement_direction(V)
             evals = torch.cat([evals.new_zeros(evals.shape[0], 1), evals], -1)
             V = torch.cat([q0.unsqueeze(-1), V], -1)
             if rows_V is not None:
@@ -448,3 +444,24 @@ class KronEigen:
         mB = self.b.squared_columns()[1] if self.b.complement else None
         x = cluster_mean(x, *cA, mA)
         return cluster_mean(x.transpose(-1, -2), *cB, mB).transpose(-1, -2)
+
+
+def _bias_complement_direction(V: Tensor) -> Tensor:
+    """``q0 = e_perp / |e_perp|`` for ``e_perp = e - V V^T e`` (``e`` the last unit vector), ``(G, nA)``.
+
+    ``e_perp`` is projected off ``V`` twice (one Gram-Schmidt pass leaves an error of order
+    ``eps / |e_perp|`` along ``V`` in ``q0``; the second removes it). Where ``e`` lies in the span of
+    ``V`` up to round-off -- the rows of an input factor with a bias column always contain ``e``'s
+    direction unless they are rank-deficient in it -- ``|e_perp|`` is round-off and its direction
+    noise: ``q0`` is then the zero vector, which carries no bias weight (``u^2 = |e_perp|^2``, below
+    ``1e-26`` there), instead of a spurious unit vector that breaks the orthogonality of
+    ``[q0, V]``.
+    """
+    e = torch.zeros(V.shape[:-1], dtype=V.dtype, device=V.device)
+    e[:, -1] = 1.0
+    e_perp = e
+    for _ in range(2):
+        e_perp = e_perp - (V @ (V.transpose(-1, -2) @ e_perp.unsqueeze(-1))).squeeze(-1)
+    norm = e_perp.norm(dim=-1, keepdim=True)
+    tol = 64 * torch.finfo(V.dtype).eps * V.shape[-2] ** 0.5
+    return torch.where(norm > tol, e_perp / norm.clamp_min(tol), torch.zeros_like(e_perp))
