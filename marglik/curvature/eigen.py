@@ -451,9 +451,9 @@ def _bias_complement_direction(V: Tensor) -> Tensor:
 
     ``e_perp`` is projected off ``V`` twice (one Gram-Schmidt pass leaves an error of order
     ``eps / |e_perp|`` along ``V`` in ``q0``; the second removes it). Where ``e`` lies in the span of
-    ``V`` up to round-off -- the rows of an input factor with a bias column always contain ``e``'s
-    direction unless they are rank-deficient in it -- ``|e_perp|`` is round-off and its direction
-    noise: ``q0`` is then the zero vector, which carries no bias weight (``u^2 = |e_perp|^2``, below
+    ``V`` -- the rows' weight parts are linearly dependent, e.g. an all-zero input (dead ReLUs) gives
+    the row ``[0, ..., 0, 1] = e`` itself -- ``|e_perp|`` is round-off and its direction noise: ``q0``
+    is then the zero vector, which carries no bias weight (``u^2 = |e_perp|^2``, below
     ``1e-26`` there), instead of a spurious unit vector that breaks the orthogonality of
     ``[q0, V]``.
     """
