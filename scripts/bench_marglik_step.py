@@ -48,8 +48,8 @@ from benchlib import RESULTS, pick_device, sync
 from wrn_steps import build_data, build_model, floor_step, marglik_step, peer_step
 
 STEM = "marglik_step_wrn"
-GRID_SIZES = [32, 128, 1000]  # n of the default grid, with and without augmentation
-GRID_COPIES = [1, 2, 8]  # S of the default grid
+GRID_SIZES = (32, 128, 1000)  # n of the default grid, with and without augmentation
+GRID_COPIES = (1, 2, 8)  # S of the default grid
 #: augmentation flavours: pixels-copies (wrn_steps.FLAVOURS: reduce = reduce-reduce, mixed = expand-reduce)
 AUG_FLAVOURS = {"reduce-reduce": "reduce", "expand-reduce": "mixed", "expand-expand": "expand"}
 NOAUG_FLAVOURS = {"reduce": "reduce", "expand": "mixed"}  # without copies mixed = expand
@@ -169,10 +169,10 @@ def ratios(setting: dict) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=GRID_SIZES, help="n without augmentation")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(GRID_SIZES), help="n without augmentation")
     ap.add_argument("--aug-sizes", type=int, nargs="+", default=None,
                     help="n with augmentation (on a CPU 128 x 8 and 1000 x S are skipped unless --all)")
-    ap.add_argument("--copies", type=int, nargs="+", default=GRID_COPIES, help="S with augmentation")
+    ap.add_argument("--copies", type=int, nargs="+", default=list(GRID_COPIES), help="S with augmentation")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds for n <= 32 (larger n: --repeats-large)")
     ap.add_argument("--repeats-large", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first setting")
@@ -195,7 +195,7 @@ def parse(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     cuda = pick_device(args.device).type == "cuda"
     if args.aug_sizes is None:
-        args.aug_sizes = GRID_SIZES
+        args.aug_sizes = list(GRID_SIZES)
     # on a CPU the differentiable fits of 128 x 8 and 1000 x S augmented images take hours per setting:
     # they are the GPU run's (scripts/device_check.sh)
     args.skip = set() if (cuda or args.all) else {(128, 8), (1000, 1), (1000, 2), (1000, 8)}
@@ -240,6 +240,7 @@ def main(argv=None) -> dict:
         have = {(st["augment"], st["n"], st["copies"]) for st in settings}
         grid = [g for g in grid if g not in have]
         print(f"appending to {len(settings)} settings measured before: {len(grid)} to run", flush=True)
+    acc = before.get("accuracy")  # an appending sitting keeps the earlier comparison unless it measures one
     for i, (augment, n, S) in enumerate(grid):
         X, y = build_data(n, args.image, device)
         batch = fit_batch(n)
@@ -256,8 +257,7 @@ def main(argv=None) -> dict:
               + ", ".join(f"{k} {v['median_s']:.2f}" for k, v in res.items()), flush=True)
         print("    " + ", ".join(f"{k} {v:.2f}" for k, v in setting["ratios"].items()), flush=True)
         _write(out, args, _meta(args, device, name, n_params, load_before, before), settings,
-               accuracy=before.get("accuracy"))  # what finished, so far
-    acc = before.get("accuracy")  # an appending sitting keeps the earlier comparison unless it measures one
+               accuracy=acc)  # what finished, so far
     if not args.no_accuracy:
         n = min(args.sizes)
         X, y = build_data(n, args.image, device)

@@ -164,8 +164,9 @@ def _naive_q0(V):
 
 
 def test_bias_direction_on_the_complement_is_orthogonal_or_absent():
-    """The bias coordinate ``e`` inside the rows' span (every input factor with a bias column): the
-    complement direction ``q0`` must not be normalised round-off, which would put an O(1) vector
+    """The bias coordinate ``e`` inside the rows' span (rows with a bias column whose weight parts are
+    linearly dependent, e.g. all-zero inputs): the complement direction ``q0`` must not be normalised
+    round-off, which would put an O(1) vector
     inside ``span(V)`` (it did on some CPUs with duplicated rows: log det off by 0.19). Outside the
     span, ``q0`` is the unit ``e_perp``."""
     from marglik.curvature.eigen import _bias_complement_direction

@@ -315,7 +315,8 @@ class KronEigen:
 
         A full decomposition is returned as it is. For a factor held as rows, ``e`` generally has a
         component ``e_perp = e - V V^T e`` on the complement, where ``A`` is 0: the unit vector
-        ``q0 = e_perp / |e_perp|`` is an eigenvector of ``A`` with eigenvalue 0, and every other
+        ``q0 = e_perp / |e_perp|`` (the zero vector where ``e`` lies in the span:
+        :func:`_bias_complement_direction`) is an eigenvector of ``A`` with eigenvalue 0, and every other
         direction of the complement is orthogonal to ``e`` and to the rows, so it drops out of the
         log determinant, the solves and the gradients (``t_j``, ``u`` and ``C`` of
         :class:`~marglik.curvature.posterior_blocks.WeightBiasPriorKron`). ``q0`` is prepended.
