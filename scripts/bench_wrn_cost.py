@@ -48,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -136,16 +137,20 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-data", type=int, default=50000, help="N the curvature represents (CIFAR-10: 50000)")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, S in {1,2}, B=2")
+    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, S in {1,2}, B=2 (unless --batch-sizes)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     ap.add_argument("--from-json", action="store_true",
                     help="only re-render <out>/wrn_cost<tag>.md from its JSON")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of <out>/wrn_cost<tag>.json for the batch sizes not measured now (a grid "
+                         "measured in several sittings; each sitting's batch sizes and load are kept in the meta)")
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if pick_device(args.device).type == "cuda" else 1
     if args.quick:
-        args.copies, args.batch_sizes, args.image, args.width, args.depth = [1, 2], [2], 16, 1, 10
+        args.copies, args.image, args.width, args.depth = [1, 2], 16, 1, 10
+        args.batch_sizes = args.batch_sizes or [2]
         args.repeats, args.warmup = 1, 0
     return args
 
@@ -184,33 +189,20 @@ def main(argv=None) -> dict:
                 print(f"B={batch:4d} S={S:3d} {cname:34s} {t:8.3f} s  "
                       f"{'' if mem is None else f'{mem / 2**20:8.1f} MiB'}", flush=True)
 
-    def get(batch, S, cname, key):
-        for r in rows:
-            if (r["batch_size"], r["copies"], r["contender"]) == (batch, S, cname):
-                return r[key]
-        return None
-
-    ratios = []
-    for batch in args.batch_sizes:
-        for S in args.copies:
-            red = get(batch, S, "reduce", "median_s")
-            entry = {"batch_size": batch, "copies": S,
-                     "expand_over_reduce": get(batch, S, "expand", "median_s") / red,
-                     "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red,
-                     "reduce_over_train_step": red / get(batch, S, TRAIN_STEP, "median_s")}
-            act = get(batch, S, TRAIN_STEP, "peak_extra_mib")
-            ggn = get(batch, S, GGN_BACKWARD, "peak_extra_mib")
-            for f in FLAVOURS:  # memory beyond the activations (the training step on the same batch)
-                mem = get(batch, S, f, "peak_extra_mib")
-                entry[f"{f}_beyond_activations_mib"] = None if mem is None or act is None else mem - act
-                entry[f"{f}_beyond_ggn_backward_mib"] = None if mem is None or ggn is None else mem - ggn
-            if S == 1:
-                for a in ("expand", "reduce"):
-                    ours = get(batch, S, f"marglik-noaug-{a}", "median_s")
-                    peer = get(batch, S, f"laplace-torch-curvlinops-{a}", "median_s")
-                    entry[f"marglik_over_peer_{a}"] = ours / peer
-            ratios.append(entry)
-
+    sitting = {"batch_sizes": list(args.batch_sizes), "threads": args.threads, "repeats": args.repeats,
+               "load_average_1min": [load_before, os.getloadavg()[0]]}  # before / after (a shared machine)
+    sittings = [sitting]
+    stem = f"wrn_cost{args.tag}"
+    if args.append and (Path(args.out) / f"{stem}.json").is_file():
+        before = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        rows = [r for r in before["rows"] if r["batch_size"] not in args.batch_sizes] + rows
+        m = before["meta"]
+        sittings = m.get("sittings") or [{"batch_sizes": sorted({r["batch_size"] for r in before["rows"]}),
+                                          "threads": m["threads"], "repeats": m["repeats"],
+                                          "load_average_1min": m.get("load_average_1min")}]
+        sittings = [st for st in sittings if not set(st["batch_sizes"]) <= set(args.batch_sizes)] + [sitting]
+        rows.sort(key=lambda r: r["batch_size"])
+    ratios = ratio_entries(rows)
     meta = {
         "model": f"{name} (norm='none'), {n_params} parameters",
         "image": f"3x{args.image}x{args.image}, random",
@@ -224,11 +216,45 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "torch": torch.__version__,
         "quick": args.quick,
-        "load_average_1min": [load_before, os.getloadavg()[0]],  # before / after (a shared machine)
+        "load_average_1min": sitting["load_average_1min"],  # this sitting's, before / after (a shared machine)
+        "sittings": sittings,
     }
     payload = {"meta": meta, "rows": rows, "ratios": ratios}
-    write_result(Path(args.out), f"wrn_cost{args.tag}", payload, render)
+    write_result(Path(args.out), stem, payload, render)
     return payload
+
+
+def ratio_entries(rows: List[dict]) -> List[dict]:
+    """Per (B, S) of ``rows``: the time ratios to reduce, reduce over the training step, each flavour's
+    peak memory beyond the two references and, at S = 1, marglik over the peer."""
+
+    def get(batch, S, cname, key):
+        for r in rows:
+            if (r["batch_size"], r["copies"], r["contender"]) == (batch, S, cname):
+                return r[key]
+        return None
+
+    ratios = []
+    for batch in dict.fromkeys(r["batch_size"] for r in rows):
+        for S in dict.fromkeys(r["copies"] for r in rows if r["batch_size"] == batch):
+            red = get(batch, S, "reduce", "median_s")
+            entry = {"batch_size": batch, "copies": S,
+                     "expand_over_reduce": get(batch, S, "expand", "median_s") / red,
+                     "mixed_over_reduce": get(batch, S, "mixed", "median_s") / red,
+                     "reduce_over_train_step": red / get(batch, S, TRAIN_STEP, "median_s")}
+            act = get(batch, S, TRAIN_STEP, "peak_extra_mib")
+            ggn = get(batch, S, GGN_BACKWARD, "peak_extra_mib")
+            for f in FLAVOURS:  # memory beyond the activations (the training step on the same batch)
+                mem = get(batch, S, f, "peak_extra_mib")
+                entry[f"{f}_beyond_activations_mib"] = None if mem is None or act is None else mem - act
+                entry[f"{f}_beyond_ggn_backward_mib"] = None if mem is None or ggn is None else mem - ggn
+            if get(batch, S, "marglik-noaug-expand", "median_s") is not None:
+                for a in ("expand", "reduce"):
+                    ours = get(batch, S, f"marglik-noaug-{a}", "median_s")
+                    peer = get(batch, S, f"laplace-torch-curvlinops-{a}", "median_s")
+                    entry[f"marglik_over_peer_{a}"] = ours / peer
+            ratios.append(entry)
+    return ratios
 
 
 def _beyond_table(ratios: List[dict], rows: List[dict], reference: str, key: str) -> List[str]:
@@ -241,6 +267,16 @@ def _beyond_table(ratios: List[dict], rows: List[dict], reference: str, key: str
         lines.append(f"| {r['batch_size']} | {r['copies']} | {'-' if ref is None else f'{ref:.0f}'} | "
                      + " | ".join("-" if v is None else f"{v:+.0f}" for v in vals) + " |")
     return lines
+
+
+def _loads(meta: dict) -> str:
+    """The load averages (before / after) of the sittings that measured the rows."""
+    sittings = meta.get("sittings")
+    if not sittings:
+        return " / ".join(f"{v:.1f}" for v in meta.get("load_average_1min", []))
+    return "; ".join(f"B = {', '.join(map(str, st['batch_sizes']))}: "
+                     + " / ".join(f"{v:.1f}" for v in st.get("load_average_1min") or [])
+                     + f" ({st['threads']} threads)" for st in sittings)
 
 
 def render(payload: dict) -> str:
@@ -264,8 +300,7 @@ def render(payload: dict) -> str:
         f"- one step: {meta['step']}",
         f"- median of {meta['repeats']} steps after {meta['warmup']} warm-up, round-robin over contenders in one "
         "process; memory: peak extra memory of one step in a fresh process (CPU: resident set size; CUDA: "
-        "max_memory_allocated); 1-minute load average before / after: "
-        + " / ".join(f"{v:.1f}" for v in meta.get("load_average_1min", [])),
+        "max_memory_allocated); 1-minute load average before / after: " + _loads(meta),
         "- flavours: expand = expand pixels and copies; mixed = expand pixels, reduce copies (LILA's expand arm); "
         "reduce = reduce both",
         "",

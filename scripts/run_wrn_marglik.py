@@ -26,6 +26,10 @@ directories, repository-relative in the JSON, under ``--run-root``)::
     python scripts/run_wrn_marglik.py                  # the committed results (about 1.5 h on 2 cores)
     python scripts/run_wrn_marglik.py --quick --out /tmp/wrn --run-root /tmp/wrn/runs
     python scripts/run_wrn_marglik.py --from-json      # re-render md / png from the JSON
+    python scripts/run_wrn_marglik.py --rerun aug-reduce-reduce-s1 --workers 1   # time one run again
+
+A run's duration is best read from ``--rerun`` on a machine without the study's other jobs; why
+the flavours learn different rotations: ``scripts/wrn_rotation_terms.py``.
 """
 
 from __future__ import annotations
@@ -38,67 +42,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from wrn_protocol import ARMS, DEFAULTS, PROTOCOL_NOTES, job_config
+
 from benchlib import ROOT, flavour_label, hyperstep_timing_rows, time_hypersteps
 from runner import read_json, run_pool, write_outputs
 
 STEM = "wrn_marglik"
 #: (augmentation, approx, copies_approx, number of seeds)
-ARMS: List[Tuple[bool, str, str, int]] = [
-    (True, "expand", "reduce", 3), (True, "reduce", "reduce", 3), (True, "expand", "expand", 1),
-    (False, "expand", "reduce", 1), (False, "reduce", "reduce", 1),
-]
 _ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "expand (no copies)": 3, "reduce (no copies)": 4}
-
-PROTOCOL_NOTES = """
-Why this protocol. *Task*: the digits are the only image data that ship with a package; rotating
-each image by a fixed angle in [-90, 90] degrees makes rotation invariance a hyperparameter with a
-known answer. *Input size 8x8* (native): WRN-16-4 then costs about 2 ms per image and SGD step on
-one CPU thread, so 30 epochs with S = 4 augmented copies and the marglik updates fit the 20-minute
-budget per run; the learned augmentation acts on the same 8x8 grid as the data's rotation (the
-small-CNN invariance study, `results/invariance_digits.md`, learns the range there). *Fixup
-WRN-16-4*: as in the paper (no BatchNorm, whose batch statistics the per-example Laplace curvature
-does not model). Its non-zero layers use He initialisation with fan_in: with fan_out (the earlier
-runs) the pooled features of the 1-channel input came out at ~1e-2 and neither SGD nor Adam left
-chance level; Fixup's zero-initialised residual branches and classifier are kept. *SGD* (momentum
-0.9, lr 0.03, cosine to 1e-6, batch 32, 30 epochs = 1,350 steps): the paper's optimiser; in pilots
-lr 0.1 drove the scalar Fixup bias before the classifier negative and killed every feature within
-20 steps, 0.01 learned more slowly than 0.03. *Prior*: layerwise, initial precision 1 (under SGD
-the L2 term shrinks weights in proportion, unlike Adam, where a strong prior erased the
-zero-initialised branches in the earlier runs). *Marglik*: after 4 burn-in epochs, every 2 epochs 3
-hypersteps (13 updates, 39 hypersteps), each on 2 random batches of 64 images with S = 4 copies
-(S = 2 with 32-image batches learned no rotation in a pilot: too little signal per step); Adam with
-lr 0.3 on the log prior precisions and 0.2 on eta (radians) decayed by a cosine over the epochs after
-burn-in (`hyper.schedule=cosine`, the same schedule family as the weights'): with a constant lr 0.1
-a pilot's precisions were still rising by 0.1-0.2 in log per update when the weights' lr had run
-out, so the last updates' movement below is bounded by the decayed step size as much as by
-convergence -- the trajectories (rotation, mean log prior precision) are in the figure. The selection value is on a fixed subset of 512
-images (`hyper.selection=subset`: the whole set costs ~3x more per update).
-""".strip()
-
 
 # ------------------------------------------------------------------ jobs
 def arm_name(aug: bool, approx: str, copies: str) -> str:
     return f"aug-{approx}-{copies}" if aug else f"none-{approx}"
-
-
-def job_config(args, aug: bool, approx: str, copies: str, seed: int) -> Dict[str, Any]:
-    """The tuning config of one run (see :data:`PROTOCOL_NOTES`)."""
-    return dict(
-        data={"name": "digits", "rotation": float(args.rotation), "train_size": args.train_size, "seed": 0},
-        model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
-        curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
-        hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr,
-               "aug_lr": args.aug_lr, "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
-               "schedule": "cosine", "augmentation": aug, "generators": ["rotation"],
-               "n_samples": args.n_samples, "n_samples_test": args.n_samples,
-               "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size,
-               "selection": "subset", "selection_size": args.selection_size},
-        trainer={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_min": 1e-6,
-                 "optimizer": "sgd", "momentum": 0.9, "schedule": "cosine", "seed": seed, "device": "cpu",
-                 "num_threads": 1, "progress": False, "eval_every": 0, "eval_batch_size": 360,
-                 "final_model": "best", "resume": "auto", "max_rollbacks": 10, "rollback_lr_factor": 0.5},
-        logger={"mode": args.wandb, "group": f"wrn16_4-digits-rot{args.rotation:g}"},
-    )
 
 
 def jobs_of(args) -> List[Dict[str, Any]]:
@@ -285,6 +240,7 @@ def render(data: Dict[str, Any]) -> str:
                      f"{_f(sm['log_marglik_per_example'], '.3f')} | {_f(r.get('common_log_marglik_per_example'), '.3f')} | "
                      f"{_f(rot, '.1f')} | {_f(cv['rotation_movement_deg'], '.2f')} | {_f(cv['log_prior_movement'], '.3f')} | "
                      f"{sm['best_epoch']} | {ts['train_seconds']:.0f} | {ts['marglik_seconds']:.0f} |")
+    lines += rerun_lines(data.get("reruns"), {r["name"]: r for r in runs}, s.get("epochs"))
     failed = [r for r in data["runs"] if "error" in r]
     if failed:
         lines += ["", "Failed runs:", ""] + [f"* `{r['name']}`: {r['error']}" for r in failed]
@@ -292,6 +248,46 @@ def render(data: Dict[str, Any]) -> str:
         lines += ["", "## Reading", "", data["reading"].strip()]
     lines += ["", f"![wrn marglik]({STEM}.png)", ""]
     return "\n".join(lines)
+
+
+def rerun_lines(reruns: Optional[Dict[str, Any]], study: Dict[str, Dict[str, Any]], epochs: Any) -> List[str]:
+    """The ``--rerun`` section: each rerun's own seconds (training, marglik updates, the common
+    estimate after the run) beside the study run of the same name."""
+    if not reruns:
+        return []
+    lines = ["", "## Reruns: one run's time on a machine without the study's other jobs", "",
+             f"`python scripts/run_wrn_marglik.py --rerun <run> ...`: runs from scratch, one torch thread each, "
+             f"with the number of runs at a time and the 1-minute load average before and after (a load of 2 on 2 "
+             f"cores: one other single-thread job beside the run, the study's setting). Run minutes = training + "
+             f"marglik updates ({epochs} epochs); the common estimate is scored after the run and listed apart. "
+             "The study's numbers of the same run in parentheses (CPU float arithmetic is not bit-reproducible "
+             "across processes, so a rerun also shows the run-to-run spread of one seed).", "",
+             "| run | at a time | load before / after | run min | train s | marglik s | common estimate s | test acc | "
+             "learned rotation (deg) | rotation moved | log prior moved |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reruns["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||")
+            continue
+        ts, sm, cv = r["time_split"], r["summary"], r["convergence"]
+        o = study.get(r["name"])
+
+        def both(v: Optional[float], ov: Optional[float], spec: str) -> str:
+            return _f(v, spec) + (f" ({_f(ov, spec)})" if o is not None else "")
+
+        rot = (sm["augmentation"] or {}).get("rotation") if r["augmentation"] else None
+        orot = (o["summary"]["augmentation"] or {}).get("rotation") if o is not None and o["augmentation"] else None
+        c = r.get("context") or {}
+        lines.append(
+            f"| {r['name']} | {c.get('workers', '-')} | {_f(c.get('load_average_1min_before'), '.1f')} / "
+            f"{_f(c.get('load_average_1min_after'), '.1f')} | {(ts['train_seconds'] + ts['marglik_seconds']) / 60:.1f} | "
+            f"{ts['train_seconds']:.0f} | "
+            f"{ts['marglik_seconds']:.0f} | {_f(r.get('common_seconds'), '.0f')} | "
+            f"{both(sm['test_accuracy'], o and o['summary']['test_accuracy'], '.3f')} | {both(rot, orot, '.1f')} | "
+            f"{both(cv['rotation_movement_deg'], o and o['convergence']['rotation_movement_deg'], '.2f')} | "
+            f"{both(cv['log_prior_movement'], o and o['convergence']['log_prior_movement'], '.3f')} |")
+    notes = [f"* {r['name']}: {r['context']['note']}" for r in reruns["runs"] if (r.get("context") or {}).get("note")]
+    return lines + ([""] + notes if notes else [])
 
 
 def timing_lines(timing: Optional[Dict[str, Any]]) -> List[str]:
@@ -358,23 +354,23 @@ def plot(data: Dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------ main
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rotation", type=float, default=90.0)
-    p.add_argument("--train-size", type=int, default=None, help="None: all 1437 training digits")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.03, help="SGD lr (cosine to 1e-6)")
-    p.add_argument("--n-samples", type=int, default=4, help="S augmented copies")
-    p.add_argument("--burn-in", type=int, default=4)
-    p.add_argument("--frequency", type=int, default=2, help="a marglik update every F epochs")
-    p.add_argument("--steps", type=int, default=3, help="hypersteps per marglik update")
-    p.add_argument("--prior-prec-init", type=float, default=1.0)
-    p.add_argument("--hyper-lr", type=float, default=0.3, help="Adam lr on the log prior precisions")
-    p.add_argument("--aug-lr", type=float, default=0.2, help="Adam lr on eta (radians)")
-    p.add_argument("--marglik-batches", type=int, default=2)
-    p.add_argument("--marglik-batch-size", type=int, default=64)
-    p.add_argument("--selection-size", type=int, default=512)
+    p.add_argument("--rotation", type=float, default=DEFAULTS["rotation"])
+    p.add_argument("--train-size", type=int, default=DEFAULTS["train_size"], help="None: all 1437 training digits")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="SGD lr (cosine to 1e-6)")
+    p.add_argument("--n-samples", type=int, default=DEFAULTS["n_samples"], help="S augmented copies")
+    p.add_argument("--burn-in", type=int, default=DEFAULTS["burn_in"])
+    p.add_argument("--frequency", type=int, default=DEFAULTS["frequency"], help="a marglik update every F epochs")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="hypersteps per marglik update")
+    p.add_argument("--prior-prec-init", type=float, default=DEFAULTS["prior_prec_init"])
+    p.add_argument("--hyper-lr", type=float, default=DEFAULTS["hyper_lr"], help="Adam lr on the log prior precisions")
+    p.add_argument("--aug-lr", type=float, default=DEFAULTS["aug_lr"], help="Adam lr on eta (radians)")
+    p.add_argument("--marglik-batches", type=int, default=DEFAULTS["marglik_batches"])
+    p.add_argument("--marglik-batch-size", type=int, default=DEFAULTS["marglik_batch_size"])
+    p.add_argument("--selection-size", type=int, default=DEFAULTS["selection_size"])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    p.add_argument("--wandb", default=DEFAULTS["wandb"], choices=["disabled", "offline", "online"])
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--run-root", default=str(ROOT / "outputs" / "wrn_marglik"))
     p.add_argument("--quick", action="store_true", help="smoke test: 64 images, 3 epochs, one seed per arm")
@@ -387,11 +383,48 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--from-json", action="store_true", help="only re-render md / png from <out>/wrn_marglik.json")
     p.add_argument("--timing-repeats", type=int, default=3, help="in-process hyperstep timing repeats (0: skip)")
     p.add_argument("--timing-only", action="store_true", help="only the in-process timing, into the existing JSON")
+    p.add_argument("--rerun", nargs="+", default=None,
+                   help="run these runs again from scratch (under <run-root>/reruns, --workers at a time) to time "
+                        "them on this machine; their records go to the JSON's 'reruns' beside the study's runs, "
+                        "which stay as they are")
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.epochs, args.burn_in, args.frequency = 64, 3, 1, 1
         args.marglik_batch_size, args.selection_size, args.n_samples, args.timing_repeats = 8, 16, 2, 1
     return args
+
+
+def rerun(args, jobs: List[Dict[str, Any]], out: Path) -> int:
+    """``--rerun``: the named runs again from scratch, ``--workers`` at a time, nothing else started by
+    this script; their records (the same fields as the study's runs, with a ``context``: workers,
+    cores, the 1-minute load average before and after) replace earlier reruns of the same names in
+    ``data["reruns"]`` of the existing JSON (reruns of other names are kept). The study's runs are untouched:
+    a rerun is a timing (the 20-minute budget measured on a machine without the study's other jobs)
+    and a reproducibility check (torch on a CPU is not bit-reproducible across sittings)."""
+    import shutil
+
+    by_name = {j["name"]: j for j in jobs}
+    unknown = [n for n in args.rerun if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--rerun: unknown run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    data = read_json(out, STEM)
+    root = Path(args.run_root) / "reruns"
+    todo = []
+    for name in args.rerun:
+        shutil.rmtree(root / name, ignore_errors=True)  # from scratch: a kept checkpoint would be resumed
+        todo.append({**by_name[name], "run_root": str(root)})
+    context = {"workers": args.workers, "cpu_count": os.cpu_count(), "load_average_1min_before": os.getloadavg()[0]}
+    earlier = [r for r in (data.get("reruns") or {}).get("runs", []) if r["name"] not in args.rerun]
+    print(f"rerunning {', '.join(args.rerun)}, {args.workers} at a time, under {root}", flush=True)
+
+    def on_result(done: List[Dict[str, Any]]) -> None:
+        for r in done:
+            r.setdefault("context", {**context, "load_average_1min_after": os.getloadavg()[0]})
+        data["reruns"] = {"runs": sorted(earlier + [finish(r) for r in done], key=lambda r: r["name"])}
+        write_outputs(out, STEM, data, render, plot)
+
+    run_pool(todo, args.workers, on_result)
+    return 0
 
 
 def finish(rec: Dict[str, Any]) -> Dict[str, Any]:
@@ -427,8 +460,10 @@ def main(argv=None) -> int:
             prev = read_json(out, STEM)
             kept = [r for r in prev["runs"] if r["name"] not in args.runs]
             carried = {k: prev[k] for k in ("step_timing",) if k in prev}
+    if args.rerun:
+        return rerun(args, jobs, out)
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only", "runs",
-                                                             "reading")}
+                                                             "reading", "rerun")}
     setup.update({"num_params": None, "test_size": 360, "device": "cpu", "torch_threads_per_run": 1})
     print(f"{len(jobs)} runs, {args.workers} at a time; run directories under {args.run_root}", flush=True)
     t0 = time.time()

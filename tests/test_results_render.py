@@ -31,6 +31,7 @@ RENDERERS = {
     "vit_digits_cli": ("run_vit_digits", "render"),
     "wrn_cost": ("bench_wrn_cost", "render"),
     "wrn_marglik": ("run_wrn_marglik", "render"),
+    "wrn_rotation_terms": ("wrn_rotation_terms", "render"),
 }
 
 

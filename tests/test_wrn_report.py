@@ -72,3 +72,29 @@ def test_runner_paths_are_repository_relative(tmp_path):
     runner = _load("runner")
     assert runner.repo_path(SCRIPTS.parent / "outputs" / "x") == "outputs/x"
     assert not runner.repo_path(tmp_path / "y").startswith("/")
+
+
+def test_reruns_render_beside_the_study_runs(tmp_path):
+    """``--rerun`` records: each rerun's own minutes (training + marglik, the common estimate apart)
+    with the study's run of the same name in parentheses; the study's rows are unchanged."""
+    mod = _load("run_wrn_marglik")
+    args = mod.parse(["--out", str(tmp_path)])
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    study = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 0, 0.90)
+    again = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 0, 0.93)
+    again["common_seconds"] = 12.0
+    again["history"]["epoch_seconds"] = [60.0] * 8  # 480 s in all, 16 s of it marglik
+    again["context"] = {"workers": 1, "cpu_count": 2, "load_average_1min_before": 0.5, "load_average_1min_after": 2.0}
+    again = mod.finish(again)
+    data = {"setup": {**setup, "num_params": 2748890}, "runs": [study], "wall_seconds": 600.0,
+            "reruns": {"runs": [again]}}
+    md = mod.render(data)
+    assert "## Reruns" in md
+    # 480 s = 8.0 min; train 464 s, marglik 16 s, common 12 s; accuracy 0.930 beside the study's 0.900
+    assert ("| aug-reduce-reduce-s0 | 1 | 0.5 / 2.0 | 8.0 | 464 | 16 | 12 | 0.930 (0.900) | 42.0 (42.0) | 3.00 (3.00) |"
+            in md)
+    # the study's own row is the study run's
+    assert "| aug-reduce-reduce-s0 | 0.900 |" in md
+    # a failed rerun is listed, not dropped
+    data["reruns"]["runs"].append({"name": "none-reduce-s0", "error": "ValueError: x"})
+    assert "| none-reduce-s0 | failed: ValueError: x |" in mod.render(data)
