@@ -48,10 +48,16 @@ from benchlib import ROOT, flavour_label, hyperstep_timing_rows, time_hypersteps
 from runner import read_json, run_pool, write_outputs
 
 STEM = "wrn_marglik"
-#: (augmentation, approx, copies_approx, number of seeds)
 _ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "expand (no copies)": 3, "reduce (no copies)": 4}
 
 # ------------------------------------------------------------------ jobs
+def learned_rotation(rec: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The learned rotation range (degrees) of a run record; ``None`` without augmentation or record."""
+    if rec is None or not rec["augmentation"]:
+        return None
+    return (rec["summary"]["augmentation"] or {}).get("rotation")
+
+
 def arm_name(aug: bool, approx: str, copies: str) -> str:
     return f"aug-{approx}-{copies}" if aug else f"none-{approx}"
 
@@ -139,7 +145,7 @@ def arm_table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             ("test_nll", lambda r: r["summary"]["test_nll"]),
             ("own_log_marglik_per_example", lambda r: r["summary"]["log_marglik_per_example"]),
             ("common_log_marglik_per_example", lambda r: r.get("common_log_marglik_per_example")),
-            ("rotation_deg", lambda r: (r["summary"]["augmentation"] or {}).get("rotation") if r["augmentation"] else None),
+            ("rotation_deg", learned_rotation),
             ("rotation_movement_deg", lambda r: r["convergence"]["rotation_movement_deg"]),
             ("log_prior_movement", lambda r: r["convergence"]["log_prior_movement"]),
             ("train_seconds", lambda r: r["time_split"]["train_seconds"]),
@@ -235,7 +241,7 @@ def render(data: Dict[str, Any]) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(runs, key=lambda r: (_ORDER.get(flavour_label(r), 9), r["seed"])):
         sm, cv, ts = r["summary"], r["convergence"], r["time_split"]
-        rot = (sm["augmentation"] or {}).get("rotation") if r["augmentation"] else None
+        rot = learned_rotation(r)
         lines.append(f"| {r['name']} | {sm['test_accuracy']:.3f} | {sm['test_nll']:.3f} | "
                      f"{_f(sm['log_marglik_per_example'], '.3f')} | {_f(r.get('common_log_marglik_per_example'), '.3f')} | "
                      f"{_f(rot, '.1f')} | {_f(cv['rotation_movement_deg'], '.2f')} | {_f(cv['log_prior_movement'], '.3f')} | "
@@ -275,15 +281,13 @@ def rerun_lines(reruns: Optional[Dict[str, Any]], study: Dict[str, Dict[str, Any
         def both(v: Optional[float], ov: Optional[float], spec: str) -> str:
             return _f(v, spec) + (f" ({_f(ov, spec)})" if o is not None else "")
 
-        rot = (sm["augmentation"] or {}).get("rotation") if r["augmentation"] else None
-        orot = (o["summary"]["augmentation"] or {}).get("rotation") if o is not None and o["augmentation"] else None
         c = r.get("context") or {}
         lines.append(
             f"| {r['name']} | {c.get('workers', '-')} | {_f(c.get('load_average_1min_before'), '.1f')} / "
             f"{_f(c.get('load_average_1min_after'), '.1f')} | {(ts['train_seconds'] + ts['marglik_seconds']) / 60:.1f} | "
             f"{ts['train_seconds']:.0f} | "
             f"{ts['marglik_seconds']:.0f} | {_f(r.get('common_seconds'), '.0f')} | "
-            f"{both(sm['test_accuracy'], o and o['summary']['test_accuracy'], '.3f')} | {both(rot, orot, '.1f')} | "
+            f"{both(sm['test_accuracy'], o and o['summary']['test_accuracy'], '.3f')} | {both(learned_rotation(r), learned_rotation(o), '.1f')} | "
             f"{both(cv['rotation_movement_deg'], o and o['convergence']['rotation_movement_deg'], '.2f')} | "
             f"{both(cv['log_prior_movement'], o and o['convergence']['log_prior_movement'], '.3f')} |")
     notes = [f"* {r['name']}: {r['context']['note']}" for r in reruns["runs"] if (r.get("context") or {}).get("note")]
@@ -448,6 +452,8 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
     jobs = jobs_of(args)
+    if args.rerun:
+        return rerun(args, jobs, out)
     kept: List[Dict[str, Any]] = []
     carried: Dict[str, Any] = {}  # the in-process hyperstep timing of an earlier sitting
     if args.runs:
@@ -460,8 +466,6 @@ def main(argv=None) -> int:
             prev = read_json(out, STEM)
             kept = [r for r in prev["runs"] if r["name"] not in args.runs]
             carried = {k: prev[k] for k in ("step_timing",) if k in prev}
-    if args.rerun:
-        return rerun(args, jobs, out)
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only", "runs",
                                                              "reading", "rerun")}
     setup.update({"num_params": None, "test_size": 360, "device": "cpu", "torch_threads_per_run": 1})
@@ -479,7 +483,7 @@ def main(argv=None) -> int:
 
     def describe(r: Dict[str, Any]) -> str:
         sm = r["summary"]
-        rot = (sm["augmentation"] or {}).get("rotation", 0.0) if r["augmentation"] else 0.0
+        rot = learned_rotation(r) or 0.0
         return (f"acc {sm['test_accuracy']:.3f} nll {sm['test_nll']:.3f} rot {rot:5.1f} deg "
                 f"common lml/N {r.get('common_log_marglik_per_example', float('nan')):.3f} run {r['wall_seconds']:.0f} s")
 

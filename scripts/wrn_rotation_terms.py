@@ -81,16 +81,14 @@ def burn_in_state(epochs: int, device: str) -> Dict[str, Any]:
 
 
 def terms_at(tuner: Any, rotation_deg: float) -> Dict[str, float]:
-    """The log marglik terms (divided by N) at the rotation range ``rotation_deg``: as
-    :meth:`marglik.tuning.parts.selection.Selection.value` fits (same seeded noise), without gradient."""
+    """The log marglik terms (divided by N) at the rotation range ``rotation_deg``, from the selection
+    value's own fit (:meth:`marglik.tuning.parts.selection.Selection.fit`: same seeded noise), without gradient."""
     sel = tuner.parts.selection
     with torch.no_grad():
         sel.augmenter.eta.fill_(math.radians(rotation_deg))
     tuner.model.eval()
     t0 = time.perf_counter()
-    with torch.random.fork_rng():
-        torch.manual_seed(sel.estimator.noise_generator().initial_seed())
-        la = sel.laplace.fit(sel.batches(), sel.estimator, differentiable=False)
+    la = sel.fit()
     with torch.no_grad():
         lml = float(sel.laplace.log_marglik(la))  # sets la's prior precision to the run's
         ll, ldr, sc = float(la.log_likelihood), float(la.log_det_ratio), float(la.scatter)
@@ -170,14 +168,21 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--reading", default=None, help="a text file with the reading, stored in the JSON and rendered")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if not args.from_json:
+        if not args.run_dir and not args.burn_in:
+            ap.error("nothing to evaluate: give --run-dir and/or --burn-in")
+        from marglik.tuning import checkpoint as ckpt
+
+        missing = [d for d in args.run_dir if not (Path(d) / "checkpoints" / ckpt.BEST).is_file()]
+        if missing:
+            ap.error(f"--run-dir: no checkpoints/{ckpt.BEST} in {', '.join(missing)} (a finished learned-augmentation "
+                     "run of run_wrn_marglik.py)")
     if args.from_json:
         res = read_json(out, STEM)
         if args.reading:
             res["reading"] = Path(args.reading).read_text()
         write_result(out, STEM, res, render)
         return 0
-    from marglik.tuning import checkpoint as ckpt
-
     torch.set_num_threads(1)
     models = []
     if args.burn_in:

@@ -81,14 +81,26 @@ class Selection:
         self.model.eval()
         try:
             if la is None:
-                device = self.prior.log_prior.device
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(self.estimator.noise_generator().initial_seed())
-                    la = self.laplace.fit(self.batches(), self.estimator, differentiable=False)
+                la = self.fit()
             with torch.no_grad():
                 return self.laplace.log_marglik(la).detach()
         finally:
             self.model.train(was_training)
+
+    def fit(self) -> Any:
+        """A fresh fit (no gradient) on the selection data at the current weights and ``eta``, with
+        the global RNGs forked and seeded from the run's seed (the same noise and MC labels every
+        time; the run's own streams are not advanced). :meth:`value` evaluates it; a caller that wants
+        the terms of the log marglik (``log_likelihood``, ``log_det_ratio``, ``scatter``) reads them
+        from it. Leaves the model's train/eval mode as it is.
+
+        Returns:
+            The fitted approximation.
+        """
+        device = self.prior.log_prior.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.estimator.noise_generator().initial_seed())
+            return self.laplace.fit(self.batches(), self.estimator, differentiable=False)
 
     def update(self, epoch: int, hyperstep_fit: Any = None) -> bool:
         """The selection value after the update of epoch ``epoch`` (1-based); keeps the best state.
