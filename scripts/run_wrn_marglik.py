@@ -27,9 +27,11 @@ directories, repository-relative in the JSON, under ``--run-root``)::
     python scripts/run_wrn_marglik.py --quick --out /tmp/wrn --run-root /tmp/wrn/runs
     python scripts/run_wrn_marglik.py --from-json      # re-render md / png from the JSON
     python scripts/run_wrn_marglik.py --rerun aug-reduce-reduce-s1 --workers 1   # time one run again
+    python scripts/run_wrn_marglik.py --rerun aug-expand-reduce-s2 --epochs 36 --workers 1   # lengthened
 
-A run's duration is best read from ``--rerun`` on a machine without the study's other jobs; why
-the flavours learn different rotations: ``scripts/wrn_rotation_terms.py``.
+A run's duration is best read from ``--rerun`` on a machine without the study's other jobs; with
+more ``--epochs`` a rerun tests whether the run's hyperparameters had converged (``wrn_reruns.py``).
+Why the flavours learn different rotations: ``scripts/wrn_rotation_terms.py``.
 """
 
 from __future__ import annotations
@@ -43,21 +45,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from wrn_protocol import ARMS, DEFAULTS, PROTOCOL_NOTES, job_config
+from wrn_records import finish, fmt, learned_rotation, movement_bound
+from wrn_reruns import lengthened_lines, rerun, rerun_lines
 
 from benchlib import ROOT, flavour_label, hyperstep_timing_rows, time_hypersteps
 from runner import read_json, run_pool, write_outputs
 
 STEM = "wrn_marglik"
+QUICK_EPOCHS = 3  #: epochs of ``--quick``
 _ORDER = {"expand-reduce": 0, "reduce-reduce": 1, "expand-expand": 2, "expand (no copies)": 3, "reduce (no copies)": 4}
 
 # ------------------------------------------------------------------ jobs
-def learned_rotation(rec: Optional[Dict[str, Any]]) -> Optional[float]:
-    """The learned rotation range (degrees) of a run record; ``None`` without augmentation or record."""
-    if rec is None or not rec["augmentation"]:
-        return None
-    return (rec["summary"]["augmentation"] or {}).get("rotation")
-
-
 def arm_name(aug: bool, approx: str, copies: str) -> str:
     return f"aug-{approx}-{copies}" if aug else f"none-{approx}"
 
@@ -99,31 +97,6 @@ def common_estimate(job: Dict[str, Any], tuner: Any, summary: Dict[str, Any]) ->
     value = float(tuner.selection_log_marglik())
     return {"common_log_marglik": value, "common_log_marglik_per_example": value / tuner.N,
             "common_seconds": time.perf_counter() - t0}
-
-
-# ------------------------------------------------------------------ derived numbers
-def convergence(history: Dict[str, List[Any]], updates: int = 3) -> Dict[str, Optional[float]]:
-    """How much the hyperparameters moved over the last ``updates`` marglik updates: the range of
-    the learned rotation (degrees) over the values before and after them, and the sum of the
-    per-update largest changes of a log prior precision (a bound on every tensor's movement)."""
-    lml = history.get("log_marglik") or []
-    idx = [i for i, v in enumerate(lml) if v is not None]
-    if len(idx) < updates + 1:
-        return {"rotation_movement_deg": None, "log_prior_movement": None}
-    last = idx[-updates:]
-    rot = history.get("aug_rotation")
-    rot_vals = [rot[i] for i in [idx[-updates - 1]] + last] if rot else None
-    change = history.get("log_prior_change_max") or [None] * len(lml)
-    moves = [change[i] for i in last]
-    return {"rotation_movement_deg": None if not rot_vals else max(rot_vals) - min(rot_vals),
-            "log_prior_movement": None if any(m is None for m in moves) else sum(moves)}
-
-
-def time_split(history: Dict[str, List[Any]]) -> Dict[str, float]:
-    """Seconds of MAP training and of marglik updates (hypersteps and selection values)."""
-    ep, hy = history.get("epoch_seconds") or [], history.get("hyper_seconds") or []
-    marglik = sum(h or 0.0 for h in hy)
-    return {"train_seconds": sum(e or 0.0 for e in ep) - marglik, "marglik_seconds": marglik}
 
 
 def mean_se(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
@@ -182,12 +155,6 @@ def time_marglik_steps(args, repeats: int) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------ rendering (from the JSON alone)
-def _f(v: Optional[float], spec: str, se: Optional[float] = None) -> str:
-    if v is None:
-        return "-"
-    return format(v, spec) + ("" if se is None else f" ± {format(se, spec)}")
-
-
 def render(data: Dict[str, Any]) -> str:
     s = data["setup"]
     runs = [r for r in data["runs"] if "error" not in r]
@@ -218,7 +185,9 @@ def render(data: Dict[str, Any]) -> str:
         "between flavours); common: every reported model scored by one estimator (reduce-reduce K-FAC, the "
         "whole training set, fixed augmentation noise at the model's learned range).",
         "* convergence: over the last three marglik updates, the range of the learned rotation (degrees) and "
-        "the summed largest change of a log prior precision; targets < 3 degrees and < 0.1.",
+        "the summed largest change of a log prior precision; targets < 3 degrees and < 0.1 ('Every run' "
+        "also gives the movement as a share of what Adam's decayed step allowed, 'Lengthened runs' a run with a "
+        "longer schedule).",
         f"* learned rotation against the true {s['rotation']:g} degrees.",
         "",
         "| augmentation | K-FAC (pixels-copies) | seeds | test acc | test NLL | own log marglik / N | "
@@ -229,24 +198,31 @@ def render(data: Dict[str, Any]) -> str:
     for a in arms:
         lines.append(
             f"| {'learned rotation' if a['augmentation'] else 'none'} | {a['label']} | {a['seeds']} | "
-            f"{_f(a['test_accuracy'], '.3f', a['test_accuracy_se'])} | {_f(a['test_nll'], '.3f', a['test_nll_se'])} | "
-            f"{_f(a['own_log_marglik_per_example'], '.3f', a['own_log_marglik_per_example_se'])} | "
-            f"{_f(a['common_log_marglik_per_example'], '.3f', a['common_log_marglik_per_example_se'])} | "
-            f"{_f(a['rotation_deg'], '.1f', a['rotation_deg_se'])} | {_f(a['rotation_movement_deg'], '.2f')} | "
-            f"{_f(a['log_prior_movement'], '.3f')} | {_f(a['train_seconds'], '.0f')} | {_f(a['marglik_seconds'], '.0f')} |")
+            f"{fmt(a['test_accuracy'], '.3f', a['test_accuracy_se'])} | {fmt(a['test_nll'], '.3f', a['test_nll_se'])} | "
+            f"{fmt(a['own_log_marglik_per_example'], '.3f', a['own_log_marglik_per_example_se'])} | "
+            f"{fmt(a['common_log_marglik_per_example'], '.3f', a['common_log_marglik_per_example_se'])} | "
+            f"{fmt(a['rotation_deg'], '.1f', a['rotation_deg_se'])} | {fmt(a['rotation_movement_deg'], '.2f')} | "
+            f"{fmt(a['log_prior_movement'], '.3f')} | {fmt(a['train_seconds'], '.0f')} | {fmt(a['marglik_seconds'], '.0f')} |")
     lines += timing_lines(data.get("step_timing"))
     lines += ["", "## Every run", "",
               "| run | test acc | test NLL | own log marglik / N | common log marglik / N | learned rotation | "
-              "rotation moved | log prior moved | best epoch | train s | marglik s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "rotation moved | log prior moved | share of Adam's max | best epoch | train s | marglik s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(runs, key=lambda r: (_ORDER.get(flavour_label(r), 9), r["seed"])):
         sm, cv, ts = r["summary"], r["convergence"], r["time_split"]
         rot = learned_rotation(r)
+        bound = movement_bound(r["history"], s["epochs"], s["burn_in"], s["hyper_lr"], s["steps"])
         lines.append(f"| {r['name']} | {sm['test_accuracy']:.3f} | {sm['test_nll']:.3f} | "
-                     f"{_f(sm['log_marglik_per_example'], '.3f')} | {_f(r.get('common_log_marglik_per_example'), '.3f')} | "
-                     f"{_f(rot, '.1f')} | {_f(cv['rotation_movement_deg'], '.2f')} | {_f(cv['log_prior_movement'], '.3f')} | "
-                     f"{sm['best_epoch']} | {ts['train_seconds']:.0f} | {ts['marglik_seconds']:.0f} |")
+                     f"{fmt(sm['log_marglik_per_example'], '.3f')} | {fmt(r.get('common_log_marglik_per_example'), '.3f')} | "
+                     f"{fmt(rot, '.1f')} | {fmt(cv['rotation_movement_deg'], '.2f')} | {fmt(cv['log_prior_movement'], '.3f')} | "
+                     f"{fmt(cv['log_prior_movement'] and bound and cv['log_prior_movement'] / bound, '.2f')} | {sm['best_epoch']} | {ts['train_seconds']:.0f} | {ts['marglik_seconds']:.0f} |")
+    bound = movement_bound(runs[0]["history"], s["epochs"], s["burn_in"], s["hyper_lr"], s["steps"]) if runs else None
+    lines += ["", f"Share of Adam's max: the log prior movement over the most any precision could move in the last "
+              f"three updates under the cosine-decayed hyper lr ({fmt(bound, '.3f')}: Adam's step is its lr; "
+              "`movement_bound` in `scripts/wrn_records.py`). Near 1, a precision was still pushed one way at every "
+              "hyperstep and the small movement is the schedule's; well below 1, the pushes had weakened or changed sign."]
     lines += rerun_lines(data.get("reruns"), {r["name"]: r for r in runs}, s.get("epochs"))
+    lines += lengthened_lines(data.get("lengthened"), {r["name"]: r for r in runs}, s)
     failed = [r for r in data["runs"] if "error" in r]
     if failed:
         lines += ["", "Failed runs:", ""] + [f"* `{r['name']}`: {r['error']}" for r in failed]
@@ -254,44 +230,6 @@ def render(data: Dict[str, Any]) -> str:
         lines += ["", "## Reading", "", data["reading"].strip()]
     lines += ["", f"![wrn marglik]({STEM}.png)", ""]
     return "\n".join(lines)
-
-
-def rerun_lines(reruns: Optional[Dict[str, Any]], study: Dict[str, Dict[str, Any]], epochs: Any) -> List[str]:
-    """The ``--rerun`` section: each rerun's own seconds (training, marglik updates, the common
-    estimate after the run) beside the study run of the same name."""
-    if not reruns:
-        return []
-    lines = ["", "## Reruns: one run's time on a machine without the study's other jobs", "",
-             f"`python scripts/run_wrn_marglik.py --rerun <run> ...`: runs from scratch, one torch thread each, "
-             f"with the number of runs at a time and the 1-minute load average before and after (a load of 2 on 2 "
-             f"cores: one other single-thread job beside the run, the study's setting). Run minutes = training + "
-             f"marglik updates ({epochs} epochs); the common estimate is scored after the run and listed apart. "
-             "The study's numbers of the same run in parentheses (CPU float arithmetic is not bit-reproducible "
-             "across processes, so a rerun also shows the run-to-run spread of one seed).", "",
-             "| run | at a time | load before / after | run min | train s | marglik s | common estimate s | test acc | "
-             "learned rotation (deg) | rotation moved | log prior moved |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in reruns["runs"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||")
-            continue
-        ts, sm, cv = r["time_split"], r["summary"], r["convergence"]
-        o = study.get(r["name"])
-
-        def both(v: Optional[float], ov: Optional[float], spec: str) -> str:
-            return _f(v, spec) + (f" ({_f(ov, spec)})" if o is not None else "")
-
-        c = r.get("context") or {}
-        lines.append(
-            f"| {r['name']} | {c.get('workers', '-')} | {_f(c.get('load_average_1min_before'), '.1f')} / "
-            f"{_f(c.get('load_average_1min_after'), '.1f')} | {(ts['train_seconds'] + ts['marglik_seconds']) / 60:.1f} | "
-            f"{ts['train_seconds']:.0f} | "
-            f"{ts['marglik_seconds']:.0f} | {_f(r.get('common_seconds'), '.0f')} | "
-            f"{both(sm['test_accuracy'], o and o['summary']['test_accuracy'], '.3f')} | {both(learned_rotation(r), learned_rotation(o), '.1f')} | "
-            f"{both(cv['rotation_movement_deg'], o and o['convergence']['rotation_movement_deg'], '.2f')} | "
-            f"{both(cv['log_prior_movement'], o and o['convergence']['log_prior_movement'], '.3f')} |")
-    notes = [f"* {r['name']}: {r['context']['note']}" for r in reruns["runs"] if (r.get("context") or {}).get("note")]
-    return lines + ([""] + notes if notes else [])
 
 
 def timing_lines(timing: Optional[Dict[str, Any]]) -> List[str]:
@@ -390,53 +328,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rerun", nargs="+", default=None,
                    help="run these runs again from scratch (under <run-root>/reruns, --workers at a time) to time "
                         "them on this machine; their records go to the JSON's 'reruns' beside the study's runs, "
-                        "which stay as they are")
+                        "which stay as they are; with --epochs above the protocol's, lengthened runs (under "
+                        "<run-root>/reruns/e<epochs>, records in 'lengthened')")
     args = p.parse_args(argv)
-    if args.quick:
-        args.train_size, args.epochs, args.burn_in, args.frequency = 64, 3, 1, 1
+    args.protocol_epochs = QUICK_EPOCHS if args.quick else DEFAULTS["epochs"]
+    if args.quick:  # --epochs above the default lengthens the quick protocol too (a --rerun smoke test)
+        args.epochs = QUICK_EPOCHS + max(0, args.epochs - DEFAULTS["epochs"])
+        args.train_size, args.burn_in, args.frequency = 64, 1, 1
         args.marglik_batch_size, args.selection_size, args.n_samples, args.timing_repeats = 8, 16, 2, 1
     return args
-
-
-def rerun(args, jobs: List[Dict[str, Any]], out: Path) -> int:
-    """``--rerun``: the named runs again from scratch, ``--workers`` at a time, nothing else started by
-    this script; their records (the same fields as the study's runs, with a ``context``: workers,
-    cores, the 1-minute load average before and after) replace earlier reruns of the same names in
-    ``data["reruns"]`` of the existing JSON (reruns of other names are kept). The study's runs are untouched:
-    a rerun is a timing (the 20-minute budget measured on a machine without the study's other jobs)
-    and a reproducibility check (torch on a CPU is not bit-reproducible across sittings)."""
-    import shutil
-
-    by_name = {j["name"]: j for j in jobs}
-    unknown = [n for n in args.rerun if n not in by_name]
-    if unknown:
-        raise SystemExit(f"--rerun: unknown run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
-    data = read_json(out, STEM)
-    root = Path(args.run_root) / "reruns"
-    todo = []
-    for name in args.rerun:
-        shutil.rmtree(root / name, ignore_errors=True)  # from scratch: a kept checkpoint would be resumed
-        todo.append({**by_name[name], "run_root": str(root)})
-    context = {"workers": args.workers, "cpu_count": os.cpu_count(), "load_average_1min_before": os.getloadavg()[0]}
-    earlier = [r for r in (data.get("reruns") or {}).get("runs", []) if r["name"] not in args.rerun]
-    print(f"rerunning {', '.join(args.rerun)}, {args.workers} at a time, under {root}", flush=True)
-
-    def on_result(done: List[Dict[str, Any]]) -> None:
-        for r in done:
-            r.setdefault("context", {**context, "load_average_1min_after": os.getloadavg()[0]})
-        data["reruns"] = {"runs": sorted(earlier + [finish(r) for r in done], key=lambda r: r["name"])}
-        write_outputs(out, STEM, data, render, plot)
-
-    run_pool(todo, args.workers, on_result)
-    return 0
-
-
-def finish(rec: Dict[str, Any]) -> Dict[str, Any]:
-    """Derived numbers of one record (convergence, time split), kept in the JSON."""
-    if "error" not in rec:
-        rec["convergence"] = convergence(rec["history"])
-        rec["time_split"] = time_split(rec["history"])
-    return rec
 
 
 def main(argv=None) -> int:
@@ -453,7 +353,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     jobs = jobs_of(args)
     if args.rerun:
-        return rerun(args, jobs, out)
+        return rerun(args, jobs, out, STEM, args.protocol_epochs, render, plot)
     kept: List[Dict[str, Any]] = []
     carried: Dict[str, Any] = {}  # the in-process hyperstep timing of an earlier sitting
     if args.runs:
@@ -467,7 +367,7 @@ def main(argv=None) -> int:
             kept = [r for r in prev["runs"] if r["name"] not in args.runs]
             carried = {k: prev[k] for k in ("step_timing",) if k in prev}
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only", "runs",
-                                                             "reading", "rerun")}
+                                                             "reading", "rerun", "protocol_epochs")}
     setup.update({"num_params": None, "test_size": 360, "device": "cpu", "torch_threads_per_run": 1})
     print(f"{len(jobs)} runs, {args.workers} at a time; run directories under {args.run_root}", flush=True)
     t0 = time.time()

@@ -24,7 +24,7 @@ from benchlib import ROOT
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_acc", "test_nll", "log_marglik", "log_marglik_per_example",
                 "hyperstep_log_marglik", "prior_prec_mean", "prior_prec_min", "prior_prec_max", "log_prior_change_max",
                 "epoch_seconds",
-                "hyper_seconds")
+                "hyper_seconds", "log_prior_change_argmax")
 
 
 def repo_path(path: Any) -> str:

@@ -114,3 +114,20 @@ def test_cli_unwritable_checkpoint_dir_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert f"checkpoint directory {run / 'checkpoints'} is not writable" in proc.stderr
     assert not (run / "history.csv").exists()  # failed before training
+
+
+def test_history_names_the_prior_precision_that_moved_most(tmp_path):
+    """``log_prior_change_argmax`` (the convergence column's tensor) is the tensor whose log
+    precision changed most between the last two checkpoints, by ``log_prior_change_max``; empty in
+    an epoch without a marglik update."""
+    cfg = tiny(trainer={"epochs": 3})
+    t = MarglikTuner(cfg, tmp_path)
+    t.fit()
+    last = ckpt.load(tmp_path / "checkpoints" / "last.ckpt")["parts"]["prior"]["log_prior"]
+    prev = ckpt.load(tmp_path / "checkpoints" / "prev.ckpt")["parts"]["prior"]["log_prior"]
+    change = (last - prev).abs()
+    names = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    hist = read_history(tmp_path / "history.csv")
+    assert hist[0]["log_prior_change_argmax"] is None and hist[0]["log_prior_change_max"] == 0  # burn-in
+    assert hist[-1]["log_prior_change_argmax"] == names[int(change.argmax())]
+    assert hist[-1]["log_prior_change_max"] == pytest.approx(float(change.max()), rel=1e-6)

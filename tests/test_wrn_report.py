@@ -98,3 +98,85 @@ def test_reruns_render_beside_the_study_runs(tmp_path):
     # a failed rerun is listed, not dropped
     data["reruns"]["runs"].append({"name": "none-reduce-s0", "error": "ValueError: x"})
     assert "| none-reduce-s0 | failed: ValueError: x |" in mod.render(data)
+
+
+def test_movement_bound_is_the_decayed_adam_step():
+    """Adam's largest movement over the last three updates: steps * lr * 0.5 (1 + cos(pi t)) with
+    t = (epoch - 1 - burn_in) / (epochs - burn_in), the factor of the update after the epoch's MAP steps."""
+    import math
+
+    rec = _load("wrn_records")
+    hist = _history([0.0] * 8, [0.0] * 8)  # updates logged at epochs 2, 4, 6, 8
+    want = sum(3 * 0.3 * 0.5 * (1 + math.cos(math.pi * (e - 1 - 1) / (8 - 1))) for e in (4, 6, 8))
+    assert rec.movement_bound(hist, epochs=8, burn_in=1, hyper_lr=0.3, steps=3) == pytest.approx(want, rel=1e-12)
+    assert rec.movement_bound({"epoch": [1], "log_marglik": [None]}, 8, 1, 0.3, 3) is None
+
+
+def test_lengthened_runs_render_the_shift_from_the_study_run(tmp_path):
+    """A lengthened rerun: its movement against Adam's bound, the tensors that moved most, and the
+    largest and median |log delta| shift of its reported precisions from the study run's."""
+    import math
+
+    mod = _load("run_wrn_marglik")
+    args = mod.parse(["--out", str(tmp_path)])
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    study = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 0, 0.90)
+    study["summary"]["prior_precision_by_name"] = {"conv.weight": 1.0, "block1.0.bias1a.bias": 10.0, "fc.weight": 2.0}
+    longer = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 0, 0.92)
+    longer["summary"]["prior_precision_by_name"] = {"conv.weight": 1.0, "block1.0.bias1a.bias": 10.0 * math.e,
+                                                    "fc.weight": 2.0 * math.e ** 0.5}
+    longer["history"]["log_prior_change_argmax"] = [None, "fc.weight"] + [None, "block1.0.bias1a.bias"] * 3
+    longer["context"] = {"epochs": 8}
+    longer = mod.finish(longer)
+    seed1 = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 1, 0.91)
+    seed1["summary"]["prior_precision_by_name"] = {"conv.weight": math.e ** 0.2, "block1.0.bias1a.bias": 1.0,
+                                                   "fc.weight": 2.0 * math.e ** 0.6}
+    data = {"setup": {**setup, "num_params": 1}, "runs": [study, seed1], "wall_seconds": 1.0,
+            "lengthened": {"runs": [longer]}}
+    md = mod.render(data)
+    assert "## Lengthened runs" in md
+    row = next(line for line in md.splitlines() if line.startswith("| aug-reduce-reduce-s0 | 8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # 4 updates, its accuracy beside the study's, movement 0.2 + 0.03 + 0.02, the scalar moved most
+    assert cells[2] == "4" and cells[4] == "0.920 (0.900)" and cells[7] == "0.250" and cells[9] == "block1.0.bias1a.bias"
+    # weight tensors shifted by 0 and 0.5 (median 0.25), the Fixup scalar by 1; the seeds' weight
+    # tensors span 0.2 and 0.6 in log (median 0.4)
+    assert cells[10] == "0.500 (fc.weight) / 0.250 (2 tensors)"
+    assert cells[11] == "1.000 (block1.0.bias1a.bias) / 1.000 (1 tensors)" and cells[12] == "0.400"
+
+
+def test_rerun_merges_into_the_json_as_it_is_when_a_run_finishes(tmp_path, monkeypatch):
+    """Two ``--rerun`` processes at once: each merges its records into the JSON on disk at the time it
+    finishes, so a record written by the other meanwhile is kept; a lengthened run (more epochs) goes to
+    ``lengthened``, a shorter one is refused."""
+    mod = _load("run_wrn_marglik")
+    reruns = sys.modules["wrn_reruns"]
+    args = mod.parse(["--out", str(tmp_path)])
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "run_root", "from_json", "timing_only")}
+    study = _record(mod, "none-reduce", False, "reduce", "reduce", 0, 0.85)
+    mod.write_outputs(tmp_path, mod.STEM, {"setup": {**setup, "num_params": 1}, "runs": [study], "wall_seconds": 1.0},
+                      mod.render, None)
+    other = _record(mod, "aug-reduce-reduce", True, "reduce", "reduce", 1, 0.9)
+    run_dirs = []
+
+    def fake_pool(todo, workers, on_result, **kw):
+        data = json.loads((tmp_path / "wrn_marglik.json").read_text())  # the other process finishes first
+        data["reruns"] = {"runs": [other]}
+        (tmp_path / "wrn_marglik.json").write_text(json.dumps(data))
+        on_result([_record(mod, "none-reduce", False, "reduce", "reduce", 0, 0.86)])
+        run_dirs.append(Path(todo[0]["run_root"]).relative_to(tmp_path / "runs").as_posix())
+
+    monkeypatch.setattr(reruns, "run_pool", fake_pool)
+    monkeypatch.setattr(reruns, "write_outputs", lambda out, stem, data, render, plot: mod.write_outputs(
+        out, stem, data, render, None))
+    assert mod.main(["--out", str(tmp_path), "--run-root", str(tmp_path / "runs"), "--rerun", "none-reduce-s0"]) == 0
+    saved = json.loads((tmp_path / "wrn_marglik.json").read_text())
+    assert [r["name"] for r in saved["reruns"]["runs"]] == ["aug-reduce-reduce-s1", "none-reduce-s0"]
+    assert saved["reruns"]["runs"][1]["context"]["epochs"] == 30
+    assert mod.main(["--out", str(tmp_path), "--run-root", str(tmp_path / "runs"), "--rerun", "none-reduce-s0",
+                     "--epochs", "36"]) == 0
+    saved = json.loads((tmp_path / "wrn_marglik.json").read_text())
+    assert [r["context"]["epochs"] for r in saved["lengthened"]["runs"]] == [36]
+    assert run_dirs == ["reruns", "reruns/e36"]
+    with pytest.raises(SystemExit, match="below the protocol"):
+        mod.main(["--out", str(tmp_path), "--rerun", "none-reduce-s0", "--epochs", "20"])

@@ -220,11 +220,15 @@ class Trainer:
                 row[key] = None
         log_prior = p.prior.log_prior.detach()
         prec = log_prior.exp()
+        change = (log_prior - log_prior_before).abs()
         row.update({
             "prior_prec_mean": prec.mean().item(), "prior_prec_min": prec.min().item(),
             "prior_prec_max": prec.max().item(),
-            # convergence: the largest change of a log prior precision in this epoch's update
-            "log_prior_change_max": (log_prior - log_prior_before).abs().max().item(),
+            # convergence: the largest change of a log prior precision in this epoch's update, and
+            # the parameter tensor it belongs to ("all" for a scalar prior; empty without a change)
+            "log_prior_change_max": change.max().item(),
+            "log_prior_change_argmax": (None if not bool(change.max() > 0) else
+                                        "all" if p.prior.structure == "scalar" else p.prior.names[int(change.argmax())]),
         })
         row.update({f"aug_{k}": v for k, v in self.ranges().items()})
         if (s.eval_every and e % s.eval_every == 0) or e == s.epochs:
@@ -342,7 +346,7 @@ class Trainer:
         pbar.set_postfix(post)
 
     def _log_row(self, row: Dict[str, Any]) -> None:
-        self.logger.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        self.logger.log({k: v for k, v in row.items() if k != "epoch" and not isinstance(v, str)}, step=int(row["epoch"]))
 
     def _finish_logger(self) -> None:
         """Close the W&B run; for an offline run, say where it is and how to upload it."""
