@@ -336,6 +336,14 @@ def parse(argv=None) -> argparse.Namespace:
         args.epochs = QUICK_EPOCHS + max(0, args.epochs - DEFAULTS["epochs"])
         args.train_size, args.burn_in, args.frequency = 64, 1, 1
         args.marglik_batch_size, args.selection_size, args.n_samples, args.timing_repeats = 8, 16, 2, 1
+    known = [j["name"] for j in jobs_of(args)]
+    for opt in ("runs", "rerun"):
+        unknown = [n for n in getattr(args, opt) or [] if n not in known]
+        if unknown:
+            p.error(f"--{opt}: unknown run(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.rerun and args.epochs < args.protocol_epochs:
+        p.error(f"--rerun: --epochs {args.epochs} is below the protocol's {args.protocol_epochs}; a rerun times "
+                "the protocol's run or lengthens it")
     return args
 
 
@@ -357,10 +365,7 @@ def main(argv=None) -> int:
     kept: List[Dict[str, Any]] = []
     carried: Dict[str, Any] = {}  # the in-process hyperstep timing of an earlier sitting
     if args.runs:
-        by_name = {j["name"]: j for j in jobs}
-        unknown = [n for n in args.runs if n not in by_name]
-        if unknown:
-            raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+        by_name = {j["name"]: j for j in jobs}  # names checked by parse()
         jobs = [by_name[n] for n in args.runs]
         if (out / f"{STEM}.json").is_file():
             prev = read_json(out, STEM)

@@ -38,13 +38,7 @@ def rerun(args, jobs: List[Dict[str, Any]], out: Path, stem: str, protocol_epoch
     protocol_epochs``) or ``"lengthened"`` (more epochs) of the JSON; other names are kept and the
     study's runs are untouched. Run directories: ``<run-root>/reruns/<name>`` or
     ``<run-root>/reruns/e<epochs>/<name>``, removed first (a kept checkpoint would be resumed)."""
-    by_name = {j["name"]: j for j in jobs}
-    unknown = [n for n in args.rerun if n not in by_name]
-    if unknown:
-        raise SystemExit(f"--rerun: unknown run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
-    if args.epochs < protocol_epochs:
-        raise SystemExit(f"--rerun: --epochs {args.epochs} is below the protocol's {protocol_epochs}; a rerun "
-                         "times the protocol's run or lengthens it")
+    by_name = {j["name"]: j for j in jobs}  # names and epochs checked by run_wrn_marglik.parse()
     key = "reruns" if args.epochs == protocol_epochs else "lengthened"
     root = Path(args.run_root) / "reruns"
     if key == "lengthened":

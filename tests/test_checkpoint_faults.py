@@ -131,3 +131,54 @@ def test_history_names_the_prior_precision_that_moved_most(tmp_path):
     assert hist[0]["log_prior_change_argmax"] is None and hist[0]["log_prior_change_max"] == 0  # burn-in
     assert hist[-1]["log_prior_change_argmax"] == names[int(change.argmax())]
     assert hist[-1]["log_prior_change_max"] == pytest.approx(float(change.max()), rel=1e-6)
+
+
+def _interrupted_save(monkeypatch, at_epoch, partial):
+    """``ckpt.save`` that, for ``last.ckpt`` of ``at_epoch``, does ``partial(real save, state, path)``, then raises
+    the Ctrl-C a signal would raise at the next bytecode."""
+    real = ckpt.save
+
+    def save(state, path, keep_previous=False):
+        if state["epoch"] != at_epoch or Path(path).name != ckpt.LAST:  # best.ckpt is saved as before
+            return real(state, path, keep_previous)
+        partial(real, state, Path(path))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save", save)
+
+
+def test_ctrl_c_right_after_the_checkpoint_rename_names_the_new_checkpoint(tmp_path, monkeypatch):
+    """The race behind a flaky Ctrl-C test: the signal lands after ``save`` renamed epoch 2's file into
+    place but before the loop noted it; the hint must name epoch 2 (the file on disk), not epoch 1."""
+    _interrupted_save(monkeypatch, 2, lambda real, state, path: real(state, path, keep_previous=True))
+    t = MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path)
+    with pytest.raises(KeyboardInterrupt) as err:
+        t.fit()
+    assert ckpt.load(tmp_path / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert err.value.resume_hint.startswith(f"the checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} holds epoch 2/3")
+
+
+def test_ctrl_c_between_the_two_renames_names_prev(tmp_path, monkeypatch):
+    """Interrupted after ``last.ckpt`` became ``prev.ckpt`` and before the new file took its place: the
+    checkpoint on disk is ``prev.ckpt`` with epoch 1, and resuming the run directory continues from it."""
+    def first_rename_only(real, state, path):
+        os.replace(path, path.with_name(ckpt.PREV))
+
+    _interrupted_save(monkeypatch, 2, first_rename_only)
+    cfg = tiny(trainer={"epochs": 3})
+    with pytest.raises(KeyboardInterrupt) as err:
+        MarglikTuner(cfg, tmp_path).fit()
+    prev = tmp_path / "checkpoints" / "prev.ckpt"
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists() and ckpt.load(prev)["epoch"] == 1
+    assert err.value.resume_hint.startswith(f"the checkpoint {prev} holds epoch 1/3: resume with trainer.resume={tmp_path}")
+    monkeypatch.undo()
+    resumed = MarglikTuner(cfg, tmp_path)
+    assert resumed.epoch == 1
+
+
+def test_ctrl_c_before_the_save_replaced_anything_names_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Interrupted while epoch 2's file was being written: ``last.ckpt`` still holds epoch 1."""
+    _interrupted_save(monkeypatch, 2, lambda real, state, path: None)
+    with pytest.raises(KeyboardInterrupt) as err:
+        MarglikTuner(tiny(trainer={"epochs": 3}), tmp_path).fit()
+    assert err.value.resume_hint.startswith(f"the checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} holds epoch 1/3")

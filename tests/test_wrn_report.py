@@ -178,5 +178,17 @@ def test_rerun_merges_into_the_json_as_it_is_when_a_run_finishes(tmp_path, monke
     saved = json.loads((tmp_path / "wrn_marglik.json").read_text())
     assert [r["context"]["epochs"] for r in saved["lengthened"]["runs"]] == [36]
     assert run_dirs == ["reruns", "reruns/e36"]
-    with pytest.raises(SystemExit, match="below the protocol"):
-        mod.main(["--out", str(tmp_path), "--rerun", "none-reduce-s0", "--epochs", "20"])
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rerun", "none-reduce-s0", "--epochs", "20"], "--epochs 20 is below the protocol's 30"),
+    (["--rerun", "aug-reduce-reduce-s7"], "--rerun: unknown run(s) aug-reduce-reduce-s7; known: "),
+    (["--runs", "none-reduce-s0", "nope"], "--runs: unknown run(s) nope; known: "),
+])
+def test_run_selection_mistakes_are_usage_errors(argv, message, capsys):
+    """A wrong run name or a shortened rerun is a one-line usage error (exit 2) before anything runs."""
+    mod = _load("run_wrn_marglik")
+    with pytest.raises(SystemExit) as exc:
+        mod.parse(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -69,6 +69,8 @@ class Trainer:
         self.wandb_id: Optional[str] = None
         self.resumed_from: Optional[Path] = None
         self._saved_ckpt: Optional[Tuple[Path, int]] = None  # newest checkpoint on disk, its epoch
+        # the save in progress: (path, epoch, identity of the file it replaces), see _resume_point
+        self._saving: Optional[Tuple[Path, int, Optional[Tuple[int, int, int]]]] = None
         self._segment_start_elapsed = 0.0
         self._snapshot = self.state_dict()
 
@@ -300,8 +302,9 @@ class Trainer:
                 self._snapshot = self.state_dict()
                 if self.is_main:
                     path = self.run_dir / ckpt.CKPT_DIR / ckpt.LAST
+                    self._saving = (path, self.epoch, _file_identity(path))
                     ckpt.save(self._snapshot, path, keep_previous=True)
-                    self._saved_ckpt = (path, self.epoch)
+                    self._saved_ckpt, self._saving = (path, self.epoch), None
                     write_history(self.history, self.run_dir / "history.csv")
                 self._log_row(row)
                 pbar.update(1)
@@ -354,13 +357,30 @@ class Trainer:
         if hint and self.is_main:
             print(f"marglik: {hint}", file=sys.stderr)
 
+    def _resume_point(self) -> Optional[Tuple[Path, int]]:
+        """The newest checkpoint on disk and its epoch (``None``: none). An interrupt can land inside
+        :func:`checkpoint.save` or right after its renames, before the bookkeeping that follows
+        (a Ctrl-C is raised at the next bytecode): then the file on disk decides. ``last.ckpt`` replaced
+        by another file: the new epoch's; ``last.ckpt`` gone (between the save's two renames): the
+        replaced one, now ``prev.ckpt``; otherwise the save had not replaced anything yet."""
+        saved = self._saved_ckpt
+        if self._saving is not None:
+            path, epoch, before = self._saving
+            now = _file_identity(path)
+            if now is not None and now != before:
+                return path, epoch
+            prev = path.with_name(ckpt.PREV)
+            if now is None and before is not None and prev.is_file():
+                return prev, (saved[1] if saved is not None and saved[0] == path else epoch - 1)
+        return saved if saved is not None and saved[0].is_file() else None
+
     def _report_interrupt(self, err: BaseException) -> None:
         """How to continue after an exception: only from a checkpoint that exists on disk. The line
         is also attached to ``err`` as ``err.resume_hint`` (the CLI prints it after a Ctrl-C)."""
         if not self.is_main:
             return
-        saved = self._saved_ckpt
-        if saved is not None and saved[0].is_file():
+        saved = self._resume_point()
+        if saved is not None:
             path, epoch = saved
             how = (f"trainer.resume={self.run_dir} (continues in this run directory)"
                    if path.parent == self.run_dir / ckpt.CKPT_DIR else f"trainer.resume={path}")
@@ -372,3 +392,12 @@ class Trainer:
             err.resume_hint = hint  # type: ignore[attr-defined]
         except AttributeError:  # pragma: no cover - exceptions without a __dict__
             pass
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int, int]]:
+    """``(inode, mtime ns, size)`` of a file, ``None`` if it does not exist: a rename over it changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
