@@ -63,7 +63,7 @@ def movement_bound(history: Dict[str, List[Any]], epochs: int, burn_in: int, hyp
     ``steps * hyper_lr * factor(e)`` (``factor``: the cosine of ``hyper.schedule=cosine``,
     :func:`marglik.tuning.schedules.hyper_lr_factor`). A movement at this bound means some precision was
     still pushed the same way at every hyperstep: it had not reached a stationary point, and the small
-    number is the schedule's; a movement well below it means the gradients changed sign."""
+    number is the schedule's; a movement well below it means the pushes weakened or changed sign."""
     idx = update_rows(history)
     if len(idx) < updates:
         return None

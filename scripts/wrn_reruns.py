@@ -18,6 +18,7 @@ read at start), so reruns started as separate processes do not overwrite each ot
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -128,8 +129,6 @@ def precision_shift(rec: Dict[str, Any], ref: Dict[str, Any]) -> Optional[Dict[s
     """``|log delta - log delta_ref|`` per parameter tensor between two records' reported prior
     precisions, for the weight tensors (convolutions, shortcuts, classifier) and the Fixup scalars
     apart: per group the largest (and its tensor) and the median; ``None`` without common tensors."""
-    import math
-
     a, b = rec["summary"].get("prior_precision_by_name") or {}, ref["summary"].get("prior_precision_by_name") or {}
     diff = {k: abs(math.log(a[k]) - math.log(b[k])) for k in a if k in b}
     if not diff:
@@ -184,8 +183,6 @@ def lengthened_lines(lengthened: Optional[Dict[str, Any]], study: Dict[str, Dict
 def seed_range(runs: List[Dict[str, Any]]) -> Optional[float]:
     """Median over the weight tensors of the range of ``log delta`` across the given runs (an arm's
     seeds): the spread a shift is measured against; ``None`` below two runs."""
-    import math
-
     precs = [r["summary"].get("prior_precision_by_name") or {} for r in runs]
     if len(precs) < 2:
         return None

@@ -197,9 +197,12 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path):
     env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     args = [a for a in TINY if not a.startswith(("trainer.epochs", "data.train_size"))]
+    # the default SIGINT disposition in the child: a test suite started as a background job of a
+    # non-interactive shell (``cmd &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT
     proc = subprocess.Popen([sys.executable, "-m", "marglik", *args, "trainer.epochs=200", "data.train_size=256",
                              f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (run / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
