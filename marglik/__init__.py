@@ -2,7 +2,7 @@
 
 Public API: the K-FAC engine (:class:`KFAC`, :class:`Kron` and its blocks, :func:`example_index`),
 the Laplace posterior (:class:`KronLaplace`, :class:`DecomposedKron`, the log-determinant
-functions), the K-FAC optimizer (:class:`KFACOptimizer`), learnable augmentation
+functions, :func:`batchwise_gradients`: a differentiable fit's gradient one batch at a time), the K-FAC optimizer (:class:`KFACOptimizer`), learnable augmentation
 (:class:`AffineAugmentation`), the Fixup scalars (:class:`Scale`, :class:`Bias`) and the tuning loop
 (:class:`Config`, :class:`MarglikTuner`, :func:`tune`); :class:`UserError`, the base of every error a
 user can fix (:mod:`marglik.errors`).
@@ -22,6 +22,7 @@ from .curvature import (
     PriorStructure,
     RowFactor,
     UnsupportedModuleError,
+    batchwise_gradients,
     example_index,
     kron_logdet,
     kron_logdet_projected,
@@ -50,6 +51,7 @@ __all__ = [
     "PriorStructure",
     "kron_logdet",
     "kron_logdet_projected",
+    "batchwise_gradients",
     "KronLaplace",
     "KFACOptimizer",
     "AffineAugmentation",

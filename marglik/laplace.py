@@ -42,7 +42,7 @@ GLM predictive (``sample``, ``jacobians``, ``functional_variance``, ``glm_predic
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,9 @@ from .curvature import KFAC, DecomposedKron, Kron, PriorStructure
 from .curvature.model_inputs import as_batches
 from .curvature.options import Likelihood
 from .laplace_predictive import GLMPredictive
+
+if TYPE_CHECKING:
+    from .curvature.batchwise import SumLeaf
 
 __all__ = ["KronLaplace"]
 
@@ -234,6 +237,31 @@ class KronLaplace(GLMPredictive):
         Raises:
             ValueError: the training data is empty.
         """
+        n_targets, seen = self._accumulate(train_loader, progress)
+        self._decompose(num_data, n_targets, seen)
+        return self
+
+    def fit_leaves(self, train_loader: Any, num_data: Optional[int] = None) -> List["SumLeaf"]:
+        """:meth:`fit` with the factor sums accumulated *without* a graph to the data and then made
+        autograd leaves: the first pass of a batchwise gradient (:mod:`marglik.curvature.batchwise`),
+        which needs ``differentiable=True`` (the decomposition differentiable w.r.t. the sums).
+
+        Returns:
+            The leaves (the gradient of the log marginal likelihood w.r.t. them is the input of
+            :func:`marglik.curvature.batchwise.contract`).
+        """
+        if not self.differentiable:
+            raise ValueError("fit_leaves needs KronLaplace(differentiable=True)")
+        self.kfac.differentiable = False
+        try:
+            n_targets, seen = self._accumulate(train_loader, False)
+        finally:
+            self.kfac.differentiable = True
+        leaves = self.kfac.sums_as_leaves()
+        self._decompose(num_data, n_targets, seen)
+        return leaves
+
+    def _accumulate(self, train_loader: Any, progress: bool) -> Tuple[int, int]:
         self.model.eval()
         batches: Iterable = as_batches(train_loader)
         if progress:
@@ -248,6 +276,9 @@ class KronLaplace(GLMPredictive):
             seen += y.shape[0]
         if seen == 0:
             raise ValueError("the training data is empty")
+        return n_targets, seen
+
+    def _decompose(self, num_data: Optional[int], n_targets: int, seen: int) -> None:
         kron = self.kfac.result(num_data)
         if self.separate_bias:
             kron = kron.split_bias()
@@ -258,7 +289,6 @@ class KronLaplace(GLMPredictive):
         self.loss = kron.meta["loss"]
         mean = parameters_to_vector(self.params)
         self.mean = mean if self.differentiable else mean.detach()
-        return self
 
     def _check_fitted(self) -> None:
         if self.posterior is None:

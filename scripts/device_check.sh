@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command device check: tests that touch devices, the K-FAC and marglik benchmarks, the WRN-16-4
-# cost-scaling and marglik-step benchmarks and a short WRN-16-4 tuning run on one device; writes results/*_<device>.*
+# cost-scaling, marglik-step and batchwise-memory benchmarks and a short WRN-16-4 tuning run on one
+# device; writes results/*_<device>.*
 # and prints a summary. On one GPU the full check takes at most ~8 minutes.
 #
 #   bash scripts/device_check.sh                         # cuda if available, else cpu; writes results/
@@ -53,6 +54,7 @@ if [ "$QUICK" = 1 ]; then
   MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0"
   COST_ARGS="--quick --no-memory"
   STEP_ARGS="--quick"
+  BATCHWISE_ARGS="--quick"
   # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
   TUNE_MODEL="model=cnn data.upsample=16"
   TUNE_ARGS="data.train_size=16 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
@@ -62,6 +64,7 @@ else
   MARGLIK_ARGS="--repeats 10 --threads $THREADS"
   COST_ARGS="--threads $THREADS"
   STEP_ARGS="--threads $THREADS --repeats 3 --repeats-large 2"
+  BATCHWISE_ARGS="--threads $THREADS --repeats 3 --batch 16 --copies 16 --batches 1 2 4"
   TUNE_MODEL="model=wrn16_4 data.upsample=32"
   # small batches for enough Adam steps, and a weak initial prior: under Adam a strong L2 term
   # shrinks the zero-initialised Fixup branches before they learn (results/wrn_marglik.md)
@@ -85,6 +88,10 @@ step "bench_wrn_cost.py (one marglik step vs augmented copies)"
 step "bench_marglik_step.py (one WRN-16-4 marglik step vs laplace-torch, breakdown, floor)"
 "$PY" scripts/bench_marglik_step.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $STEP_ARGS > "$OUT/bench_marglik_step$TAG.log" 2>&1 \
   || { tail -20 "$OUT/bench_marglik_step$TAG.log"; exit 1; }
+
+step "bench_batchwise.py (one-pass vs batchwise learned-augmentation step: memory and time)"
+"$PY" scripts/bench_batchwise.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $BATCHWISE_ARGS > "$OUT/bench_batchwise$TAG.log" 2>&1 \
+  || { tail -20 "$OUT/bench_batchwise$TAG.log"; exit 1; }
 
 step "short tuning run ($TUNE_MODEL, rotated digits, learned augmentation, K-FAC-reduce)"
 RUN="$OUT/wrn_tuning$TAG"
@@ -123,6 +130,12 @@ for setting in st["settings"]:
     keys = [k for k in ("reduce/laplace-torch reduce", "reduce/expand", "marglik-reduce/floor",
                         "reduce-reduce/expand-reduce", "marglik-reduce-reduce/floor") if k in r]
     print(f"marglik step {label}: " + ", ".join(f"{k} {r[k]:.2f}" for k in keys))
+b = json.loads((out / f"batchwise{tag}.json").read_text())
+for r in b["rows"]:
+    mem, sec = r["peak_extra_bytes"], r["seconds"]
+    mem_ratio = "-" if any(isinstance(v, str) for v in mem.values()) else f"{mem['batchwise'] / mem['one-pass']:.2f}"
+    print(f"batchwise step, {r['images']} augmented images: memory batchwise/one-pass {mem_ratio}, "
+          f"time {sec['batchwise'] / sec['one-pass']:.2f}")
 s = json.loads((out / f"wrn_tuning{tag}.json").read_text())
 print("WRN tuning run:", {key: s.get(key) for key in ("test_accuracy", "test_nll", "log_marglik", "seconds")})
 PYEOF

@@ -50,7 +50,7 @@ def test_cifar10_wrn16_4_recipe_runs_end_to_end_on_a_tiny_slice(tmp_path, monkey
         "+experiment=cifar10_wrn16_4", f"data.root={tmp_path / 'data'}", "data.train_size=16",
         "trainer.epochs=2", "trainer.batch_size=16", "trainer.eval_every=1", "trainer.eval_batch_size=20",
         "hyper.burn_in=1", "hyper.frequency=1", "hyper.steps=1", "hyper.n_samples=2",
-        "hyper.marglik_batches=1", "hyper.marglik_batch_size=8", "trainer.device=cpu",
+        "hyper.marglik_batches=2", "hyper.marglik_batch_size=4", "trainer.device=cpu",
         "trainer.progress=false", "logger.mode=disabled", "trainer.num_threads=1",
     ])
     run = tmp_path / "run"
@@ -60,6 +60,7 @@ def test_cifar10_wrn16_4_recipe_runs_end_to_end_on_a_tiny_slice(tmp_path, monkey
     # the experiment's choices reached the run, not the defaults
     assert saved["model"] == "wrn16_4" and saved["data"] == "cifar10" and saved["num_params"] > 2.7e6
     assert config["model"]["kwargs"]["norm"] == "fixup" and config["trainer"]["optimizer"] == "sgd"
+    assert config["hyper"]["batchwise"] is True  # the fit's gradient one batch at a time (memory)
     assert saved["prior_structure"] == "layerwise" and saved["augmentation_learned"]
     assert saved["epochs"] == 2 and saved["train_size"] == 16 and saved["test_size"] == 20
     assert s["test_accuracy"] == saved["test_accuracy"] and saved["n_hypersteps"] == 1

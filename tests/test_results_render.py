@@ -18,6 +18,7 @@ SCRIPTS = ROOT / "scripts"
 
 #: result stem -> (module in scripts/, its JSON -> markdown function)
 RENDERERS = {
+    "batchwise": ("bench_batchwise", "render"),
     "invariance_digits": ("run_invariance", "render"),
     "kfac_speed": ("bench_kfac", "to_markdown"),
     "kfac_speed_backpack": ("bench_kfac", "backpack_markdown"),

@@ -1,6 +1,8 @@
 """Curvature: K-FAC factors (:class:`KFAC`), their containers (:class:`Kron`) and the posterior
-algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`)."""
+algebra on them (:class:`DecomposedKron`, :func:`kron_logdet`, :func:`eigh_psd`); gradients through a
+differentiable fit one batch at a time (:func:`batchwise_gradients`)."""
 
+from .batchwise import batchwise_gradients
 from .blocks import CoveredModule
 from .eigen import KronEigen, eigh_psd
 from .kfac import KFAC
@@ -32,4 +34,5 @@ __all__ = [
     "kron_logdet_projected",
     "RowFactor",
     "FactorForm",
+    "batchwise_gradients",
 ]

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,9 @@ from .options import BlockKind, FisherType, KFACApprox, Likelihood
 from .recording import BatchSums, Recorder, StatsOptions, recording
 from .row_factor import FactorForm
 from .statistics import count_divisor
+
+if TYPE_CHECKING:
+    from .batchwise import SumLeaf
 
 __all__ = ["KFAC", "CoveredModule", "IgnoreSpec"]
 
@@ -308,6 +311,28 @@ class KFAC:
         y = y.to(device)
         record, out = self._forward(X)
         return record.accumulate(out, y)
+
+    def batch_sums(self, X: Any, y: Tensor) -> BatchSums:
+        """One batch's factor sums and loss, *not* added to the totals (with an autograd graph when
+        :attr:`differentiable`): the second pass of a batchwise gradient (:mod:`.batchwise`)."""
+        X = to_device(X, self._device())
+        record, out = self._forward(X)
+        return record._recorder.accumulate(out, y.to(self._device()))
+
+    def sums_as_leaves(self) -> List["SumLeaf"]:
+        """Make the accumulated sums and loss autograd leaves, in place (see :mod:`.batchwise`);
+        :meth:`result` then builds the curvature on them.
+
+        Raises:
+            RuntimeError: under ``torch.distributed`` (the all-reduced sums are not the local batches').
+        """
+        from .batchwise import sums_as_leaves
+
+        if default_distributed() if self.distributed is None else self.distributed:
+            raise RuntimeError("a batchwise gradient is not supported under torch.distributed")
+        if self._loss is not None:
+            self._loss = self._loss.detach().requires_grad_(True)
+        return sums_as_leaves(self._sums, self._loss)
 
     def _forward(self, X: Any) -> Tuple["_Capture", Tensor]:
         """The recorded forward pass, in channels-last layout where :attr:`channels_last` says."""

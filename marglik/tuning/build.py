@@ -222,8 +222,12 @@ def build_parts(
     laplace = LaplaceMarglik(laplace_factory, model, prior, differentiable=aug_on, sharded=dist.enabled)
     map_step = MapStep(net, map_opt, prior, augmenter, data, streams["data"], t.batch_size,
                        lr_at=lambda step: map_lr(c.trainer, step, batches_per_epoch), dist=dist)
+    if h.batchwise and dist.world_size > 1:
+        raise ConfigError("hyper.batchwise", True, "a batchwise gradient does not all-reduce over torchrun ranks",
+                          "false under torchrun (each rank's fit is then smaller anyway)")
     hyper_step = HyperStep(model, prior, augmenter, laplace, subset, data, hyper_opt, streams["hyper"], h.steps,
-                           lr_factor=lambda epoch: hyper_lr_factor(c.trainer, c.hyper, epoch), dist=dist)
+                           lr_factor=lambda epoch: hyper_lr_factor(c.trainer, c.hyper, epoch), dist=dist,
+                           batchwise=bool(h.batchwise))
     exact = not aug_on and subset.n_batches is None and c.curvature.fisher_type != "mc"
     selection = Selection(selection_set, laplace, model, prior, augmenter, data, exact, dist)
     evaluation = Evaluation(model, augmenter, data, t.seed, t.eval_batch_size, dist)

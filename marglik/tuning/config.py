@@ -206,6 +206,9 @@ class HyperConfig:
     generators: List[AugGenerator] = field(  # type: ignore[valid-type]
         default_factory=lambda: [AugGenerator[g] for g in ALL_GENERATORS])
     marglik_batches: Optional[int] = 4  #: batches per Laplace fit (None: the whole training set)
+    #: learned augmentation: take eta's gradient one fit batch at a time (two passes over the batches,
+    #: the memory of one batch's graph instead of all of them; the same gradient; marglik backend)
+    batchwise: bool = False
     marglik_batch_size: Optional[int] = 128  #: batch size of the Laplace fit (None: trainer.batch_size)
     #: the fixed estimator that picks the best epoch and gives the reported log marglik: full (the
     #: whole training set) | subset (selection_size examples drawn once per run from the seed)
@@ -348,10 +351,10 @@ class Config:
 
     # settings that may differ between an interrupted run and its resumption (trainer.epochs:
     # extending a finished run; the cosine schedules then stretch to the new length;
-    # curvature.factor_form: the same numbers to round-off, so is a checkpoint without the key)
+    # curvature.factor_form, hyper.batchwise: the same numbers to round-off, so is a checkpoint without the key)
     RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.progress", "trainer.num_threads",
                    "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger",
-                   "curvature.factor_form")
+                   "curvature.factor_form", "hyper.batchwise")
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
         """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.

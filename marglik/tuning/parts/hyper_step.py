@@ -44,6 +44,8 @@ class HyperStep:
         lr_factor: ``lr_factor(epoch)``: the scheduled factor on the ``base_lr`` s after ``epoch``
             completed epochs (``None``: 1).
         dist: the process group.
+        batchwise: with learned augmentation, take eta's gradient one batch at a time
+            (:meth:`_batchwise_fit`; ``hyper.batchwise``).
 
     State: the optimizer, ``lr_scale`` (the rollbacks' factor on the hyper lrs) and the timings:
     ``step_seconds`` (steps with a fit), ``cached_step_seconds`` (steps reusing one), ``n_fits``.
@@ -52,8 +54,9 @@ class HyperStep:
     def __init__(self, model: nn.Module, prior: PriorPrecision, augmenter: Augmenter, laplace: LaplaceMarglik,
                  estimator: MarglikSubset, data: TensorData, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, steps: int, lr_factor: Optional[Callable[[int], float]] = None,
-                 dist: Optional[DistContext] = None) -> None:
+                 dist: Optional[DistContext] = None, batchwise: bool = False) -> None:
         self.model, self.prior, self.augmenter, self.laplace = model, prior, augmenter, laplace
+        self.batchwise = bool(batchwise)
         self.estimator, self.data, self.optimizer, self.generator = estimator, data, optimizer, generator
         self.steps = int(steps)
         self.lr_factor = lr_factor if lr_factor is not None else (lambda epoch: 1.0)
@@ -87,6 +90,19 @@ class HyperStep:
             return [(self.augmenter(X[i], shard=True), y[i][self.dist.shard(len(i))]) for i in batches]
         return [(self.augmenter(X[i]), y[i]) for i in batches]
 
+    def _batchwise_fit(self) -> Tuple[Any, Tensor, Tuple[Optional[Tensor], Tensor]]:
+        """One fit, its log marglik and the gradients of ``-log marglik`` w.r.t. ``(log delta, eta)``,
+        holding one batch's autograd graph at a time (:mod:`marglik.curvature.batchwise`): the noise of
+        every batch is drawn once, and each batch is augmented twice with it (without a graph for the
+        fit, with one for its share of ``eta``'s gradient). Equal to the one-pass gradient up to
+        round-off (``tests/test_batchwise.py``)."""
+        X, y = self.data.X, self.data.y
+        aug, gen = self.augmenter.aug, self.augmenter.generator
+        raw = [(X[i], aug.sample_eps(len(i), gen), y[i]) for i in self.estimator.index_batches(self.generator, X.device)]
+        la, lml, (g_prior,), (g_eta,) = self.laplace.batchwise(
+            raw, lambda item: (aug(item[0], eps=item[1]), item[2]), self.estimator, [self.augmenter.eta])
+        return la, lml, (None if g_prior is None else -g_prior, -g_eta)
+
     def run(self, epoch: int) -> Tuple[Dict[str, float], Any]:
         """The ``K`` hypersteps after ``epoch`` completed epochs.
 
@@ -117,16 +133,22 @@ class HyperStep:
                 fitted = la is None or aug_on
                 if not torch.isfinite(log_prior).all() or not torch.isfinite(eta).all():
                     raise NonFiniteValue("marglik", "non-finite hyperparameters", where)
+                batchwise = fitted and aug_on and self.batchwise
                 try:
-                    if fitted:
+                    if batchwise:
+                        la, lml, grads = self._batchwise_fit()
+                    elif fitted:
                         la = self.laplace.fit(self.batches(), self.estimator)
+                    if fitted:
                         self.n_fits += 1
-                    lml = self.laplace.log_marglik(la)
+                    if not batchwise:
+                        lml = self.laplace.log_marglik(la)
                 except (torch.linalg.LinAlgError, FloatingPointError) as err:  # e.g. factors overflowed to inf
                     raise NonFiniteValue("marglik", f"{type(err).__name__}: {err}", where) from None
                 if not torch.isfinite(lml):
                     raise NonFiniteValue("marglik", lml.item(), where)
-                grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
+                if not batchwise:
+                    grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
                 if self.dist.enabled and aug_on:
                     # eta acts through each rank's own shard: its gradient is the sum over ranks.
                     # The prior precision acts through the all-reduced factors only: same on all ranks.

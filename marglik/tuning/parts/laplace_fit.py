@@ -64,15 +64,49 @@ class LaplaceMarglik:
         Raises:
             RuntimeError: the approximation does not cover every trainable parameter tensor.
         """
-        la = self.make(differentiable)
+        la = self._covering(self.make(differentiable))
+        seen = sum(len(yb) for _, yb in data)
+        la.fit(data, num_data=estimator.num_data(seen, self.sharded))
+        return la
+
+    def batchwise(self, raw: List[Any], make_batch: Callable[[Any], Tuple[Tensor, Tensor]], estimator: Any,
+                  through: List[Tensor]) -> Tuple[Any, Tensor, List[Optional[Tensor]], List[Tensor]]:
+        """A differentiable fit and its log marglik's gradients w.r.t. ``log delta`` and ``through``,
+        one batch's graph at a time (:func:`marglik.curvature.batchwise.batchwise_gradients`).
+
+        Args:
+            raw: what each batch is made from (its last element: the targets).
+            make_batch: ``item -> (X_aug, y)``, deterministic (called twice per item).
+            estimator: whose ``num_data`` rescaling applies.
+            through: what the batches depend on (``eta``).
+
+        Returns:
+            ``(fitted approximation, log marglik (detached), [grad log delta], grads w.r.t. through)``.
+
+        Raises:
+            TypeError: the factory's approximation has no ``fit_leaves`` (a Laplace factory of your own).
+            RuntimeError: the approximation does not cover every trainable parameter tensor.
+        """
+        from marglik.curvature.batchwise import batchwise_gradients
+
+        la = self._covering(self.make(True))
+        if not hasattr(la, "fit_leaves"):
+            raise TypeError(f"hyper.batchwise needs marglik's KronLaplace; the Laplace factory made a "
+                            f"{type(la).__name__} (set hyper.batchwise=false)")
+        seen = sum(len(item[-1]) for item in raw)
+        lml, direct, through_grads = batchwise_gradients(
+            la, raw, make_batch, estimator.num_data(seen, self.sharded), self.log_marglik,
+            [self.prior.log_prior], through)
+        return la, lml, direct, through_grads
+
+    def _covering(self, la: Any) -> Any:
+        """``la``, checked to cover every trainable parameter tensor (else ``RuntimeError``)."""
         n_params = len(self.prior.params)
         if la.n_layers != n_params:
             raise RuntimeError(
                 f"the Laplace approximation covers {la.n_layers} parameter tensors but the model trains "
                 f"{n_params}: every trainable module must be covered by the K-FAC engine"
             )
-        seen = sum(len(yb) for _, yb in data)
-        la.fit(data, num_data=estimator.num_data(seen, self.sharded))
         return la
 
     def log_marglik(self, la: Any) -> Tensor:
