@@ -132,3 +132,15 @@ def test_batchwise_combinations_it_cannot_serve_are_config_errors(section, probl
     with pytest.raises(ConfigError, match="hyper.batchwise") as err:
         tiny(hyper={"batchwise": True}, **section)
     assert problem in str(err.value)
+
+
+def test_sums_as_leaves_refuses_distributed_sums():
+    """Under torch.distributed the summed factors are not the local batches' (one rank's second pass
+    could not contract them): refused, not silently wrong."""
+    from marglik import KFAC
+
+    model, aug, raw = _setup(n_batches=1)
+    k = KFAC(model, "classification", distributed=True)
+    k.accumulate_batch(aug(raw[0][0], eps=raw[0][1]).detach(), raw[0][2])
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        k.sums_as_leaves()
