@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -40,7 +39,16 @@ import torch
 from marglik import AffineAugmentation, KronLaplace
 from marglik.curvature.batchwise import batchwise_gradients
 
-from benchlib import ROOT, peak_extra_memory, pick_device, random_batch, sync, wide_resnet, write_result
+from benchlib import (
+    ROOT,
+    in_fresh_process,
+    peak_extra_memory,
+    pick_device,
+    random_batch,
+    sync,
+    wide_resnet,
+    write_result,
+)
 
 STEM = "batchwise"
 MODES = ("one-pass", "batchwise")
@@ -90,13 +98,9 @@ def _memory_child(spec: Dict[str, Any], queue) -> None:
 
 
 def peak_memory(args, mode: str, nb: int, device: torch.device):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    """Peak extra bytes of one step in a fresh process, or the child's error line."""
     spec = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "mode": mode, "nb": nb, "device": str(device)}
-    p = ctx.Process(target=_memory_child, args=(spec, q))
-    p.start()
-    val = q.get()
-    p.join()
+    val = in_fresh_process(_memory_child, spec)
     return val if isinstance(val, str) else int(val)
 
 

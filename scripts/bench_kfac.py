@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing as mp
 import os
 import platform
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 import marglik
 
-from benchlib import RESULTS, RSSPeak, pick_device, random_batch, timed, wide_resnet, write_result
+from benchlib import RESULTS, RSSPeak, in_fresh_process, pick_device, random_batch, timed, wide_resnet, write_result
 from kfac_vit import STEM as VIT_STEM
 from kfac_vit import run as run_vit
 from kfac_vit import to_markdown as vit_markdown
@@ -148,13 +147,7 @@ def _memory_child(args, queue) -> None:
 
 
 def peak_extra_memory(what, approx, fisher_type, batch_size, device, threads, size=FULL) -> int:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=((what, approx, fisher_type, batch_size, str(device), threads, size), q))
-    p.start()
-    val = q.get()
-    p.join()
-    return int(val)
+    return int(in_fresh_process(_memory_child, (what, approx, fisher_type, batch_size, str(device), threads, size)))
 
 
 # ------------------------------------------------------------------ main

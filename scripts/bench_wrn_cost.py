@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -59,7 +58,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchlib import RESULTS, peak_extra_memory, pick_device, write_result
+from benchlib import RESULTS, in_fresh_process, peak_extra_memory, pick_device, write_result
 from runner import rerender
 from wrn_steps import (
     FLAVOURS,
@@ -110,12 +109,7 @@ def _memory_child(spec, queue) -> None:
 
 def peak_memory(spec) -> Optional[int]:
     """Peak extra memory (bytes) of one step in a fresh process (CPU) or this device (CUDA)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_memory_child, args=(spec, q))
-    p.start()
-    val = q.get()
-    p.join()
+    val = in_fresh_process(_memory_child, spec)
     if isinstance(val, str):
         print(f"  memory run {spec[0]}: {val}", flush=True)
         return None

@@ -114,6 +114,20 @@ class RSSPeak:
         self.peak = max(self.peak, self.current())
 
 
+def in_fresh_process(target: Callable[[Any, Any], None], payload: Any) -> Any:
+    """Run ``target(payload, queue)`` in a spawned process and return what it put on the queue: a
+    measurement (peak memory) that must start from a clean process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(payload, q))
+    p.start()
+    val = q.get()
+    p.join()
+    return val
+
+
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes of extra memory ``fn()`` needs at its peak: CUDA ``max_memory_allocated`` over the
     current allocation, CPU the resident-set-size peak over the process before the call (run it in

@@ -2,15 +2,14 @@
 
 A differentiable fit (``KFAC(differentiable=True)``) keeps the autograd graph of every batch it saw
 until the gradient is taken: for learned augmentation the class backward passes of every augmented
-image, about 19 MiB per 32x32 image on WRN-16-4 (``results/wrn_cost.md``), 300 GB for the CIFAR-10
-recipe's 4 x 250 x 16 images. But a log marginal likelihood ``L`` depends on the batches only through
+image, about 20 MiB per 32x32 image on WRN-16-4 (``results/wrn_cost.md``, ``results/batchwise.md``),
+on the order of 300 GB for the CIFAR-10 recipe's 4 x 250 x 16 images. But a log marginal likelihood ``L`` depends on the batches only through
 the factor sums ``S = sum_b S_b`` (and the summed loss), so by the chain rule
 
     dL/d eta = sum_b < dL/dS, dS_b/d eta >.
 
-Two passes give it exactly with the memory of one batch's graph:
-
-(:func:`batchwise_gradients`; ``hyper.batchwise`` in the tuning loop):
+Two passes give it exactly with the memory of one batch's graph (:func:`batchwise_gradients`;
+``hyper.batchwise`` in the tuning loop):
 
 1. accumulate every batch *without* a graph to the batch inputs, make the sums autograd leaves
    (:func:`sums_as_leaves`), build the approximation on them, take ``G = dL/dS`` (and ``dL/d log delta``);

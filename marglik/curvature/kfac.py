@@ -306,18 +306,17 @@ class KFAC:
         Returns:
             The batch's summed negative log-likelihood.
         """
-        device = self._device()
-        X = to_device(X, device)
-        y = y.to(device)
-        record, out = self._forward(X)
-        return record.accumulate(out, y)
+        batch = self.batch_sums(X, y)
+        self._add(batch)
+        return batch.loss
 
     def batch_sums(self, X: Any, y: Tensor) -> BatchSums:
         """One batch's factor sums and loss, *not* added to the totals (with an autograd graph when
-        :attr:`differentiable`): the second pass of a batchwise gradient (:mod:`.batchwise`)."""
-        X = to_device(X, self._device())
-        record, out = self._forward(X)
-        return record._recorder.accumulate(out, y.to(self._device()))
+        :attr:`differentiable`): what :meth:`accumulate_batch` adds, and the second pass of a batchwise
+        gradient (:mod:`.batchwise`)."""
+        device = self._device()
+        record, out = self._forward(to_device(X, device))
+        return record._recorder.accumulate(out, y.to(device))
 
     def sums_as_leaves(self) -> List["SumLeaf"]:
         """Make the accumulated sums and loss autograd leaves, in place (see :mod:`.batchwise`);

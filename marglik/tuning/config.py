@@ -206,10 +206,10 @@ class HyperConfig:
     generators: List[AugGenerator] = field(  # type: ignore[valid-type]
         default_factory=lambda: [AugGenerator[g] for g in ALL_GENERATORS])
     marglik_batches: Optional[int] = 4  #: batches per Laplace fit (None: the whole training set)
+    marglik_batch_size: Optional[int] = 128  #: batch size of the Laplace fit (None: trainer.batch_size)
     #: learned augmentation: take eta's gradient one fit batch at a time (two passes over the batches,
     #: the memory of one batch's graph instead of all of them; the same gradient; marglik backend)
     batchwise: bool = False
-    marglik_batch_size: Optional[int] = 128  #: batch size of the Laplace fit (None: trainer.batch_size)
     #: the fixed estimator that picks the best epoch and gives the reported log marglik: full (the
     #: whole training set) | subset (selection_size examples drawn once per run from the seed)
     selection: SelectionEstimator = SelectionEstimator.full

@@ -135,14 +135,14 @@ class HyperStep:
                     raise NonFiniteValue("marglik", "non-finite hyperparameters", where)
                 batchwise = fitted and aug_on and self.batchwise
                 try:
-                    if batchwise:
+                    if batchwise:  # fit, log marglik and gradients together, one batch's graph at a time
                         la, lml, grads = self._batchwise_fit()
-                    elif fitted:
-                        la = self.laplace.fit(self.batches(), self.estimator)
+                    else:
+                        if fitted:
+                            la = self.laplace.fit(self.batches(), self.estimator)
+                        lml = self.laplace.log_marglik(la)
                     if fitted:
                         self.n_fits += 1
-                    if not batchwise:
-                        lml = self.laplace.log_marglik(la)
                 except (torch.linalg.LinAlgError, FloatingPointError) as err:  # e.g. factors overflowed to inf
                     raise NonFiniteValue("marglik", f"{type(err).__name__}: {err}", where) from None
                 if not torch.isfinite(lml):
