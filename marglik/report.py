@@ -99,7 +99,31 @@ def _run_record(root: Path, summary_path: Path) -> Dict[str, Any]:
         "test_nll": summary["test_nll"],
         "warnings": list(summary["warnings"]),
         "comparable": {k: summary[k] for k in COMPARABLE},
+        "cost": _cost(summary),
     }
+
+
+def _cost(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's cost from ``summary.json['cost']`` (:func:`marglik.tuning.cost.cost_record`): seconds and
+    standard trainings of the whole run, its marglik updates (hypersteps + selection) and its selection
+    values; summaries written before the split have only ``seconds``."""
+    c = summary.get("cost") or {}
+    std = c.get("standard_trainings") or {}
+    return {"seconds": c.get("seconds", summary.get("seconds")),
+            "marglik_update_seconds": c.get("marglik_update_seconds"),
+            "selection_seconds": c.get("selection_seconds"),
+            "standard_trainings": std.get("total"),
+            "marglik_update_standard_trainings": std.get("marglik_updates"),
+            "selection_standard_trainings": std.get("selection")}
+
+
+def _cost_cell(cost: Dict[str, Any], key: str) -> str:
+    """``"12.3 s (2.41 std)"``: seconds and, where measured, standard trainings."""
+    sec = cost.get("seconds" if key == "total" else f"{key}_seconds")
+    std = cost.get("standard_trainings" if key == "total" else f"{key}_standard_trainings")
+    if sec is None:
+        return "-"
+    return f"{sec:.3g} s" + (f" ({std:.2f} std)" if std is not None else "")
 
 
 def _varied(runs: Sequence[Dict[str, Any]]) -> List[str]:
@@ -221,20 +245,29 @@ def render_markdown(report: Dict[str, Any]) -> str:
                       f"{c['copies_approx'] or c['approx']}, {c['fisher_type']}", "",
                   f"Selection estimator: {c['selection_estimator']}. Hyperstep estimator: {c['marglik_estimator']}.",
                   f"Settings that vary: {', '.join(g['vary']) or 'none (only the run folders differ)'}.", "",
-                  "| rank | run | choice | log ML | log ML / N | test acc. | test NLL | warnings |",
-                  "|---:|---|---|---:|---:|---:|---:|---|"]
+                  "| rank | run | choice | log ML | log ML / N | test acc. | test NLL | cost: total | marglik "
+                  "updates | selection | warnings |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in g["ranked"] + g["unranked"]:
             warn = "; ".join(w[:80] for w in r["warnings"]) or ""
+            cost = r.get("cost") or {}
             lines.append(f"| {r.get('rank', '-')} | `{r['run']}` | {r['choice']} | {_fmt(r['log_marglik'], '.6g')} "
                          f"| {_fmt(r['log_marglik_per_example'], '.4f')} | {_fmt(r['test_accuracy'], '.3f')} "
-                         f"| {_fmt(r['test_nll'], '.3f')} | {warn} |")
+                         f"| {_fmt(r['test_nll'], '.3f')} | {_cost_cell(cost, 'total')} "
+                         f"| {_cost_cell(cost, 'marglik_update')} | {_cost_cell(cost, 'selection')} | {warn} |")
     lines += ["", "Runs are ranked by their reported (selection) log marginal likelihood; test metrics are shown, "
-              "not used. Runs with different data, estimators or curvature are ranked in separate groups."]
+              "not used. Runs with different data, estimators or curvature are ranked in separate groups. Cost: "
+              "wall seconds of the run's training (all segments), of its marglik updates (hypersteps and selection "
+              "values) and of its selection values, with the same in standard trainings (one epoch of the same "
+              "network with fixed hyperparameters and one augmented copy, timed by the run, times its epochs) "
+              "where the run measured one."]
     return "\n".join(lines) + "\n"
 
 
 def plot_report(report: Dict[str, Any], path: Any) -> None:
-    """``report.png``: log marginal likelihood per example and test accuracy of every ranked run.
+    """``report.png``: log marginal likelihood per example and test accuracy of every ranked run, and
+    the evidence against the run's cost (standard trainings where measured, else seconds), so a sweep
+    such as ``curvature.approx=expand,reduce`` compares speed as well as evidence.
 
     Args:
         report: :func:`build_report`'s data.
@@ -246,7 +279,10 @@ def plot_report(report: Dict[str, Any], path: Any) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(i, r) for i, g in enumerate(report["groups"], 1) for r in g["ranked"]][::-1]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * max(len(rows), 1)), sharey=True)
+    fig = plt.figure(figsize=(16, 1.6 + 0.45 * max(len(rows), 4)))
+    ax_l = fig.add_subplot(1, 3, 1)
+    ax_a = fig.add_subplot(1, 3, 2, sharey=ax_l)
+    ax_c = fig.add_subplot(1, 3, 3)
     ys = list(range(len(rows)))
     labels = [f"g{i} #{r['rank']} {r['choice']}"[:60] for i, r in rows]
     colors = [f"C{(i - 1) % 10}" for i, _ in rows]
@@ -258,6 +294,18 @@ def plot_report(report: Dict[str, Any], path: Any) -> None:
     ax_l.set_yticks(ys, labels, fontsize=8)
     if not rows:
         ax_l.text(0.5, 0.5, "no ranked run", ha="center", va="center", transform=ax_l.transAxes)
+    in_std = bool(rows) and all((r.get("cost") or {}).get("standard_trainings") is not None for _, r in rows)
+    for (_, r), color in zip(rows, colors):
+        cost = r.get("cost") or {}
+        x = cost.get("standard_trainings") if in_std else cost.get("seconds")
+        if x is not None and r["log_marglik_per_example"] is not None:
+            ax_c.scatter([x], [r["log_marglik_per_example"]], color=color)
+            ax_c.annotate(f"#{r['rank']} {r['choice']}"[:40], (x, r["log_marglik_per_example"]), fontsize=7,
+                          xytext=(3, 3), textcoords="offset points")
+    ax_c.set_xlabel("run cost (standard trainings)" if in_std else "run cost (seconds)")
+    ax_c.set_ylabel("log marginal likelihood / N")
+    ax_c.set_title("evidence against cost")
+    ax_c.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

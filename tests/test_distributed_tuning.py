@@ -24,10 +24,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from marglik.tuning import Config, MarglikTuner
+from marglik.tuning.cost import TIMING_COLUMNS
 from marglik.tuning.reporting import read_history
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_seconds", "hyper_seconds")
+TIMING = TIMING_COLUMNS
 OVERRIDES = [
     "data.train_size=96", "data.rotation=30", "model.width=4", "model.hidden=16", "trainer.epochs=2",
     "trainer.batch_size=32", "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=2",

@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from test_tuning import _interrupt_after, _strip, tiny
 
 from marglik.tuning import Config, MarglikTuner
+from marglik.tuning.cost import TIMING_COLUMNS
 from marglik.tuning.reporting import read_history
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_seconds", "hyper_seconds")
+TIMING = TIMING_COLUMNS
 
 # a run of ~0.1-0.3 s per epoch, long enough to be killed in flight
 OVERRIDES = [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from marglik.tuning import Config, MarglikTuner, NonFiniteError, tune
+from marglik.tuning.cost import TIMING_COLUMNS
 from marglik.tuning.reporting import read_history
 from marglik.tuning.wandb_logger import WandbLogger, default_group
 
@@ -17,7 +18,7 @@ SUMMARY_KEYS = {
     "test_accuracy", "test_nll", "log_marglik", "prior_precision", "augmentation", "approx", "seconds",
     "seconds_per_marglik_step",
 }
-TIMING = {"epoch_seconds", "hyper_seconds"}
+TIMING = set(TIMING_COLUMNS)
 
 
 def tiny(**sections) -> Config:

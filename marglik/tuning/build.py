@@ -40,7 +40,8 @@ from .parts import (
     TensorData,
     TrainerSettings,
 )
-from .schedules import hyper_lr_factor, map_lr, marglik_update_due
+from .parts.hyperparams import sharing_eta
+from .schedules import hyper_lr_factor, map_lr, marglik_update_due, selection_due
 from .seeds import seed_everything
 
 
@@ -218,7 +219,8 @@ def build_parts(
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
-    augmenter = Augmenter(aug, aug_test, aug_on, streams["aug"], dist, info.get("image_size"))
+    augmenter = Augmenter(aug, aug_test, aug_on, streams["aug"], dist, info.get("image_size"),
+                          aug_train=sharing_eta(aug, h.train_samples or h.n_samples))
     laplace = LaplaceMarglik(laplace_factory, model, prior, differentiable=aug_on, sharded=dist.enabled)
     map_step = MapStep(net, map_opt, prior, augmenter, data, streams["data"], t.batch_size,
                        lr_at=lambda step: map_lr(c.trainer, step, batches_per_epoch), dist=dist)
@@ -227,14 +229,15 @@ def build_parts(
                           "false under torchrun (each rank's fit is then smaller anyway)")
     hyper_step = HyperStep(model, prior, augmenter, laplace, subset, data, hyper_opt, streams["hyper"], h.steps,
                            lr_factor=lambda epoch: hyper_lr_factor(c.trainer, c.hyper, epoch), dist=dist,
-                           batchwise=bool(h.batchwise))
+                           batchwise=bool(h.batchwise), prior_steps=h.prior_steps)
     exact = not aug_on and subset.n_batches is None and c.curvature.fisher_type != "mc"
     selection = Selection(selection_set, laplace, model, prior, augmenter, data, exact, dist)
     evaluation = Evaluation(model, augmenter, data, t.seed, t.eval_batch_size, dist)
     settings = TrainerSettings(
-        epochs=t.epochs, update_due=lambda e: marglik_update_due(c.hyper, e), eval_every=t.eval_every,
+        epochs=t.epochs, update_due=lambda e: marglik_update_due(c.hyper, e),
+        selection_due=lambda e: selection_due(c.trainer, c.hyper, e), eval_every=t.eval_every,
         final_model=str(getattr(t.final_model, "value", t.final_model)), max_rollbacks=t.max_rollbacks,
-        rollback_lr_factor=t.rollback_lr_factor, progress=t.progress,
+        rollback_lr_factor=t.rollback_lr_factor, progress=t.progress, cost_reference=t.cost_reference,
     )
     labels = labels_of(c, data, type(model).__name__ if own_model else c.model.name)
     return Parts(data=data, model=model, prior=prior, augmenter=augmenter, streams=streams, laplace=laplace,

@@ -196,11 +196,16 @@ class HyperConfig:
     lr: float = 0.1  #: Adam lr of the log prior precision
     aug_lr: float = 0.1  #: Adam lr of the augmentation ranges eta
     steps: int = 2  #: K hypersteps per marglik update
+    #: P more hypersteps per update on the prior precision alone, reusing the last fit (no forward or backward pass)
+    prior_steps: int = 0
     frequency: int = 1  #: F: a marglik update every F epochs (after burn-in)
     burn_in: int = 5  #: epochs of MAP training before the first marglik update
     schedule: Schedule = Schedule.constant  #: of the hyper lrs over the epochs after burn-in
     augmentation: bool = True  #: learn affine augmentation ranges
-    n_samples: int = 8  #: S augmented copies per image (training and marglik)
+    n_samples: int = 8  #: S augmented copies per image in the marglik fits (and training unless train_samples)
+    #: S' augmented copies per image in the MAP steps (None: n_samples); 1 trains like ordinary augmentation,
+    #: at the cost of one standard training, while the fits still average the logits over n_samples copies
+    train_samples: Optional[int] = None
     n_samples_test: Optional[int] = None  #: S at test time (None: n_samples)
     #: the affine transformations whose ranges are learned
     generators: List[AugGenerator] = field(  # type: ignore[valid-type]
@@ -214,6 +219,9 @@ class HyperConfig:
     #: whole training set) | subset (selection_size examples drawn once per run from the seed)
     selection: SelectionEstimator = SelectionEstimator.full
     selection_size: int = 512  #: examples of selection=subset (at most N)
+    #: the selection value after every k-th marglik update (and always after the last one); the best epoch
+    #: is chosen among these updates
+    selection_every: int = 1
 
 
 @dataclass
@@ -237,6 +245,9 @@ class TrainerConfig:
     rollback_lr_factor: float = 0.5  #: multiply the offending lr by this after a rollback
     resume: Optional[str] = "auto"  #: auto | never | <path of a run dir or a checkpoint file>
     progress: bool = True  #: tqdm progress bar
+    #: time one epoch of a standard training (the same network, fixed hyperparameters, one augmented copy) at
+    #: the start, so summary.json['cost'] states the run's cost in standard trainings
+    cost_reference: bool = True
 
 
 @dataclass
@@ -352,7 +363,7 @@ class Config:
     # settings that may differ between an interrupted run and its resumption (trainer.epochs:
     # extending a finished run; the cosine schedules then stretch to the new length;
     # curvature.factor_form, hyper.batchwise: the same numbers to round-off, so is a checkpoint without the key)
-    RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.progress", "trainer.num_threads",
+    RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.progress", "trainer.num_threads", "trainer.cost_reference",
                    "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger",
                    "curvature.factor_form", "hyper.batchwise")
 

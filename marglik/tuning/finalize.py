@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .cost import cost_record
 from .diagnosis import run_warnings
 from .parts import Parts
 from .reporting import plot_curves, summary_record, write_history, write_json
@@ -24,7 +25,7 @@ def _mean(values: List[float]) -> Any:
 
 def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str, Any]], *, epoch: int,
              elapsed: float, segment_elapsed: float, segments: int, run_dir: Path, is_main: bool,
-             report: Callable[[str], None]) -> Dict[str, Any]:
+             report: Callable[[str], None], standard_epoch_seconds: Optional[float] = None) -> Dict[str, Any]:
     """Evaluate the reported model and write the outputs (rank 0 only writes).
 
     Loads the best state into the model first when ``final_model=best`` and an update ran.
@@ -40,6 +41,8 @@ def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str,
         run_dir: where the outputs go.
         is_main: whether this process writes.
         report: says one line (the run's warnings).
+        standard_epoch_seconds: one standard-training epoch (:func:`marglik.tuning.cost.standard_epoch_seconds`;
+            ``None``: not measured).
 
     Returns:
         The summary, checked against :class:`marglik.tuning.reporting.RunSummary`.
@@ -78,7 +81,8 @@ def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str,
         "seconds_per_selection": _mean(sel.seconds),
         "n_laplace_fits": p.hyper_step.n_fits,
         "n_hypersteps": len(steps) + len(cached),
-        "marglik_updates": sum(row.get("log_marglik") is not None for row in history),
+        "marglik_updates": sum(row.get("hyperstep_log_marglik") is not None for row in history),
+        "cost": cost_record(history, p.hyper_step.phase_seconds, epoch, standard_epoch_seconds, elapsed),
         "fisher_type": lab.fisher_type,
         "prior_structure": lab.prior_structure,
         "augmentation_learned": p.augmenter.enabled,

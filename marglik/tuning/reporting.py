@@ -60,6 +60,9 @@ class RunSummary:
     n_laplace_fits: int  #: Laplace fits of the hypersteps (selection values not counted: seconds_per_selection)
     n_hypersteps: int
     marglik_updates: int  #: marginal-likelihood updates that ran (0: no tuning happened)
+    #: where the time went (MAP steps, hypersteps and their fit / log det / gradient, selection values,
+    #: evaluation) and the same in standard trainings (:func:`marglik.tuning.cost.cost_record`)
+    cost: Dict[str, Any]
     fisher_type: str
     prior_structure: str
     augmentation_learned: bool

@@ -7,7 +7,8 @@
   ``base_lr`` times 1 (constant) or a cosine factor from 1 to 0 over the epochs after
   ``hyper.burn_in``.
 * Marglik updates run after epochs ``e > burn_in`` with ``(e - burn_in) % frequency == 0``
-  (:meth:`marglik.tuning.Config.marglik_updates` counts them).
+  (:meth:`marglik.tuning.Config.marglik_updates` counts them); the selection value follows every
+  ``hyper.selection_every``-th of them and always the last one (:func:`selection_due`).
 
 The rollback scales (``trainer.rollback_lr_factor``) multiply these values; they are applied by
 the loop, not here.
@@ -74,3 +75,22 @@ def marglik_update_due(hyper: Any, epoch: int) -> bool:
         ``epoch > burn_in and (epoch - burn_in) % frequency == 0``.
     """
     return epoch > hyper.burn_in and (epoch - hyper.burn_in) % hyper.frequency == 0
+
+
+def selection_due(trainer: Any, hyper: Any, epoch: int) -> bool:
+    """Whether the marglik update after ``epoch`` is followed by a selection value.
+
+    Args:
+        trainer: the ``trainer`` section of a config (``epochs``).
+        hyper: the ``hyper`` section (``burn_in``, ``frequency``, ``selection_every``).
+        epoch: the epoch, counted from 1.
+
+    Returns:
+        ``marglik_update_due(hyper, epoch)`` and either the update's index ``i = (epoch - burn_in) /
+        frequency`` (from 1) is a multiple of ``selection_every`` or no update follows before
+        ``trainer.epochs`` (the last update is always scored, so the last model can be the best).
+    """
+    if not marglik_update_due(hyper, epoch):
+        return False
+    index = (epoch - hyper.burn_in) // hyper.frequency
+    return index % hyper.selection_every == 0 or epoch + hyper.frequency > trainer.epochs

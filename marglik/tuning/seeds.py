@@ -29,6 +29,7 @@ class Stream(enum.IntEnum):
     eval = 4  #: augmentation noise of an evaluation (fresh generator per evaluation: repeatable)
     selection = 5  #: which examples the fixed selection subset holds (drawn once per run)
     selection_noise = 6  #: augmentation and MC noise of a selection value (fresh per evaluation: fixed)
+    reference = 7  #: batch order and noise of the timed standard-training epoch (:mod:`marglik.tuning.cost`)
 
 
 def stream_generator(seed: int, stream: Stream) -> torch.Generator:

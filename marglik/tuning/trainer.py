@@ -67,6 +67,7 @@ class Trainer:
         self.elapsed = 0.0
         self.segments = 1
         self.wandb_id: Optional[str] = None
+        self.standard_epoch_seconds: Optional[float] = None  # one standard-training epoch (tuning.cost)
         self.resumed_from: Optional[Path] = None
         self._saved_ckpt: Optional[Tuple[Path, int]] = None  # newest checkpoint on disk, its epoch
         # the save in progress: (path, epoch, identity of the file it replaces), see _resume_point
@@ -82,7 +83,7 @@ class Trainer:
             ``{"version", "epoch", "config", "parts"}``, tensors detached and cloned.
         """
         run = {"epoch": self.epoch, "history": self.history, "events": self.events, "elapsed": self.elapsed,
-               "segments": self.segments, "wandb_id": self.wandb_id}
+               "segments": self.segments, "wandb_id": self.wandb_id, "standard_epoch_seconds": self.standard_epoch_seconds}
         states = {"run": run, **{name: part.state_dict() for name, part in self.parts.stateful().items()}}
         return checkpoint_format.pack(states, self.epoch, self.parts.config)
 
@@ -100,6 +101,7 @@ class Trainer:
         run = states["run"]
         self.epoch, self.history, self.events = run["epoch"], run["history"], run["events"]
         self.elapsed, self.segments, self.wandb_id = run["elapsed"], run["segments"], run["wandb_id"]
+        self.standard_epoch_seconds = run.get("standard_epoch_seconds")  # absent from older checkpoints
         for name, part in stateful.items():
             part.load_state_dict(states[name])
 
@@ -177,21 +179,30 @@ class Trainer:
         writes) the best state.
 
         Returns:
-            ``log_marglik`` (the selection value), ``hyperstep_log_marglik`` (the last hyperstep's
-            estimate, before its step) and ``hyperstep_log_marglik_first``.
+            ``log_marglik`` (the selection value; ``None`` when this update is not scored,
+            ``hyper.selection_every``), ``hyperstep_log_marglik`` (the last hyperstep's estimate,
+            before its step), ``hyperstep_log_marglik_first``, and the seconds of the hypersteps and
+            of the selection value (``hyperstep_seconds``, ``selection_seconds``).
 
         Raises:
             NonFiniteValue: from the parts.
         """
         p = self.parts
+        sync(p.device)
+        t0 = time.perf_counter()
         res, la = p.hyper_step.run(self.epoch)
+        sync(p.device)
+        t1 = time.perf_counter()
+        scored = p.settings.selection_due(self.epoch + 1)
         try:
-            improved = p.selection.update(self.epoch + 1, la)
+            improved = scored and p.selection.update(self.epoch + 1, la)
         finally:
             del la
         if improved and self.is_main:
             ckpt.save({**p.selection.best, "config": p.config}, self.run_dir / ckpt.CKPT_DIR / ckpt.BEST)
-        return {"log_marglik": p.selection.last_log_marglik, **res}
+        sync(p.device)
+        return {"log_marglik": p.selection.last_log_marglik if scored else None, **res,
+                "hyperstep_seconds": t1 - t0, "selection_seconds": time.perf_counter() - t1 if scored else 0.0}
 
     def _run_epoch(self) -> Dict[str, Any]:
         """MAP steps, the marglik update when due, evaluation: the epoch's history row.
@@ -204,16 +215,18 @@ class Trainer:
         sync(p.device)
         t0 = time.perf_counter()
         train = p.map_step.run_epoch()
+        sync(p.device)
+        map_s = time.perf_counter() - t0
         row: Dict[str, Any] = {"epoch": self.epoch + 1, **train}
         log_prior_before = p.prior.log_prior.detach().clone()
         e = self.epoch + 1
-        hyper_s = 0.0
+        hyperstep_s = selection_s = 0.0
         if s.update_due(e):
-            th = time.perf_counter()
             res = self._marglik_update()
-            hyper_s = time.perf_counter() - th
-            row["log_marglik"] = res["log_marglik"]
-            row["log_marglik_per_example"] = res["log_marglik"] / N
+            hyperstep_s, selection_s = res["hyperstep_seconds"], res["selection_seconds"]
+            lml = res["log_marglik"]
+            row["log_marglik"] = lml
+            row["log_marglik_per_example"] = None if lml is None else lml / N
             row["hyperstep_log_marglik"] = res["hyperstep_log_marglik"]
             row["hyperstep_log_marglik_per_example"] = res["hyperstep_log_marglik"] / N
         else:
@@ -233,13 +246,17 @@ class Trainer:
                                         "all" if p.prior.structure == "scalar" else p.prior.names[int(change.argmax())]),
         })
         row.update({f"aug_{k}": v for k, v in self.ranges().items()})
+        te = time.perf_counter()
         if (s.eval_every and e % s.eval_every == 0) or e == s.epochs:
             row.update(self.evaluate())
         else:
             row.update({"test_acc": None, "test_nll": None})
         sync(p.device)
         row["epoch_seconds"] = time.perf_counter() - t0
-        row["hyper_seconds"] = hyper_s
+        row["hyper_seconds"] = hyperstep_s + selection_s  # the whole marglik update
+        # where the epoch's time went (summed by marglik.tuning.cost into summary.json['cost'])
+        row.update({"map_seconds": map_s, "hyperstep_seconds": hyperstep_s, "selection_seconds": selection_s,
+                    "eval_seconds": time.perf_counter() - te})
         row["rollbacks"] = len(self.events)
         return row
 
@@ -277,6 +294,11 @@ class Trainer:
                 self._log_row(self.history[-1])
         for msg in lab.warnings:  # e.g. epochs <= burn-in: say so before training starts
             self._report(msg)
+        if s.cost_reference and self.standard_epoch_seconds is None and self.epoch < s.epochs:
+            from .cost import standard_epoch_seconds
+
+            self.standard_epoch_seconds = standard_epoch_seconds(p)  # not part of the run's seconds
+            self._snapshot = self.state_dict()
         from tqdm.auto import tqdm
 
         pbar = tqdm(
@@ -335,7 +357,8 @@ class Trainer:
         """
         return finalize(self.parts, self.history, self.events, epoch=self.epoch, elapsed=self.elapsed,
                         segment_elapsed=self.elapsed - self._segment_start_elapsed, segments=self.segments,
-                        run_dir=self.run_dir, is_main=self.is_main, report=self._report)
+                        run_dir=self.run_dir, is_main=self.is_main, report=self._report,
+                        standard_epoch_seconds=self.standard_epoch_seconds)
 
     def _postfix(self, pbar: Any, row: Dict[str, Any]) -> None:
         post = {"loss": f"{row['train_loss']:.3f}", "acc": f"{row['train_acc']:.3f}"}

@@ -35,20 +35,24 @@ class TrainerSettings:
     Attributes:
         epochs: epochs in all (a resumed run continues to this number).
         update_due: ``update_due(e)``: whether epoch ``e`` (1-based) ends with a marglik update.
+        selection_due: ``selection_due(e)``: whether that update is followed by a selection value.
         eval_every: test metrics every this many epochs (0: only at the end).
         final_model: ``"best"`` (the best selection value) or ``"last"``: the model the summary reports.
         max_rollbacks: rollbacks after non-finite values before giving up.
         rollback_lr_factor: the factor on the offending learning rate at a rollback.
         progress: show a progress bar.
+        cost_reference: time one standard-training epoch at the start (:mod:`marglik.tuning.cost`).
     """
 
     epochs: int
     update_due: Callable[[int], bool] = _every_epoch
+    selection_due: Callable[[int], bool] = _every_epoch
     eval_every: int = 1
     final_model: str = "best"
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
     progress: bool = True
+    cost_reference: bool = False
 
 
 @dataclass

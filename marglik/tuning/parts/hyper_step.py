@@ -46,25 +46,41 @@ class HyperStep:
         dist: the process group.
         batchwise: with learned augmentation, take eta's gradient one batch at a time
             (:meth:`_batchwise_fit`; ``hyper.batchwise``).
+        prior_steps: ``P`` more steps after the ``K``, on ``log delta`` alone, each reusing the last
+            fit (a log det and its closed-form gradient, no forward or backward pass; ``hyper.prior_steps``).
+            The fit does not depend on the prior precision, so each is an exact gradient step of that
+            fit's log marglik; ``eta`` keeps its value (its gradient would need a new fit).
 
     State: the optimizer, ``lr_scale`` (the rollbacks' factor on the hyper lrs) and the timings:
-    ``step_seconds`` (steps with a fit), ``cached_step_seconds`` (steps reusing one), ``n_fits``.
+    ``step_seconds`` (steps with a fit), ``cached_step_seconds`` (steps reusing one), ``n_fits``,
+    ``phase_seconds`` (``fit``, ``log_marglik``, ``gradient``).
     """
 
     def __init__(self, model: nn.Module, prior: PriorPrecision, augmenter: Augmenter, laplace: LaplaceMarglik,
                  estimator: MarglikSubset, data: TensorData, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, steps: int, lr_factor: Optional[Callable[[int], float]] = None,
-                 dist: Optional[DistContext] = None, batchwise: bool = False) -> None:
+                 dist: Optional[DistContext] = None, batchwise: bool = False, prior_steps: int = 0) -> None:
         self.model, self.prior, self.augmenter, self.laplace = model, prior, augmenter, laplace
         self.batchwise = bool(batchwise)
         self.estimator, self.data, self.optimizer, self.generator = estimator, data, optimizer, generator
         self.steps = int(steps)
+        self.prior_steps = int(prior_steps)
         self.lr_factor = lr_factor if lr_factor is not None else (lambda epoch: 1.0)
         self.dist = dist if dist is not None else DistContext()
         self.lr_scale = 1.0
         self.step_seconds: List[float] = []
         self.cached_step_seconds: List[float] = []
         self.n_fits = 0
+        #: seconds spent in the fits (forward and backward passes, factors), the log marglik (log det)
+        #: and its gradient; a batchwise step counts all three as ``fit``
+        self.phase_seconds: Dict[str, float] = {"fit": 0.0, "log_marglik": 0.0, "gradient": 0.0}
+
+    def _lap(self, phase: str, since: float) -> float:
+        """Add the seconds since ``since`` to ``phase_seconds[phase]`` (device synchronised); returns now."""
+        sync(self.device)
+        now = time.perf_counter()
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - since
+        return now
 
     @property
     def device(self) -> torch.device:
@@ -126,11 +142,14 @@ class HyperStep:
         values = []
         pre = None
         try:
-            for k in range(self.steps):
-                where = f"hyperstep {k + 1}/{self.steps}"
+            total = self.steps + self.prior_steps
+            for k in range(total):
+                where = f"hyperstep {k + 1}/{total}"
                 sync(self.device)
                 t0 = time.perf_counter()
-                fitted = la is None or aug_on
+                prior_only = k >= self.steps  # reuse the last fit; eta keeps its value
+                fitted = (la is None or aug_on) and not prior_only
+                params = [log_prior] if prior_only else hyper_params
                 if not torch.isfinite(log_prior).all() or not torch.isfinite(eta).all():
                     raise NonFiniteValue("marglik", "non-finite hyperparameters", where)
                 batchwise = fitted and aug_on and self.batchwise
@@ -140,7 +159,9 @@ class HyperStep:
                     else:
                         if fitted:
                             la = self.laplace.fit(self.batches(), self.estimator)
+                        t_fit = self._lap("fit", t0)
                         lml = self.laplace.log_marglik(la)
+                        t_lml = self._lap("log_marglik", t_fit)
                     if fitted:
                         self.n_fits += 1
                 except (torch.linalg.LinAlgError, FloatingPointError) as err:  # e.g. factors overflowed to inf
@@ -148,8 +169,11 @@ class HyperStep:
                 if not torch.isfinite(lml):
                     raise NonFiniteValue("marglik", lml.item(), where)
                 if not batchwise:
-                    grads = torch.autograd.grad(-lml, hyper_params, allow_unused=True)
-                if self.dist.enabled and aug_on:
+                    grads = torch.autograd.grad(-lml, params, allow_unused=True, retain_graph=self.prior_steps > 0)
+                    self._lap("gradient", t_lml)
+                else:
+                    self._lap("fit", t0)  # one pass does all three
+                if self.dist.enabled and aug_on and not prior_only:
                     # eta acts through each rank's own shard: its gradient is the sum over ranks.
                     # The prior precision acts through the all-reduced factors only: same on all ranks.
                     grads = (grads[0], self.dist.sum_(torch.zeros_like(eta) if grads[1] is None
@@ -157,7 +181,7 @@ class HyperStep:
                 pre = lml.item()
                 if any(g is not None and not torch.isfinite(g).all() for g in grads):
                     raise NonFiniteValue("marglik", "non-finite gradient", where)
-                for p, g in zip(hyper_params, grads):
+                for p, g in zip(params, grads):  # eta's grad stays None in a prior-only step: Adam skips it
                     p.grad = torch.zeros_like(p) if g is None else g
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -172,10 +196,11 @@ class HyperStep:
         return {"hyperstep_log_marglik": pre, "hyperstep_log_marglik_first": values[0]}, la
 
     def state_dict(self) -> Dict[str, Any]:
-        """Returns: ``optimizer``, ``lr_scale``, ``step_seconds``, ``cached_step_seconds``, ``n_fits``."""
+        """Returns: ``optimizer``, ``lr_scale``, ``step_seconds``, ``cached_step_seconds``, ``n_fits``,
+        ``phase_seconds``."""
         return {"optimizer": self.optimizer.state_dict(), "lr_scale": self.lr_scale,
                 "step_seconds": list(self.step_seconds), "cached_step_seconds": list(self.cached_step_seconds),
-                "n_fits": self.n_fits}
+                "n_fits": self.n_fits, "phase_seconds": dict(self.phase_seconds)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Args: state: a :meth:`state_dict`."""
@@ -184,3 +209,5 @@ class HyperStep:
         self.step_seconds = list(state["step_seconds"])
         self.cached_step_seconds = list(state["cached_step_seconds"])
         self.n_fits = state["n_fits"]
+        # checkpoints written before the phase split lack it: their phases start at zero
+        self.phase_seconds = dict(state.get("phase_seconds", {"fit": 0.0, "log_marglik": 0.0, "gradient": 0.0}))

@@ -73,6 +73,24 @@ class PriorPrecision:
             self.log_prior.copy_(state["log_prior"])
 
 
+def sharing_eta(aug: AffineAugmentation, n_samples: int) -> AffineAugmentation:
+    """An augmentation with ``n_samples`` copies that holds ``aug``'s ``eta`` parameter itself (not a
+    copy), so the MAP steps always warp with the ranges the hypersteps learn.
+
+    Args:
+        aug: the augmentation whose ``eta`` is shared.
+        n_samples: copies per image of the new augmentation.
+
+    Returns:
+        The new augmentation (``aug`` itself when ``n_samples`` equals its own).
+    """
+    if n_samples == aug.n_samples:
+        return aug
+    out = AffineAugmentation(n_samples, generators=aug.generators).to(aug.eta.device)
+    out.eta = aug.eta  # nn.Module registers the same Parameter object
+    return out
+
+
 class Augmenter:
     """The learned augmentation: ``S`` augmented copies of every image with the current ``eta``.
 
@@ -83,12 +101,18 @@ class Augmenter:
         generator: the default noise stream (the run's ``aug`` stream).
         dist: the process group (sharded augmentation under ``torchrun``).
         image_size: for the ranges in pixels (``None``: normalised units).
+        aug_train: the augmentation of the MAP steps (``S'`` copies, ``hyper.train_samples``); it must
+            hold ``aug``'s ``eta`` itself (:func:`sharing_eta`). ``None``: ``aug`` (the fits' ``S``).
     """
 
     def __init__(self, aug: AffineAugmentation, aug_test: AffineAugmentation, enabled: bool,
-                 generator: torch.Generator, dist: DistContext, image_size: Optional[int] = None) -> None:
+                 generator: torch.Generator, dist: DistContext, image_size: Optional[int] = None,
+                 aug_train: Optional[AffineAugmentation] = None) -> None:
         self.aug, self.aug_test, self.enabled = aug, aug_test, bool(enabled)
         self.generator, self.dist, self.image_size = generator, dist, image_size
+        self.aug_train = aug if aug_train is None else aug_train
+        if self.aug_train.eta is not aug.eta:
+            raise ValueError("aug_train must share aug's eta (marglik.tuning.parts.hyperparams.sharing_eta)")
 
     @property
     def eta(self) -> nn.Parameter:

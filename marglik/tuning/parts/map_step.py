@@ -100,7 +100,7 @@ class MapStep:
             n = len(idx)
             xb, yb = X[idx], (y[idx][self.dist.shard(n)] if sharded else y[idx])
             with torch.no_grad():
-                xb = self.augmenter(xb, shard=True) if sharded else self.augmenter(xb)
+                xb = self.augmenter(xb, aug=self.augmenter.aug_train, shard=sharded)
             lr = self.set_lr()
             loss, nll, out = self.loss(xb, yb, n_global=n) if sharded else self.loss(xb, yb)
             hits = (out.argmax(-1) == yb).sum()
