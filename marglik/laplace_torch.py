@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .curvature import KFAC, DiagonalBlock, Kron, KronBlock
 from .curvature.options import KFACApprox
 
-__all__ = ["MarglikGGN", "MarglikEF", "to_laplace_kron"]
+__all__ = ["MarglikGGN", "MarglikEF", "MarglikGGNReduce", "MarglikEFReduce", "to_laplace_kron", "modules_outside"]
 
 
 def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0) -> LaplaceKron:
@@ -89,6 +89,45 @@ def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0
     return LaplaceKron(kfacs)
 
 
+def modules_outside(model: nn.Module, params: List[nn.Parameter]) -> List[nn.Module]:
+    """The modules of ``model`` whose own trainable parameters are all outside ``params``.
+
+    They are passed to :class:`marglik.KFAC` as ``ignore_modules``, so that the engine records only
+    the layers laplace-torch lays its ``Kron`` over (all of them, or the last layer).
+
+    Args:
+        model: the network laplace-torch hands to the backend (for a last-layer Laplace its
+            ``FeatureExtractor``, which holds the whole network).
+        params: the parameters of the Laplace approximation (the backend's ``params``).
+
+    Returns:
+        The modules to leave out, in ``named_modules()`` order.
+
+    Raises:
+        NotImplementedError: a module has trainable parameters both inside and outside ``params``
+            (a block cannot be split).
+    """
+    inside = {id(p) for p in params}
+    out: List[nn.Module] = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        hits = sum(id(p) in inside for p in own)
+        if own and hits == 0:
+            out.append(module)
+        elif 0 < hits < len(own):
+            raise NotImplementedError(
+                f"module {name!r} has trainable parameters both inside and outside the Laplace approximation; "
+                "marglik's Kronecker blocks cover a module's parameters together"
+            )
+    return out
+
+
+def _named_in(model: nn.Module, params: List[nn.Parameter]) -> Dict[str, nn.Parameter]:
+    """``params`` keyed by their names in ``model`` (for ``torch.func.functional_call(model, ...)``)."""
+    inside = {id(p) for p in params}
+    return {n: p for n, p in model.named_parameters() if id(p) in inside}
+
+
 class _MarglikKron:
     """The ``kron`` method shared by :class:`MarglikGGN` and :class:`MarglikEF`."""
 
@@ -100,7 +139,15 @@ class _MarglikKron:
     def _setup_kfac(
         self, approx: str, fisher_type: str, max_grad_memory: int, copies_approx: Optional[str] = None
     ) -> None:
-        """Options shared by both backends; engines are cached per ``(approx, copies_approx, mc_samples)``."""
+        """Options shared by both backends; engines are cached per ``(approx, copies_approx, mc_samples)``.
+
+        For a last-layer Laplace, laplace-torch's ``CurvatureInterface`` keys ``params_dict`` by the
+        last layer's own names (``weight``, ``bias``) but calls ``functional_call`` on the whole
+        ``FeatureExtractor``, where those names match nothing: its ``torch.func`` gradients (the EF's
+        ``full`` / ``diag``) come out zero. The names are re-keyed as the ``FeatureExtractor`` spells them.
+        """
+        if self.last_layer:
+            self.params_dict = _named_in(self.model, self.params)
         self.approx = KFACApprox.parse(approx, "K-FAC approximation")
         self.copies_approx = None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         self._fisher_type = fisher_type
@@ -118,6 +165,7 @@ class _MarglikKron:
                 fisher_type=self._fisher_type,
                 mc_samples=mc_samples,
                 max_grad_memory=self.max_grad_memory,
+                ignore_modules=modules_outside(self.model, self.params),
             )
         return self._kfacs[key]
 
@@ -135,8 +183,11 @@ class _MarglikKron:
         Returns ``(loss, kron)``: the batch's summed NLL (0-d, detached) and a laplace-torch
         ``Kron`` over ``self.params``.
         """
-        if self.last_layer or self.subnetwork_indices is not None:
-            raise NotImplementedError("marglik backends support only subset_of_weights='all'")
+        if self.subnetwork_indices is not None:
+            raise NotImplementedError(
+                "a subnetwork (an index subset of the parameters) has no Kronecker structure; laplace-torch's "
+                "SubnetLaplace takes hessian_structure='full' or 'diag'"
+            )
         kwargs = dict(kwargs)
         approx = kwargs.pop("kfac_approx", kwargs.pop("approx", self.approx))
         copies_approx = kwargs.pop("copies_approx", self.copies_approx)
@@ -216,3 +267,21 @@ class MarglikEF(_MarglikKron, EFInterface):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self.num_samples = 1
         self._setup_kfac(approx, "empirical", max_grad_memory, copies_approx)
+
+
+class MarglikGGNReduce(MarglikGGN):
+    """:class:`MarglikGGN` with ``approx="reduce"`` as its default.
+
+    For callers that take a backend class but no ``backend_kwargs``, such as laplace-torch's
+    ``marglik_training(..., backend=MarglikGGNReduce)``. Arguments as :class:`MarglikGGN`.
+    """
+
+    def __init__(self, *args: Any, approx: str = "reduce", **kwargs: Any) -> None:
+        super().__init__(*args, approx=approx, **kwargs)
+
+
+class MarglikEFReduce(MarglikEF):
+    """:class:`MarglikEF` with ``approx="reduce"`` as its default (see :class:`MarglikGGNReduce`)."""
+
+    def __init__(self, *args: Any, approx: str = "reduce", **kwargs: Any) -> None:
+        super().__init__(*args, approx=approx, **kwargs)
