@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .curvature import KFAC, DiagonalBlock, Kron, KronBlock
 from .curvature.options import KFACApprox
+from .laplace_torch_subnet import subnet_gradients, subnet_jacobians
 
 __all__ = ["MarglikGGN", "MarglikEF", "MarglikGGNReduce", "MarglikEFReduce", "to_laplace_kron", "modules_outside"]
 
@@ -129,7 +130,8 @@ def _named_in(model: nn.Module, params: List[nn.Parameter]) -> Dict[str, nn.Para
 
 
 class _MarglikKron:
-    """The ``kron`` method shared by :class:`MarglikGGN` and :class:`MarglikEF`."""
+    """What :class:`MarglikGGN` and :class:`MarglikEF` share: ``kron`` by :class:`marglik.KFAC`
+    (all weights or the last layer), subnetwork ``jacobians`` / ``gradients`` over the touched tensors."""
 
     _fisher_type: str
     approx: KFACApprox
@@ -168,6 +170,38 @@ class _MarglikKron:
                 ignore_modules=modules_outside(self.model, self.params),
             )
         return self._kfacs[key]
+
+    def jacobians(self, x: Any, enable_backprop: bool = False) -> Tuple[Tensor, Tensor]:
+        """laplace-torch's ``jacobians``; for a subnetwork, over the tensors it touches only
+        (:func:`marglik.laplace_torch_subnet.subnet_jacobians`).
+
+        Args:
+            x: input batch of ``M`` examples.
+            enable_backprop: keep the graph.
+
+        Returns:
+            ``(Js, f)``: Jacobians ``(M, C, P)`` (``P``: the subnetwork's size when there is one)
+            and outputs ``(M, C)``.
+        """
+        if self.subnetwork_indices is None:
+            return super().jacobians(x, enable_backprop)  # type: ignore[misc]
+        return subnet_jacobians(self.model, self.params_dict, self.buffers_dict, x, self.subnetwork_indices,
+                                enable_backprop)
+
+    def gradients(self, x: Any, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """laplace-torch's per-example ``gradients``; for a subnetwork, over the tensors it touches only.
+
+        Args:
+            x: inputs ``(M, ...)``.
+            y: targets ``(M, ...)``.
+
+        Returns:
+            ``(Gs, loss)``: gradients ``(M, P)`` of laplace-torch's unscaled ``lossfunc`` and its sum.
+        """
+        if self.subnetwork_indices is None:
+            return super().gradients(x, y)  # type: ignore[misc]
+        return subnet_gradients(self.model, self.params_dict, self.buffers_dict, self.lossfunc, x, y,
+                                self.subnetwork_indices)
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, LaplaceKron]:
         """K-FAC of one batch, scaled for laplace-torch's batch-wise summation over ``N`` examples.

@@ -262,3 +262,14 @@ def test_default_call(Backend):
     assert torch.isfinite(la.log_marginal_likelihood())
     probs = la(dl.dataset.tensors[0][:4])
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DT))
+
+
+def test_subnet_positions():
+    """Indices map into the concatenation of the tensors they touch, in the indices' order."""
+    from marglik.laplace_torch_subnet import subnet_positions
+
+    touched, pos = subnet_positions([6, 2, 10, 2], torch.tensor([17, 9, 7]))
+    assert touched == [1, 2]  # tensors 0 and 3 are not differentiated
+    assert pos.tolist() == [11, 3, 1]
+    with pytest.raises(ValueError, match="must lie in"):
+        subnet_positions([6, 2], torch.tensor([8]))
