@@ -10,9 +10,19 @@ Use them wherever laplace-torch takes a backend::
     la.fit(train_loader)
     la.optimize_prior_precision()
 
-Only :meth:`kron` (``hessian_structure="kron"``) uses marglik; Jacobians, per-example gradients
-and the ``full`` / ``diag`` structures come from laplace-torch's ``torch.func`` implementations in
-``GGNInterface`` / ``EFInterface`` / ``CurvatureInterface``.
+:meth:`kron` (``hessian_structure="kron"``) uses marglik's K-FAC, for ``subset_of_weights="all"``
+and ``"last_layer"`` (laplace-torch's default). For the last layer laplace-torch hands the backend
+its ``FeatureExtractor`` (the whole network) and the last layer's parameters as ``params``; the
+K-FAC engine runs on the whole network with every other module in ``ignore_modules``
+(:func:`modules_outside`), so the head's input factor and output gradients are recorded where the
+head is applied (at every token of a token model: expand and reduce then differ). The ``full`` /
+``diag`` structures come from laplace-torch's ``torch.func`` code in ``GGNInterface`` /
+``EFInterface``, with two changes: for a subnetwork (``SubnetLaplace``: full or diag only) the
+Jacobians and per-example gradients are taken over the tensors the subnetwork touches
+(:mod:`marglik.laplace_torch_subnet`), and for the last layer the parameter names are those of the
+``FeatureExtractor`` (laplace-torch's own names match nothing there and give a zero EF).
+:class:`MarglikGGNReduce` / :class:`MarglikEFReduce` default to ``approx="reduce"`` for callers that
+take a class and no kwargs (``laplace.marglik_training``).
 
 Conversion to laplace-torch's :class:`laplace.utils.matrix.Kron`. laplace-torch keeps one entry per
 trainable parameter tensor (``Kron.init_from_model``): ``[B, A]`` for a weight (``B ⊗ A`` over the
@@ -247,7 +257,8 @@ class MarglikGGN(_MarglikKron, GGNInterface):
 
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as in
-            laplace-torch's ``GGNInterface`` (``kron`` supports only all weights).
+            laplace-torch's ``GGNInterface`` (``kron``: all weights or the last layer; a subnetwork
+            takes ``full`` / ``diag``).
         stochastic: MC Fisher (``fisher_type="mc"``) instead of the exact GGN (``"type-2"``).
         num_samples: MC samples for ``stochastic=True``.
         approx: ``"expand"`` (default, as laplace-torch's backends) or ``"reduce"``.

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchlib import ROOT
 from runner import rerender, write_outputs
 
-sys.path.insert(0, str(ROOT / "tests"))
-warnings.filterwarnings("ignore")
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' models and references
 from laplace.curvature import AsdlEF, AsdlGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
 from laplace.utils import ModuleNameSubnetMask  # noqa: E402
 from test_laplace_torch_subsets import (  # noqa: E402
@@ -202,6 +201,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.from_json:
         return rerender(Path(args.out), STEM, render)
+    warnings.filterwarnings("ignore")  # laplace-torch's link_approx / deprecation notices
     import importlib.metadata as md
 
     result = {"torch": torch.__version__, "laplace_torch": md.version("laplace-torch"), "machine": platform.machine(),
