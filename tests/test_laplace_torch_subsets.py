@@ -67,7 +67,9 @@ def fit(model, likelihood, backend, dl, subset="last_layer", structure="kron", a
 
 
 def H_of(la):
-    return la.H.to_matrix() if hasattr(la.H, "to_matrix") else la.H
+    """The accumulated curvature as a dense matrix (Kron: its factors' Kronecker products), or its diagonal."""
+    H = la.H_facs if getattr(la, "H_facs", None) is not None else la.H
+    return H.to_matrix() if hasattr(H, "to_matrix") else H
 
 
 def lml_and_grad(la, prior):
@@ -273,3 +275,29 @@ def test_subnet_positions():
     assert pos.tolist() == [11, 3, 1]
     with pytest.raises(ValueError, match="must lie in"):
         subnet_positions([6, 2], torch.tensor([8]))
+
+
+def test_last_layer_head_without_bias_after_batchnorm():
+    """Other modules with parameters (BatchNorm) are left out; a bias-free head is one Kronecker block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4, bias=False)).to(DT).eval()
+    dl = data(model, "classification")
+    ours = fit(model, "classification", MarglikGGN, dl)
+    assert len(ours.H_facs.kfacs) == 1 and len(ours.H_facs.kfacs[0]) == 2
+    for Ref in (CurvlinopsGGN, AsdlGGN):
+        assert_same(ours, fit(model, "classification", Ref, dl), torch.tensor([1.6], dtype=DT))
+
+
+def test_last_layer_torchvision_resnet18():
+    """laplace-torch's default call on torchvision's ResNet-18 as shipped (in-place ReLUs and residual
+    adds before the head do not matter: only the head is recorded); equal to CurvlinopsGGN in float32."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    X, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    dl = DataLoader(TensorDataset(X, y), batch_size=3)
+    ours = fit(net, "classification", MarglikGGN, dl)
+    ref = fit(net, "classification", CurvlinopsGGN, dl)
+    Ho, Hr = H_of(ours), H_of(ref)
+    assert (Ho - Hr).abs().max() <= 1e-5 * Hr.abs().max()
+    torch.testing.assert_close(ours.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-5, atol=1e-4)
