@@ -10,9 +10,19 @@ Use them wherever laplace-torch takes a backend::
     la.fit(train_loader)
     la.optimize_prior_precision()
 
-Only :meth:`kron` (``hessian_structure="kron"``) uses marglik; Jacobians, per-example gradients
-and the ``full`` / ``diag`` structures come from laplace-torch's ``torch.func`` implementations in
-``GGNInterface`` / ``EFInterface`` / ``CurvatureInterface``.
+:meth:`kron` (``hessian_structure="kron"``) uses marglik's K-FAC, for ``subset_of_weights="all"``
+and ``"last_layer"`` (laplace-torch's default). For the last layer laplace-torch hands the backend
+its ``FeatureExtractor`` (the whole network) and the last layer's parameters as ``params``; the
+K-FAC engine runs on the whole network with every other module in ``ignore_modules``
+(:func:`modules_outside`), so the head's input factor and output gradients are recorded where the
+head is applied (at every token of a token model: expand and reduce then differ). The ``full`` /
+``diag`` structures come from laplace-torch's ``torch.func`` code in ``GGNInterface`` /
+``EFInterface``, with two changes: for a subnetwork (``SubnetLaplace``: full or diag only) the
+Jacobians and per-example gradients are taken over the tensors the subnetwork touches
+(:mod:`marglik.laplace_torch_subnet`), and for the last layer the parameter names are those of the
+``FeatureExtractor`` (laplace-torch's own names match nothing there and give a zero EF).
+:class:`MarglikGGNReduce` / :class:`MarglikEFReduce` default to ``approx="reduce"`` for callers that
+take a class and no kwargs (``laplace.marglik_training``).
 
 Conversion to laplace-torch's :class:`laplace.utils.matrix.Kron`. laplace-torch keeps one entry per
 trainable parameter tensor (``Kron.init_from_model``): ``[B, A]`` for a weight (``B ⊗ A`` over the
@@ -46,8 +56,9 @@ from torch import Tensor, nn
 
 from .curvature import KFAC, DiagonalBlock, Kron, KronBlock
 from .curvature.options import KFACApprox
+from .laplace_torch_subnet import subnet_gradients, subnet_jacobians
 
-__all__ = ["MarglikGGN", "MarglikEF", "to_laplace_kron"]
+__all__ = ["MarglikGGN", "MarglikEF", "MarglikGGNReduce", "MarglikEFReduce", "to_laplace_kron", "modules_outside"]
 
 
 def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0) -> LaplaceKron:
@@ -89,8 +100,48 @@ def to_laplace_kron(kron: Kron, params: List[nn.Parameter], a_scale: float = 1.0
     return LaplaceKron(kfacs)
 
 
+def modules_outside(model: nn.Module, params: List[nn.Parameter]) -> List[nn.Module]:
+    """The modules of ``model`` whose own trainable parameters are all outside ``params``.
+
+    They are passed to :class:`marglik.KFAC` as ``ignore_modules``, so that the engine records only
+    the layers laplace-torch lays its ``Kron`` over (all of them, or the last layer).
+
+    Args:
+        model: the network laplace-torch hands to the backend (for a last-layer Laplace its
+            ``FeatureExtractor``, which holds the whole network).
+        params: the parameters of the Laplace approximation (the backend's ``params``).
+
+    Returns:
+        The modules to leave out, in ``named_modules()`` order.
+
+    Raises:
+        NotImplementedError: a module has trainable parameters both inside and outside ``params``
+            (a block cannot be split).
+    """
+    inside = {id(p) for p in params}
+    out: List[nn.Module] = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        hits = sum(id(p) in inside for p in own)
+        if own and hits == 0:
+            out.append(module)
+        elif 0 < hits < len(own):
+            raise NotImplementedError(
+                f"module {name!r} has trainable parameters both inside and outside the Laplace approximation; "
+                "marglik's Kronecker blocks cover a module's parameters together"
+            )
+    return out
+
+
+def _named_in(model: nn.Module, params: List[nn.Parameter]) -> Dict[str, nn.Parameter]:
+    """``params`` keyed by their names in ``model`` (for ``torch.func.functional_call(model, ...)``)."""
+    inside = {id(p) for p in params}
+    return {n: p for n, p in model.named_parameters() if id(p) in inside}
+
+
 class _MarglikKron:
-    """The ``kron`` method shared by :class:`MarglikGGN` and :class:`MarglikEF`."""
+    """What :class:`MarglikGGN` and :class:`MarglikEF` share: ``kron`` by :class:`marglik.KFAC`
+    (all weights or the last layer), subnetwork ``jacobians`` / ``gradients`` over the touched tensors."""
 
     _fisher_type: str
     approx: KFACApprox
@@ -100,7 +151,15 @@ class _MarglikKron:
     def _setup_kfac(
         self, approx: str, fisher_type: str, max_grad_memory: int, copies_approx: Optional[str] = None
     ) -> None:
-        """Options shared by both backends; engines are cached per ``(approx, copies_approx, mc_samples)``."""
+        """Options shared by both backends; engines are cached per ``(approx, copies_approx, mc_samples)``.
+
+        For a last-layer Laplace, laplace-torch's ``CurvatureInterface`` keys ``params_dict`` by the
+        last layer's own names (``weight``, ``bias``) but calls ``functional_call`` on the whole
+        ``FeatureExtractor``, where those names match nothing: its ``torch.func`` gradients (the EF's
+        ``full`` / ``diag``) come out zero. The names are re-keyed as the ``FeatureExtractor`` spells them.
+        """
+        if self.last_layer:
+            self.params_dict = _named_in(self.model, self.params)
         self.approx = KFACApprox.parse(approx, "K-FAC approximation")
         self.copies_approx = None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         self._fisher_type = fisher_type
@@ -118,8 +177,41 @@ class _MarglikKron:
                 fisher_type=self._fisher_type,
                 mc_samples=mc_samples,
                 max_grad_memory=self.max_grad_memory,
+                ignore_modules=modules_outside(self.model, self.params),
             )
         return self._kfacs[key]
+
+    def jacobians(self, x: Any, enable_backprop: bool = False) -> Tuple[Tensor, Tensor]:
+        """laplace-torch's ``jacobians``; for a subnetwork, over the tensors it touches only
+        (:func:`marglik.laplace_torch_subnet.subnet_jacobians`).
+
+        Args:
+            x: input batch of ``M`` examples.
+            enable_backprop: keep the graph.
+
+        Returns:
+            ``(Js, f)``: Jacobians ``(M, C, P)`` (``P``: the subnetwork's size when there is one)
+            and outputs ``(M, C)``.
+        """
+        if self.subnetwork_indices is None:
+            return super().jacobians(x, enable_backprop)  # type: ignore[misc]
+        return subnet_jacobians(self.model, self.params_dict, self.buffers_dict, x, self.subnetwork_indices,
+                                enable_backprop)
+
+    def gradients(self, x: Any, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """laplace-torch's per-example ``gradients``; for a subnetwork, over the tensors it touches only.
+
+        Args:
+            x: inputs ``(M, ...)``.
+            y: targets ``(M, ...)``.
+
+        Returns:
+            ``(Gs, loss)``: gradients ``(M, P)`` of laplace-torch's unscaled ``lossfunc`` and its sum.
+        """
+        if self.subnetwork_indices is None:
+            return super().gradients(x, y)  # type: ignore[misc]
+        return subnet_gradients(self.model, self.params_dict, self.buffers_dict, self.lossfunc, x, y,
+                                self.subnetwork_indices)
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, LaplaceKron]:
         """K-FAC of one batch, scaled for laplace-torch's batch-wise summation over ``N`` examples.
@@ -135,8 +227,11 @@ class _MarglikKron:
         Returns ``(loss, kron)``: the batch's summed NLL (0-d, detached) and a laplace-torch
         ``Kron`` over ``self.params``.
         """
-        if self.last_layer or self.subnetwork_indices is not None:
-            raise NotImplementedError("marglik backends support only subset_of_weights='all'")
+        if self.subnetwork_indices is not None:
+            raise NotImplementedError(
+                "a subnetwork (an index subset of the parameters) has no Kronecker structure; laplace-torch's "
+                "SubnetLaplace takes hessian_structure='full' or 'diag'"
+            )
         kwargs = dict(kwargs)
         approx = kwargs.pop("kfac_approx", kwargs.pop("approx", self.approx))
         copies_approx = kwargs.pop("copies_approx", self.copies_approx)
@@ -162,7 +257,8 @@ class MarglikGGN(_MarglikKron, GGNInterface):
 
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y: as in
-            laplace-torch's ``GGNInterface`` (``kron`` supports only all weights).
+            laplace-torch's ``GGNInterface`` (``kron``: all weights or the last layer; a subnetwork
+            takes ``full`` / ``diag``).
         stochastic: MC Fisher (``fisher_type="mc"``) instead of the exact GGN (``"type-2"``).
         num_samples: MC samples for ``stochastic=True``.
         approx: ``"expand"`` (default, as laplace-torch's backends) or ``"reduce"``.
@@ -216,3 +312,21 @@ class MarglikEF(_MarglikKron, EFInterface):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self.num_samples = 1
         self._setup_kfac(approx, "empirical", max_grad_memory, copies_approx)
+
+
+class MarglikGGNReduce(MarglikGGN):
+    """:class:`MarglikGGN` with ``approx="reduce"`` as its default.
+
+    For callers that take a backend class but no ``backend_kwargs``, such as laplace-torch's
+    ``marglik_training(..., backend=MarglikGGNReduce)``. Arguments as :class:`MarglikGGN`.
+    """
+
+    def __init__(self, *args: Any, approx: str = "reduce", **kwargs: Any) -> None:
+        super().__init__(*args, approx=approx, **kwargs)
+
+
+class MarglikEFReduce(MarglikEF):
+    """:class:`MarglikEF` with ``approx="reduce"`` as its default (see :class:`MarglikGGNReduce`)."""
+
+    def __init__(self, *args: Any, approx: str = "reduce", **kwargs: Any) -> None:
+        super().__init__(*args, approx=approx, **kwargs)

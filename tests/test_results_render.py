@@ -23,6 +23,7 @@ RENDERERS = {
     "kfac_speed": ("bench_kfac", "to_markdown"),
     "kfac_speed_backpack": ("bench_kfac", "backpack_markdown"),
     "kfac_speed_vit": ("kfac_vit", "to_markdown"),
+    "laplace_torch_subsets": ("check_laplace_torch_subsets", "render"),
     "marglik_speed": ("bench_marglik", "render"),
     "marglik_step_wrn": ("bench_marglik_step", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
