@@ -237,7 +237,7 @@ def render(data: Dict[str, Any]) -> str:
              f"Digits, `model=cnn`, {data['epochs']} epochs, seeds {sorted({r['seed'] for r in data['jobs']})}; "
              "every job single-threaded, cost in process CPU seconds divided by the same seed and setting's "
              "*standard training* (the same network, fixed hyperparameters, one augmented copy, the same epochs). "
-             f"Command: `{' '.join(data['argv'])}`.", "",
+             "Commands (one sitting each, in order): " + "; ".join(f"`{c}`" for c in data["commands"]) + ".", "",
              f"Grid: weight decay {list(data['weight_decays'])} (prior precision delta = wd x N) x rotation range "
              f"{list(data['rotations'])} degrees, one fresh random rotation per example per step, fixed stratified "
              "80/20 split, pick by validation NLL, retrain the pick on all training data. The bound trains every "
@@ -341,7 +341,8 @@ def main(argv: List[str]) -> None:
     new_keys = {_key(j) for j in jobs}
     kept = [r for r in old["jobs"] if _key(r) not in new_keys]
     protocols = {**old.get("protocols", {}), **{p: protocol(p) for p in a.protocols}}
-    data = {"argv": ["python", "scripts/bench_vs_grid.py", *portable_argv(argv)], "epochs": epochs,
+    command = " ".join(["python", "scripts/bench_vs_grid.py", *portable_argv(argv)])
+    data = {"commands": [*old.get("commands", []), command], "epochs": epochs,
             "weight_decays": list(extra.get("weight_decays", WEIGHT_DECAYS)),
             "rotations": list(extra.get("rotations", ROTATIONS)), "protocols": protocols,
             "note": a.note if a.note is not None else old.get("note"), "jobs": kept}

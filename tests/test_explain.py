@@ -41,3 +41,16 @@ def test_many_tensors_and_scalar_prior_and_no_update():
     assert "prior precision (one for every weight" in "\n".join(explain_run(_summary(prior_precision_by_name={"all": 2.0})))
     none = explain_run(_summary(marglik_updates=0, log_marglik=None, log_marglik_per_example=None, best_epoch=None))
     assert none[-1].startswith("nothing was learned") and "no log marginal likelihood" in none[0]
+
+
+def test_cost_line_in_standard_trainings_or_seconds():
+    cost = {"seconds": 30.0, "map_seconds": 6.0, "marglik_update_seconds": 22.0, "selection_seconds": 2.0,
+            "standard_trainings": {"total": 5.0, "map": 1.0, "marglik_updates": 3.667, "selection": 0.333,
+                                   "evaluation": 0.2, "hypersteps": 3.333}}
+    last = explain_run(_summary(cost=cost))[-1]
+    assert last == ("cost: 5.00 standard trainings of this network (30 s): MAP steps 1.00, marglik updates 3.67 "
+                    "(selection values 0.33), evaluation 0.20")
+    unmeasured = {**cost, "standard_trainings": {k: None for k in cost["standard_trainings"]}}
+    assert explain_run(_summary(cost=unmeasured))[-1] == (
+        "cost: 30 s (MAP steps 6 s, marglik updates 22 s of which selection values 2 s)")
+    assert not explain_run(_summary())[-1].startswith("cost")  # an older summary without the split

@@ -91,6 +91,20 @@ def _result_line(s: Dict[str, Any]) -> str:
     return f"result: {which}: {metrics}; {evidence}"
 
 
+def _cost_line(s: Dict[str, Any]) -> Optional[str]:
+    """Where the run's time went, in standard trainings when the run timed one (``summary['cost']``)."""
+    c = s.get("cost") or {}
+    std = c.get("standard_trainings") or {}
+    if c.get("seconds") is None:
+        return None
+    if std.get("total") is None:
+        return (f"cost: {c['seconds']:.3g} s (MAP steps {c.get('map_seconds', 0):.3g} s, marglik updates "
+                f"{c.get('marglik_update_seconds', 0):.3g} s of which selection values {c.get('selection_seconds', 0):.3g} s)")
+    return (f"cost: {std['total']:.2f} standard trainings of this network ({c['seconds']:.3g} s): MAP steps "
+            f"{std['map']:.2f}, marglik updates {std['marglik_updates']:.2f} (selection values {std['selection']:.2f}), "
+            f"evaluation {std['evaluation']:.2f}")
+
+
 def explain_run(summary: Dict[str, Any]) -> List[str]:
     """What a finished run learned, in plain words.
 
@@ -99,9 +113,12 @@ def explain_run(summary: Dict[str, Any]) -> List[str]:
 
     Returns:
         Lines: the result (test metrics, log marginal likelihood), each learned augmentation range
-        against the data's known range, and the prior precisions by parameter name.
+        against the data's known range, the prior precisions by parameter name, and what the run
+        cost (in standard trainings where it timed one).
     """
     lines = [_result_line(summary)]
+    cost = _cost_line(summary)
+    tail = [cost] if cost else []
     if not summary.get("marglik_updates"):
-        return lines + ["nothing was learned: no marginal-likelihood update ran (see the warning)"]
-    return lines + _augmentation_lines(summary) + [_prior_line(summary.get("prior_precision_by_name") or {})]
+        return lines + ["nothing was learned: no marginal-likelihood update ran (see the warning)"] + tail
+    return lines + _augmentation_lines(summary) + [_prior_line(summary.get("prior_precision_by_name") or {})] + tail
