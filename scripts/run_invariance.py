@@ -67,10 +67,12 @@ def job_configs(args) -> List[Dict[str, Any]]:
             cfg = dict(
                 data={"name": "digits", "rotation": float(rot), "train_size": args.train_size, "seed": 0},
                 model={"name": "cnn", "width": 16, "hidden": 64},
-                curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
-                hyper={"prior_structure": "layerwise", "lr": 0.1, "aug_lr": 0.1, "steps": 2, "frequency": 1,
-                       "burn_in": 5, "n_samples": args.n_samples, "marglik_batches": args.marglik_batches,
-                       "marglik_batch_size": 128, **hyper},
+                curvature={"approx": approx, "copies_approx": copies},
+                # the shipped default protocol (issue #28), the flavour and augmentation varied
+                hyper={"prior_structure": "layerwise",
+                       **({} if args.n_samples is None else {"n_samples": args.n_samples}),
+                       **({} if args.marglik_batches is None else {"marglik_batches": args.marglik_batches}),
+                       **hyper},
                 trainer={"epochs": args.epochs, "batch_size": 64, "lr": 0.01, "seed": args.seed, "device": "cpu",
                          "num_threads": 1, "progress": False, "eval_every": 5, "resume": "auto",
                          # a non-finite marglik is retried on a fresh subset without lowering the lr
@@ -109,15 +111,18 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
     torch.set_num_threads(1)
     tuners = {}
     state = None
+    h = Config().hyper  # the default job's fit unless the command line names another
+    n_samples = args.n_samples if args.n_samples is not None else h.n_samples
+    batches = args.marglik_batches if args.marglik_batches is not None else h.marglik_batches
     for fl in flavours:
         approx, copies = fl.split("-")
         cfg = Config.from_dict(
             data={"name": "digits", "rotation": 180.0, "train_size": args.train_size, "seed": 0},
             model={"name": "cnn", "width": 16, "hidden": 64},
             curvature={"approx": approx, "copies_approx": copies},
-            hyper={"augmentation": True, "generators": ["rotation"], "n_samples": args.n_samples, "steps": 1,
+            hyper={"augmentation": True, "generators": ["rotation"], "n_samples": n_samples, "steps": 1,
                    "selection": "subset", "selection_size": 8,  # the selection value is not timed
-                   "marglik_batches": args.marglik_batches, "marglik_batch_size": 128},
+                   "marglik_batches": batches, "marglik_batch_size": 128},
             trainer={"device": "cpu", "num_threads": 1, "progress": False, "seed": args.seed, "resume": "never"},
             logger={"mode": "disabled"},
         )
@@ -128,8 +133,8 @@ def time_marglik_steps(args, flavours: List[str], repeats: int, rotation_deg: fl
         with torch.no_grad():
             t.aug.eta.fill_(math.radians(rotation_deg))
         tuners[fl] = t
-    return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": args.n_samples,
-            "marglik_batches": args.marglik_batches, "marglik_batch_size": 128}
+    return {**time_hypersteps(tuners, repeats, rotation_deg), "n_samples": n_samples,
+            "marglik_batches": batches, "marglik_batch_size": 128}
 
 
 def timing_section(timing: Optional[Dict[str, Any]]) -> List[str]:
@@ -182,6 +187,29 @@ def observations(results: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
+PROTOCOL_KEYS = ("hyper.n_samples", "hyper.train_samples", "hyper.steps", "hyper.prior_steps", "hyper.frequency",
+                 "hyper.burn_in", "hyper.lr", "hyper.aug_lr", "hyper.schedule", "hyper.marglik_batches",
+                 "hyper.marglik_batch_size", "hyper.selection", "hyper.selection_size", "hyper.selection_every",
+                 "curvature.fisher_type")
+
+
+def protocol_of(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The protocol the runs used, from the JSON (older JSON: the protocol it was run with, stated there)."""
+    return data["settings"].get("protocol") or {
+        "hyper.steps": 2, "hyper.frequency": 1, "hyper.burn_in": 5, "hyper.lr": 0.1, "hyper.aug_lr": 0.1,
+        "hyper.n_samples": data["settings"].get("n_samples"), "hyper.marglik_batches": data["settings"].get("marglik_batches"),
+        "hyper.marglik_batch_size": 128, "curvature.fisher_type": "type-2"}
+
+
+def run_protocol(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The protocol keys of a run's config dict, completed with the shipped defaults."""
+    from marglik.tuning import Config
+    from marglik.tuning.config import flatten
+
+    flat = flatten(Config.from_dict(cfg).to_dict())
+    return {k: flat[k] for k in PROTOCOL_KEYS}
+
+
 def render(data: Dict[str, Any]) -> str:
     """The report, from the result JSON alone (``settings``, ``runs``, ``wall_seconds``, ``step_timing``)."""
     args = SimpleNamespace(**data["settings"])
@@ -197,12 +225,10 @@ def render(data: Dict[str, Any]) -> str:
         + (f", train subset {args.train_size}" if args.train_size else "")
         + "), every train and test image rotated by a fixed random angle in [-R, R]; small CNN "
         f"(width 16, hidden 64); {args.epochs} epochs of Adam (lr 0.01, cosine, batch 64); marglik "
-        f"tuning after 5 burn-in epochs, every epoch 2 hypersteps (Adam, lr 0.1 on the log layerwise "
-        f"prior precisions, 0.1 on eta); S={args.n_samples} augmented copies; the Laplace fit of each "
-        f"hyperstep uses {args.marglik_batches} random batches of 128 rescaled to N (a stochastic "
-        "estimate); K-FAC GGN (type-2). The reported model is the best-marglik checkpoint "
-        "(Algorithm 1); test predictions average the logits over S augmented copies with the learned "
-        "range.",
+        "tuning with the default job's protocol, the K-FAC flavour and the augmentation varied: "
+        + ", ".join(f"`{k}={v}`" for k, v in protocol_of(data).items())
+        + ". The reported model is the best-selection-value checkpoint; test predictions average the logits "
+        "over `hyper.n_samples` augmented copies with the learned range.",
         "",
         "* K-FAC flavour `<approx>-<copies_approx>`: expand or reduce over the pixels of one image "
         "(`curvature.approx`), then over the S augmented copies (`curvature.copies_approx`). "
@@ -355,8 +381,8 @@ def main(argv=None) -> int:
     p.add_argument("--flavours", nargs="+", default=["expand-expand", "expand-reduce", "reduce-reduce"],
                    choices=list(FLAVOURS), help="<approx>-<copies_approx> (pixels, then augmented copies)")
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--n-samples", type=int, default=8)
-    p.add_argument("--marglik-batches", type=int, default=4)
+    p.add_argument("--n-samples", type=int, default=None, help="S of the fits (default: the default job's)")
+    p.add_argument("--marglik-batches", type=int, default=None, help="batches per fit (default: the default job's)")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
@@ -390,6 +416,7 @@ def main(argv=None) -> int:
     print(f"{len(jobs)} runs, {args.workers} workers; run dirs under {args.run_root}", flush=True)
     t0 = time.time()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "run_root")}
+    settings["protocol"] = run_protocol(next(j["cfg"] for j in jobs if j["method"] != "none"))
     data: Dict[str, Any] = {"settings": settings, "wall_seconds": 0.0, "runs": [], "step_timing": None}
 
     def on_result(done: List[Dict[str, Any]]) -> None:  # an interrupted sweep keeps what finished

@@ -26,6 +26,7 @@ RENDERERS = {
     "laplace_torch_subsets": ("check_laplace_torch_subsets", "render"),
     "marglik_speed": ("bench_marglik", "render"),
     "marglik_step_wrn": ("bench_marglik_step", "render"),
+    "marglik_vs_grid": ("bench_vs_grid", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
     "optimizer_steps_to_target_tvvit": ("optbench_report", "render_markdown"),
     "selection_digits": ("run_selection_digits", "render"),

@@ -367,6 +367,10 @@ class Config:
                    "trainer.max_rollbacks", "trainer.rollback_lr_factor", "trainer.epochs", "logger",
                    "curvature.factor_form", "hyper.batchwise")
 
+    # keys added to the schema later, with the behaviour a checkpoint written before them had: such a
+    # checkpoint resumes under these values (and only under them)
+    IMPLIED_BEFORE = {"hyper.train_samples": None, "hyper.selection_every": 1, "hyper.prior_steps": 0}
+
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
         """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.
 
@@ -375,9 +379,9 @@ class Config:
 
         Returns:
             One ``"key: checkpoint <theirs> vs now <mine>"`` line per differing dotted key (empty:
-            resumable).
+            resumable); a key the checkpoint predates counts as its :attr:`IMPLIED_BEFORE` value.
         """
-        return resume_diff(self, other, self.RESUME_FREE)
+        return resume_diff(self, other, self.RESUME_FREE, self.IMPLIED_BEFORE)
 
 
 # the names these helpers had when they lived here (kept importable)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from ..augment import ALL_GENERATORS
 from .backends import check_curvature_config
@@ -139,13 +139,16 @@ def run_warnings(cfg: "Config") -> List[str]:
     return out
 
 
-def resume_diff(cfg: "Config", other: Dict[str, Any], free: Sequence[str]) -> List[str]:
+def resume_diff(cfg: "Config", other: Dict[str, Any], free: Sequence[str],
+                implied: Optional[Dict[str, Any]] = None) -> List[str]:
     """What differs between a configuration and a checkpoint's, ignoring the keys under ``free``.
 
     Args:
         cfg: the configuration of the run now.
         other: a saved :meth:`Config.to_dict`.
         free: dotted keys (or sections) that may differ (:attr:`Config.RESUME_FREE`).
+        implied: dotted keys added after a checkpoint may have been written, with the value such a
+            checkpoint's run had without naming it (:attr:`Config.IMPLIED_BEFORE`).
 
     Returns:
         One ``"key: checkpoint <theirs> vs now <mine>"`` line per differing dotted key (empty:
@@ -153,7 +156,7 @@ def resume_diff(cfg: "Config", other: Dict[str, Any], free: Sequence[str]) -> Li
     """
     out = []
     mine = flatten(cfg.to_dict())
-    theirs = flatten(plain(other))
+    theirs = {**(implied or {}), **flatten(plain(other))}
     for key in sorted(set(mine) | set(theirs)):
         if any(key == f or key.startswith(f + ".") for f in free):
             continue
