@@ -46,8 +46,7 @@ myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 
 # autodoc / napoleon: members in source order, signatures with their types
-autodoc_default_options = {"members": True, "member-order": "bysource", "undoc-members": False,
-                           "show-inheritance": False}
+autodoc_default_options = {"members": True, "member-order": "bysource"}  # a key present is a flag set
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
@@ -80,4 +79,3 @@ html_title = f"marglik {release}"
 html_static_path: list = []
 html_show_sourcelink = False
 html_theme_options = {"navigation_with_keys": True}
-pygments_style = "sphinx"

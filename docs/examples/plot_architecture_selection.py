@@ -29,24 +29,48 @@ with tempfile.TemporaryDirectory() as tmp:
         cfg = Config.from_dict(
             data={"name": "digits", "train_size": 500},
             model=model,
-            hyper={"augmentation": False, "burn_in": 3, "marglik_batches": None, "steps": 5},
-            trainer={"epochs": 15, "batch_size": 32, "progress": False, "eval_every": 0},
+            hyper={
+                "augmentation": False,
+                "burn_in": 3,
+                "marglik_batches": None,
+                "steps": 5,
+            },
+            trainer={
+                "epochs": 15,
+                "batch_size": 32,
+                "progress": False,
+                "eval_every": 0,
+            },
             logger={"mode": "disabled"},
         )
         results[label] = tune(cfg, f"{tmp}/{i}")
 
 ranked = sorted(results.items(), key=lambda kv: kv[1]["log_marglik"], reverse=True)
 for rank, (label, s) in enumerate(ranked, 1):
-    print(f"{rank}. {label:12s} log marglik {s['log_marglik']:8.1f}   test accuracy {s['test_accuracy']:.3f}"
-          f"   test NLL {s['test_nll']:.3f}")
+    print(
+        f"{rank}. {label:12s} log marglik {s['log_marglik']:8.1f}   "
+        f"test accuracy {s['test_accuracy']:.3f}"
+        f"   test NLL {s['test_nll']:.3f}"
+    )
 
 # %%
-# Per example, the evidence against what the test set says.
+# Per example, the evidence against what the test set says. The evidence measures how well the
+# model class explains the training data under its learned prior; the test NLL is one held-out
+# check of it. Where the two disagree (two models with the same test accuracy, say), the evidence is
+# the one that was available without the test set.
 fig, ax = plt.subplots(figsize=(6, 4))
 for label, s in results.items():
     ax.scatter(s["log_marglik"] / s["train_size"], s["test_nll"], s=40)
-    ax.annotate(label, (s["log_marglik"] / s["train_size"], s["test_nll"]), textcoords="offset points",
-                xytext=(6, 4), fontsize=9)
-ax.set(xlabel="log marginal likelihood / N (training data only)", ylabel="test NLL",
-       title="higher evidence, lower test NLL?")
+    ax.annotate(
+        label,
+        (s["log_marglik"] / s["train_size"], s["test_nll"]),
+        textcoords="offset points",
+        xytext=(6, 4),
+        fontsize=9,
+    )
+ax.set(
+    xlabel="log marginal likelihood / N (training data only)",
+    ylabel="test NLL",
+    title="higher evidence, lower test NLL?",
+)
 fig.tight_layout()

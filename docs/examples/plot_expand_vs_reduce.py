@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 from torch.func import functional_call, jacrev
 
 import marglik
+from marglik import RowFactor
 from marglik.models import SmallCNN
 
 digits = load_digits()
@@ -42,8 +43,13 @@ P = ggn.shape[0]
 print(f"{P} parameters")
 
 deltas = torch.logspace(-3, 3, 25, dtype=torch.float64)
-exact = [(torch.linalg.slogdet(ggn + d * torch.eye(P, dtype=torch.float64))[1] - P * torch.log(d)).item()
-         for d in deltas]
+exact = [
+    (
+        torch.linalg.slogdet(ggn + d * torch.eye(P, dtype=torch.float64))[1]
+        - P * torch.log(d)
+    ).item()
+    for d in deltas
+]
 ratios = {}
 for approx in ("expand", "reduce"):
     la = marglik.KronLaplace(model, "classification", approx=approx)
@@ -53,8 +59,13 @@ for approx in ("expand", "reduce"):
         la.prior_precision = d
         ratios[approx].append(la.log_det_ratio.item())
 for approx, values in ratios.items():
-    at = {f"{deltas[i].item():g}": f"{values[i]:.0f} vs {exact[i]:.0f}" for i in (0, 12, 24)}
-    print(f"K-FAC-{approx} log det ratio vs the exact GGN's, at prior precision {at}")
+    at = {
+        f"{deltas[i].item():g}": f"{values[i]:.0f} vs {exact[i]:.0f}"
+        for i in (0, 12, 24)
+    }
+    print(
+        f"K-FAC-{approx} log det ratio vs the exact GGN's, at prior precision {at}"
+    )
 
 # %%
 # Cost on a wider CNN (32 and 64 channels) on the digits upsampled to 16x16. ``KFAC.fit`` builds the
@@ -77,7 +88,9 @@ cost = {"expand": [], "reduce": []}
 for n in sizes:
     batch = (X16[:n], y[:n])
     for approx in cost:
-        la = marglik.KronLaplace(wide, "classification", approx=approx, prior_precision=1.0)
+        la = marglik.KronLaplace(
+            wide, "classification", approx=approx, prior_precision=1.0
+        )
         prior = torch.ones(len(la.params), requires_grad=True)
 
         def step():
@@ -85,24 +98,38 @@ for n in sizes:
             la.log_marginal_likelihood(prior_precision=prior).backward()
 
         cost[approx].append(seconds(step))
-    kron = marglik.KFAC(wide, likelihood="classification", approx="reduce").fit(batch)
-    forms = ", ".join(f"{b.name}: {'rows' if isinstance(b.A_factor, marglik.RowFactor) else 'dense'}"
-                      for b in kron.blocks)
-    print(f"n = {n:3d}: expand {cost['expand'][-1]:.3f} s, reduce {cost['reduce'][-1]:.3f} s; "
-          f"reduce's input factors: {forms}")
+    kron = marglik.KFAC(wide, likelihood="classification", approx="reduce").fit(
+        batch
+    )
+    forms = ", ".join(
+        f"{b.name}: {'rows' if isinstance(b.A_factor, RowFactor) else 'dense'}"
+        for b in kron.blocks
+    )
+    print(
+        f"n = {n:3d}: expand {cost['expand'][-1]:.3f} s, "
+        f"reduce {cost['reduce'][-1]:.3f} s; "
+        f"reduce's input factors: {forms}"
+    )
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
 ax1.semilogx(deltas, exact, "k-", lw=2.5, label="exact GGN")
 for approx, values in ratios.items():
     ax1.semilogx(deltas, values, "--", label=f"K-FAC-{approx}")
-ax1.set(xlabel="prior precision", ylabel="log det ratio (nats)", title=f"small CNN, {P} parameters, 128 digits")
+ax1.set(
+    xlabel="prior precision",
+    ylabel="log det ratio (nats)",
+    title=f"small CNN, {P} parameters, 128 digits",
+)
 ax1.legend(fontsize=8)
 width = 0.38
 xs = torch.arange(len(sizes))
 ax2.bar(xs - width / 2, cost["expand"], width, label="expand")
 ax2.bar(xs + width / 2, cost["reduce"], width, label="reduce")
 ax2.set_xticks(xs.tolist(), [str(n) for n in sizes])
-ax2.set(xlabel="images in the fit", ylabel="seconds (fit + log marglik + gradient)",
-        title="wider CNN on 16x16 inputs")
+ax2.set(
+    xlabel="images in the fit",
+    ylabel="seconds (fit + log marglik + gradient)",
+    title="wider CNN on 16x16 inputs",
+)
 ax2.legend(fontsize=8)
 fig.tight_layout()

@@ -25,15 +25,30 @@ def run(copies_approx: str, run_dir: str) -> dict:
         data={"name": "digits", "train_size": 1000, "rotation": 90.0},
         model={"name": "cnn", "width": 8, "hidden": 32},
         curvature={"approx": "expand", "copies_approx": copies_approx},
-        hyper={"burn_in": 4, "n_samples": 4, "generators": ["rotation"], "aug_lr": 0.2,
-               "marglik_batches": 2, "marglik_batch_size": 100, "selection": "subset", "selection_size": 200},
-        trainer={"epochs": 20, "batch_size": 32, "progress": False, "eval_every": 0},
+        hyper={
+            "burn_in": 4,
+            "n_samples": 4,
+            "generators": ["rotation"],
+            "aug_lr": 0.2,
+            "marglik_batches": 2,
+            "marglik_batch_size": 100,
+            "selection": "subset",
+            "selection_size": 200,
+        },
+        trainer={
+            "epochs": 20,
+            "batch_size": 32,
+            "progress": False,
+            "eval_every": 0,
+        },
         logger={"mode": "disabled"},
     )
     summary = tune(cfg, run_dir)
     with open(f"{run_dir}/history.csv") as f:
         summary["history"] = list(csv.DictReader(f))
-    summary["curves"] = plt.imread(f"{run_dir}/curves.png")  # the run's own figure, shown below
+    summary["curves"] = plt.imread(
+        f"{run_dir}/curves.png"
+    )  # the run's own figure, shown below
     return summary
 
 
@@ -42,21 +57,29 @@ with tempfile.TemporaryDirectory() as tmp:
     for copies in ("reduce", "expand"):
         runs[copies] = run(copies, f"{tmp}/{copies}")
         s = runs[copies]
-        print(f"copies_approx={copies}: learned rotation {s['augmentation']['rotation']:.1f} deg, "
-              f"test accuracy {s['test_accuracy']:.3f}")
+        print(
+            f"copies_approx={copies}: "
+            f"learned rotation {s['augmentation']['rotation']:.1f} deg, "
+            f"test accuracy {s['test_accuracy']:.3f}"
+        )
 
 # %%
 # The learned range per epoch (``history.csv``'s ``aug_rotation``); the shaded epochs are the
 # burn-in, MAP training before the first marginal-likelihood update.
-fig, ax = plt.subplots(figsize=(7, 3.5))
+fig, ax = plt.subplots(figsize=(8.5, 3.5))
 for copies, s in runs.items():
     epochs = [int(r["epoch"]) for r in s["history"]]
-    ax.plot(epochs, [float(r["aug_rotation"]) for r in s["history"]], "o-", ms=3,
-            label=f"expand-{copies}" + (" (ablation)" if copies == "expand" else ""))
+    ax.plot(
+        epochs,
+        [float(r["aug_rotation"]) for r in s["history"]],
+        "o-",
+        ms=3,
+        label=f"expand-{copies}" + (" (ablation)" if copies == "expand" else ""),
+    )
 ax.axhline(90, color="k", ls=":", lw=1, label="rotation in the data")
 ax.axvspan(0.5, 4.5, color="0.9", label="burn-in")
 ax.set(xlabel="epoch", ylabel="learned rotation range (deg)", ylim=(-5, 100))
-ax.legend(fontsize=8, loc="upper left")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 fig.tight_layout()
 
 # %%
@@ -65,8 +88,10 @@ fig.tight_layout()
 #
 # The run directory's ``curves.png`` of the expand-reduce run, as ``marglik`` writes it
 # (:doc:`how to read it <../getting_started>`): the log marginal likelihood (selection value and
-# hyperstep estimate), accuracy, prior precisions, the learned rotation range and the other ranges.
+# hyperstep estimate), accuracy, prior precisions and the learned rotation range (its fifth panel, the
+# other ranges, is empty here: only the rotation is learned, so it is cut off).
 image = runs["reduce"]["curves"]
+image = image[:, : int(0.8 * image.shape[1])]
 fig, ax = plt.subplots(figsize=(10, 10 * image.shape[0] / image.shape[1]))
 ax.imshow(image)
 ax.axis("off")

@@ -15,7 +15,9 @@ from torch import nn
 import marglik
 
 torch.manual_seed(0)
-X = torch.cat([torch.empty(60, 1).uniform_(-4, -1), torch.empty(60, 1).uniform_(1, 4)])
+X = torch.cat(
+    [torch.empty(60, 1).uniform_(-4, -1), torch.empty(60, 1).uniform_(1, 4)]
+)
 y = torch.sin(X) + 0.2 * torch.randn_like(X)
 model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
 
@@ -24,7 +26,9 @@ model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
 opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 for _ in range(2000):
     opt.zero_grad()
-    loss = 0.5 * ((model(X) - y) ** 2).sum() + 5e-4 * sum((p**2).sum() for p in model.parameters())
+    loss = 0.5 * ((model(X) - y) ** 2).sum() + 5e-4 * sum(
+        (p**2).sum() for p in model.parameters()
+    )
     loss.backward()
     opt.step()
 
@@ -39,10 +43,15 @@ log_sigma = torch.zeros((), requires_grad=True)
 hyper = torch.optim.Adam([log_prior, log_sigma], lr=0.1)
 for _ in range(200):
     hyper.zero_grad()
-    neg = -la.log_marginal_likelihood(prior_precision=log_prior.exp(), sigma_noise=log_sigma.exp())
+    neg = -la.log_marginal_likelihood(
+        prior_precision=log_prior.exp(), sigma_noise=log_sigma.exp()
+    )
     neg.backward()
     hyper.step()
-print(f"log marginal likelihood {-neg.item():.1f} nats, noise std {log_sigma.exp().item():.3f} (true 0.2)")
+print(
+    f"log marginal likelihood {-neg.item():.1f} nats, "
+    f"noise std {log_sigma.exp().item():.3f} (true 0.2)"
+)
 print("prior precision per tensor:", [f"{p:.3g}" for p in log_prior.exp().tolist()])
 
 # %%
@@ -58,7 +67,19 @@ fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.scatter(X.squeeze(), y.squeeze(), s=8, color="k", label="data")
 ax.plot(X_test.squeeze(), torch.sin(X_test).squeeze(), "k:", lw=1, label="sin(x)")
 ax.plot(X_test.squeeze(), mu, color="C0", label="MAP")
-ax.fill_between(X_test.squeeze(), mu - 2 * std, mu + 2 * std, color="C0", alpha=0.25, label="predictive ±2 sd")
-ax.set(xlabel="x", ylabel="y", ylim=(-3, 3), title="K-FAC Laplace predictive, hyperparameters by marginal likelihood")
+ax.fill_between(
+    X_test.squeeze(),
+    mu - 2 * std,
+    mu + 2 * std,
+    color="C0",
+    alpha=0.25,
+    label="predictive ±2 sd",
+)
+ax.set(
+    xlabel="x",
+    ylabel="y",
+    ylim=(-3, 3),
+    title="K-FAC Laplace predictive, hyperparameters by marginal likelihood",
+)
 ax.legend(loc="lower left", fontsize=8)
 fig.tight_layout()
