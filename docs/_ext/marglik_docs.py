@@ -4,6 +4,7 @@ every public name is documented.
 Directives (usable from reST and from MyST pages as ```` ```{marglik-options} ````):
 
 * ``marglik-help`` -- the literal text of ``marglik --help`` (:func:`marglik.cli_config.help_text`);
+* ``marglik-report-help`` -- the literal text of ``marglik-report --help``;
 * ``marglik-options`` -- one table per config section and per model: every option with its default,
   its meaning (the field's ``#:`` comment) and what it allows, from the same functions that write
   ``--help`` (so the two cannot disagree);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import fields
 from typing import Any, List
 
@@ -80,6 +82,32 @@ class HelpDirective(Directive):
         return [nodes.literal_block(text, text, language="text")]
 
 
+class ReportHelpDirective(Directive):
+    """``marglik-report --help``, verbatim (its argparse parser, run as the console script runs it)."""
+
+    has_content = False
+
+    def run(self) -> List[nodes.Node]:
+        import contextlib
+        import io
+        import os
+
+        from marglik.report import main
+
+        out, columns = io.StringIO(), os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal's width: fix it
+        try:
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                main(["--help"])
+        finally:
+            if columns is None:
+                del os.environ["COLUMNS"]
+            else:
+                os.environ["COLUMNS"] = columns
+        text = out.getvalue().rstrip()
+        return [nodes.literal_block(text, text, language="text")]
+
+
 class OptionsDirective(Directive):
     """Every option of the schema, one table per section and model."""
 
@@ -98,8 +126,9 @@ class OptionsDirective(Directive):
             for f in fields(klass):
                 if section == "model" and f.name == "name":
                     continue
+                meaning = re.sub(r"\bNone\b", "null", docs.get(f.name, ""))  # as on the command line (--help)
                 rows.append([("code", f"{section}.{f.name}"), ("code", show_value(getattr(default, f.name))),
-                             docs.get(f.name, ""), describe_type(field_type(klass, f.name))])
+                             meaning, describe_type(field_type(klass, f.name))])
             sect = nodes.section(ids=[nodes.make_id(f"options-{title}")], names=[nodes.fully_normalize_name(title)])
             sect += nodes.title(text=title)
             sect += _table(["option", "default", "meaning", "allowed"], rows, [22, 12, 40, 26])
@@ -151,6 +180,7 @@ def setup(app: Any) -> dict:
     app.add_config_value("marglik_public_modules", [], "env")
     app.add_directive("marglik-help", HelpDirective)
     app.add_directive("marglik-options", OptionsDirective)
+    app.add_directive("marglik-report-help", ReportHelpDirective)
     app.add_directive("marglik-error-types", ErrorTypesDirective)
     app.connect("env-check-consistency", check_public_names)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
