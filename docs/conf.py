@@ -63,7 +63,7 @@ sphinx_gallery_conf = {
     "examples_dirs": "examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",  # every plot_*.py runs at build time
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "marglik_docs.ExampleOrder",  # reading order, not alphabetical
     "download_all_examples": False,
     "remove_config_comments": True,
     "min_reported_time": 1,

@@ -41,6 +41,21 @@ def reset_torch(gallery_conf: Any, fname: str) -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+class ExampleOrder:
+    """sphinx-gallery's ``within_subsection_order``: the examples in reading order (a toy posterior
+    first, the tuning loop last); an example not listed comes after them, by file name."""
+
+    ORDER = ("plot_laplace_toy.py", "plot_marglik_vs_prior.py", "plot_expand_vs_reduce.py",
+             "plot_invariance.py", "plot_architecture_selection.py")
+
+    def __init__(self, src_dir: str) -> None:
+        self.src_dir = src_dir
+
+    def __call__(self, filename: str) -> "tuple[int, str]":
+        name = str(filename).rsplit("/", 1)[-1]
+        return (self.ORDER.index(name) if name in self.ORDER else len(self.ORDER), name)
+
+
 def _table(header: List[str], rows: List[List[Any]], widths: List[int]) -> nodes.table:
     """A docutils table; a cell is a string (text) or a ``("code", text)`` tuple (inline literal)."""
     table = nodes.table(classes=["marglik-options"])
