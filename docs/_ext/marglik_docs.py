@@ -33,12 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def reset_torch(gallery_conf: Any, fname: str) -> None:
-    """sphinx-gallery's reset hook: every example starts from the same torch state."""
+    """sphinx-gallery's reset hook: every example starts from the same torch state, on one thread
+    (the examples' models are small; one thread makes their timings comparable between machines and
+    keeps a loaded machine from oversubscribing its cores)."""
     import torch
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)
 
 
 class ExampleOrder:
