@@ -31,7 +31,6 @@ version = release = marglik.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # Google-style Args / Returns / Raises
-    "sphinx.ext.mathjax",
     "myst_parser",  # Markdown pages; {include} of results/*.md
     "sphinx_gallery.gen_gallery",  # docs/examples/*.py, executed at build time
     "marglik_docs",  # CLI reference from the schema; every public name documented
@@ -43,7 +42,7 @@ root_doc = "index"
 
 # MyST: anchors for headings down to ###, so pages link to sections (`page.md#a-heading`)
 myst_heading_anchors = 3
-myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_enable_extensions = ["colon_fence"]  # no dollarmath: MathJax would need the network
 
 # autodoc / napoleon: members in source order, signatures with their types
 autodoc_default_options = {"members": True, "member-order": "bysource"}  # a key present is a flag set
@@ -67,6 +66,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "min_reported_time": 1,
+    "write_computation_times": False,  # its summary page loads tables from a CDN; each page shows its time
     "show_memory": False,
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
