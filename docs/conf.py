@@ -56,7 +56,7 @@ napoleon_attr_annotations = True
 napoleon_use_ivar = True  # "Attributes:" as fields, not a second description of each attribute
 
 # the public names whose documentation marglik_docs checks (an undocumented one fails the build)
-marglik_public_modules = ["marglik", "marglik.tuning"]
+marglik_public_modules = ["marglik", "marglik.tuning", "marglik.tuning.parts"]
 
 sphinx_gallery_conf = {
     "examples_dirs": "examples",
