@@ -29,6 +29,11 @@ USE = {
     "matplotlib": r"^\s*(import|from) matplotlib\b",
     "pytest": r"^\s*import pytest\b",
     "ruff": r"\bruff\b",  # tests/test_lint.py runs it
+    # the docs extra: docs/conf.py names them (Sphinx extensions and the theme)
+    "sphinx": r"\bsphinx\.ext\.autodoc\b",
+    "sphinx-gallery": r"\bsphinx_gallery\b",
+    "myst-parser": r"\bmyst_parser\b",
+    "furo": r"^html_theme = \"furo\"",
 }
 MODULE_OF = {"sklearn": "scikit-learn", "laplace": "laplace-torch", "curvlinops": "curvlinops-for-pytorch",
              "backpack": "backpack-for-pytorch", "hydra": "hydra-core", "omegaconf": "hydra-core"}
@@ -45,10 +50,10 @@ def _sources(*folders):
 
 
 def test_every_declared_dependency_is_used():
-    code = _sources("marglik", "tests")
+    code = _sources("marglik", "tests", "docs")
     for dist in sorted(_declared()):
         assert dist in USE, f"{dist} is declared in pyproject.toml but this test does not know how it is used"
-        assert re.search(USE[dist], code, flags=re.M), f"{dist} is declared but neither marglik/ nor tests/ uses it"
+        assert re.search(USE[dist], code, flags=re.M), f"{dist} is declared but none of marglik/, tests/, docs/ uses it"
 
 
 def test_every_third_party_import_of_the_package_is_declared():

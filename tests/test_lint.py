@@ -22,7 +22,7 @@ def _ruff() -> list:
 
 
 def test_ruff_is_clean():
-    proc = subprocess.run([*_ruff(), "check", "--output-format", "concise", "marglik", "tests", "scripts"],
+    proc = subprocess.run([*_ruff(), "check", "--output-format", "concise", "marglik", "tests", "scripts", "docs"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 

@@ -1,5 +1,5 @@
 """The loop in parts: a checkpoint is the parts' states (format version 2; version-1 files from
-before the split still resume, exactly), and the README's Python-API example -- a user's own
+before the split still resume, exactly), and the documented Python-API example (docs/howto/own_model.md) -- a user's own
 model, data and Laplace factory, no config sections for them -- runs as written."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from marglik.tuning import checkpoint as ckpt
 from marglik.tuning import checkpoint_format as fmt
 
 DATA = Path(__file__).resolve().parent / "data"
-README = Path(__file__).resolve().parents[1] / "README.md"
+OWN_MODEL_PAGE = Path(__file__).resolve().parents[1] / "docs" / "howto" / "own_model.md"
 #: last.ckpt after epoch 2 of ``tiny(trainer={"epochs": 4})``, written by the loop before the split
 #: (format version 1, commit 1b69669), and that code's summary of the uninterrupted 4-epoch run
 V1_CKPT = DATA / "v1_run_epoch2.pt"
@@ -120,7 +120,7 @@ def test_a_version_1_checkpoint_resumes_the_same_run(tmp_path):
 
 
 def _readme_example() -> str:
-    section = README.read_text().split("## Python API: your own model and data", 1)[1]
+    section = OWN_MODEL_PAGE.read_text().split("# Your own model and data", 1)[1]
     return re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
 
 
@@ -128,7 +128,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     ns = {"__name__": "__main__"}
-    exec(compile(_readme_example(), "README.md Python API example", "exec"), ns)
+    exec(compile(_readme_example(), "docs/howto/own_model.md Python API example", "exec"), ns)
     s = ns["summary"]
     assert s["epochs"] == 2 and s["data"] == "digits-flat" and s["model"] == "Sequential"
     assert s["train_size"] == 200 and s["test_size"] == 297 and s["marglik_updates"] == 1

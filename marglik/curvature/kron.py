@@ -71,8 +71,9 @@ class KronBlock(_WeightBias):
     :attr:`B` are always the dense tensors (multiplied out on first access, then cached, so code that
     reads factors keeps working); :attr:`A_factor` / :attr:`B_factor` are the stored forms, which the
     posterior algebra (:class:`marglik.DecomposedKron`) decomposes without forming ``d x d`` matrices.
+    Each argument is kept as the attribute of the same name.
 
-    Args / attributes:
+    Args:
         name: qualified module name in the model.
         A: input factor, ``(G, da, da)`` or its rows; ``da = din (+1 if a trainable bias)``, where
             ``din = weight[0].numel()`` per group. If the weight is frozen and only the bias is

@@ -50,7 +50,9 @@ class DecomposedKron:
     Attributes:
         kron_blocks: one :class:`KronBlockEigen` per :class:`KronBlock`, in ``kron`` order.
         diag_blocks: one :class:`ChannelBlocksInfo` per :class:`DiagonalBlock`, in ``kron`` order.
-        params, n_params, n_layers: the covered parameters, their total size and number.
+        params: the covered parameters.
+        n_params: their total size ``P``.
+        n_layers: their number (parameter tensors).
     """
 
     def __init__(self, kron: Kron) -> None:
