@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,7 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, one_line
 from .launch import is_main_process, prepare_overrides
-from .tuning import Config, tune
+from .run_guard import RunDirGuard, first_existing, hydra_only
+from .tuning import Config, MarglikTuner
+from .tuning import checkpoint as ckpt
 from .tuning.config import ConfigError
 from .tuning.device import resolve_device
 from .tuning.explain import explain_run
@@ -51,13 +53,27 @@ log = logging.getLogger("marglik")
 RANK_GRACE_SECONDS = 3.0
 
 
-def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
-    """Run one tuning job from a Hydra/OmegaConf config; returns the summary."""
+def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None,
+                    accepted: Optional[Callable[[], None]] = None) -> dict:
+    """Run one tuning job from a Hydra/OmegaConf config.
+
+    Args:
+        cfg: the composed configuration.
+        run_dir: the run directory (default: Hydra's).
+        accepted: called once every check that can reject the command has passed (the data are
+            loaded, the checkpoint read and matched), just before training starts.
+
+    Returns:
+        The summary.
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
     config = Config.from_dict(container)  # type: ignore[arg-type]
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir
-    return tune(config, run_dir)
+    tuner = MarglikTuner(config, run_dir)
+    if accepted is not None:
+        accepted()
+    return tuner.fit()
 
 
 def _user_error(err: BaseException) -> NoReturn:
@@ -96,11 +112,26 @@ def _report_finished(summary: dict, run_dir: str) -> None:
         print(f"marglik: warning: {warning}", file=sys.stderr)
 
 
+#: the guard of the run directory taken before Hydra started (set by :func:`main`; ``None``: Hydra's
+#: timestamped folder or a sweep job, guarded from inside the job)
+_GUARD: Optional[RunDirGuard] = None
+#: the folder that existed before the command made anything (where removing empty folders stops)
+_ANCHOR: Optional[Path] = None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
+    guard = _GUARD
     try:
-        summary = run_from_config(cfg, run_dir)
+        if guard is None and is_main_process():  # a folder Hydra just made: removed if the start fails
+            fresh = Path(run_dir).is_dir() and hydra_only(Path(run_dir))
+            guard = RunDirGuard(run_dir, fresh=fresh, anchor=_ANCHOR if fresh else None)
+        try:
+            summary = run_from_config(cfg, run_dir, accepted=guard.accept if guard is not None else None)
+        finally:
+            if guard is not None and guard is not _GUARD:
+                guard.close()
     except (UserError, PermissionError) as err:  # named in one line; a ConfigError here is e.g. a
         _user_error(err)  # multirun job's (not checked up front) or one only the machine or the data reveal
     except KeyboardInterrupt as err:
@@ -114,7 +145,7 @@ def _hydra_main(cfg: DictConfig) -> Any:
     return summary["log_marglik"]  # objective for Hydra sweepers
 
 
-def _precheck(argv: List[str]) -> None:
+def _precheck(argv: List[str]) -> Optional[Config]:
     """Compose and check the overrides of a single run before Hydra starts it (see module docstring)."""
     from hydra._internal.utils import get_args_parser
 
@@ -123,15 +154,44 @@ def _precheck(argv: List[str]) -> None:
     try:
         args, _ = get_args_parser().parse_known_args(argv)
     except SystemExit:  # a malformed Hydra flag: Hydra reports it
-        return
+        return None
     if (args.multirun or args.hydra_help or args.info or args.shell_completion or args.config_path
             or args.config_dir or args.config_name or args.experimental_rerun):
-        return  # sweeps / other config sources: each job is checked when it starts
+        return None  # sweeps / other config sources: each job is checked when it starts
     try:
         config = check_overrides(args.overrides)
         resolve_device(config.trainer.device)  # a device this machine lacks: before anything is created
     except ConfigError as err:
         _user_error(err)
+    return config
+
+
+def _check_resume(config: Config, run_dir: Path) -> None:
+    """The resume check before Hydra writes into ``run_dir``: the checkpoint ``trainer.resume`` finds
+    must be readable (an explicit one) and of the same configuration.
+
+    Raises:
+        CheckpointError: as :func:`marglik.tuning.checkpoint.load_resume_state`, or
+            :class:`~marglik.tuning.checkpoint.ResumeMismatchError`.
+    """
+    state, path = ckpt.load_resume_state(config.trainer.resume, run_dir, lambda msg: None)
+    if state is not None:
+        diff = config.resume_diff(state["config"])
+        if diff:
+            raise ckpt.ResumeMismatchError(path, diff)
+
+
+def _run_dir_before_hydra(argv: List[str]) -> Optional[Path]:
+    """The run directory a single run will use when the command names it (``hydra.run.dir``, set by
+    :func:`prepare_overrides` for a resume), without interpolations; ``None`` otherwise."""
+    if any(o in ("-m", "--multirun") for o in argv):
+        return None
+    found = None
+    for o in argv:
+        name, sep, val = o.lstrip("+").partition("=")
+        if sep and name == "hydra.run.dir":
+            found = val
+    return Path(found).expanduser() if found and "${" not in found else None
 
 
 def main() -> None:
@@ -142,10 +202,26 @@ def main() -> None:
 
         print(help_text())
         return
+    global _GUARD, _ANCHOR
     try:
-        _precheck(argv)  # config errors first: nothing is created for a bad config
-        sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
-        _hydra_main()
+        config = _precheck(argv)  # config errors first: nothing is created for a bad config
+        _ANCHOR = first_existing(Path.cwd() / "outputs")
+        explicit = _run_dir_before_hydra(prepare_overrides(argv, probe=False)) if is_main_process() else None
+        if explicit is not None:  # lock it, then check, before Hydra writes there
+            try:
+                _GUARD = RunDirGuard(explicit)
+                if config is not None:
+                    _check_resume(config, explicit)
+            except (UserError, PermissionError) as err:
+                if _GUARD is not None:
+                    _GUARD.close()
+                _user_error(err)
+        try:
+            sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
+            _hydra_main()
+        finally:
+            if _GUARD is not None:
+                _GUARD.close()
     except KeyboardInterrupt as err:  # Ctrl-C outside the run (start-up, Hydra's own work)
         _interrupted(err)
 

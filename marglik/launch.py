@@ -45,9 +45,18 @@ def resume_run_dir(spec: str) -> Optional[Path]:
     return p
 
 
-def prepare_overrides(overrides: List[str]) -> List[str]:
+def prepare_overrides(overrides: List[str], probe: bool = True) -> List[str]:
     """The overrides to hand to Hydra (see the module docstring); exits with status 2 and one
-    line naming the folder if the run directory is not writable."""
+    line naming the folder if the run directory is not writable.
+
+    Args:
+        overrides: the command line's.
+        probe: create and probe the run directory (``False``: only compute the overrides; nothing is
+            created).
+
+    Returns:
+        The overrides for Hydra.
+    """
     out = list(overrides)
     if any(o in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "-m", "--multirun")
            or o.startswith(("--cfg", "--info")) for o in overrides):
@@ -63,6 +72,8 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
         if target is not None:
             run_dir = str(target)
             out.append(f"hydra.run.dir={run_dir}")
+    if not probe:
+        return out
     if env_world_size() > 1 and env_rank() != 0:
         scratch = tempfile.mkdtemp(prefix=f"marglik-rank{env_rank()}-")
         atexit.register(shutil.rmtree, scratch, True)
