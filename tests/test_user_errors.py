@@ -111,6 +111,7 @@ def test_missing_data_files(tmp_path):
     line = _one_line(_marglik(["data=cifar10", f"data.root={tmp_path}/none", *TINY, f"hydra.run.dir={tmp_path}/run"],
                               tmp_path), "marglik: error: cifar10 not found under data.root=")
     assert "data.download=true" in line
+    assert not (tmp_path / "run").exists()  # the failed start left no run folder behind
 
 
 def test_full_hydra_error_reraises_a_user_error(monkeypatch, capsys):

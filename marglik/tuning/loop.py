@@ -140,16 +140,18 @@ class MarglikTuner(Trainer):
         self.cfg = as_config(cfg)
         dist, device = setup_runtime(self.cfg)
         made = _missing_folders(Path(run_dir)) if dist.is_main else []
-        lock = run_lock.acquire(run_dir) if dist.is_main else None  # one process per run directory
+        lock = None
         try:
-            if dist.is_main:  # fail before any data is loaded, naming the folder
-                ckpt.check_writable(Path(run_dir), "run directory")
+            if dist.is_main:  # fail before any data is loaded, naming the folder; one process per run directory
+                lock = run_lock.acquire(run_dir)
                 ckpt.check_writable(Path(run_dir) / ckpt.CKPT_DIR, "checkpoint directory")
             self._start(run_dir, callbacks, dist, device, model=model, data=data, laplace_factory=laplace_factory,
                         datasets=datasets)
         except BaseException:  # a failed start leaves no run folder behind (only folders it made, if empty)
-            if lock is not None:
-                lock.release()
+            for held in (getattr(self, "_lock", None), lock):  # the driver's (if it was made), then ours
+                if held is not None:
+                    held.release()
+            self._lock = None
             _remove_empty(made)
             raise
         if lock is not None:

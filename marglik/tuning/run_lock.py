@@ -112,8 +112,10 @@ def acquire(run_dir: Union[str, Path]) -> RunLock:
         RunDirLockedError: another live process holds it (naming its pid, host and start time).
         PermissionError: the folder cannot be created or the lock file written.
     """
+    from .checkpoint import check_writable
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, "run directory")  # creates it; one line naming it if it cannot be written
     path = (run_dir / LOCK_FILE).resolve()
     mine = _held.get(str(path))
     if mine is not None and mine.count > 0:

@@ -60,8 +60,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self._lock: Optional[run_lock.RunLock] = None
         if self.is_main:
-            self._lock = run_lock.acquire(self.run_dir)  # one process per run directory (released by fit)
-            ckpt.check_writable(self.run_dir, "run directory")
+            self._lock = run_lock.acquire(self.run_dir)  # checked writable; one process per run directory
             ckpt.check_writable(self.run_dir / ckpt.CKPT_DIR, "checkpoint directory")
         #: checkpoint files found damaged when resuming: moved aside (``<name>.damaged``) when the run
         #: starts, so that no save rotates one into ``prev.ckpt``
