@@ -268,8 +268,8 @@ class Trainer:
         Raises:
             NonFiniteError: non-finite values persist after ``max_rollbacks`` rollbacks.
         """
-        with warnings.catch_warnings():  # every warning (W&B, torch, ...) is a line of the run's record
-            warnings.simplefilter("default")
+        with warnings.catch_warnings():  # every warning shown while it runs is a line of the run's record
+            warnings.filterwarnings("default", module=r"marglik\.")  # ours (e.g. W&B's failures) once each run
             warnings.showwarning = self._warning
             try:
                 return self._fit()
