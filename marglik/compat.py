@@ -69,7 +69,9 @@ def mismatch(torch_version: str, torchvision_version: str) -> Optional[str]:
     Returns:
         ``"versions differ: ...; fix: pip install ..."`` when torchvision is not the release made for
         this torch (torch 2.x pairs with torchvision 0.(x+15)), ``"builds differ: ..."`` when the
-        releases pair but the builds (``+cpu`` / ``+cuXXX`` / none) do not, ``None`` when both match.
+        releases pair but the builds (``+cpu`` / ``+cuXXX``) do not, ``"builds may differ: ..."`` when
+        one is PyPI's default build (no tag: CUDA, of a version the tag does not say) and the other
+        ``+cuXXX``, ``None`` when both match.
     """
     t_base, t_local = _split(torch_version)
     v_base, v_local = _split(torchvision_version)
@@ -79,9 +81,12 @@ def mismatch(torch_version: str, torchvision_version: str) -> Optional[str]:
                 f"{torch_version}, which is torchvision {want}; fix: pip install --force-reinstall "
                 f"'torchvision=={want}.*'{_index(t_local)}")
     if t_local != v_local:
-        return (f"builds differ: torch {torch_version} is {_build(t_local)}, torchvision {torchvision_version} is "
-                f"{_build(v_local)}; fix: install the torchvision build that matches torch: pip install "
-                f"--force-reinstall --no-deps torchvision=={v_base}{_index(t_local)}")
+        # PyPI's default build (no tag) is a CUDA build of a CUDA version its tag does not say: certain to
+        # differ from a CPU build, possibly from a +cuXXX one
+        certain = "cpu" in (t_local, v_local) or (t_local and v_local)
+        return (f"builds {'differ' if certain else 'may differ'}: torch {torch_version} is {_build(t_local)}, "
+                f"torchvision {torchvision_version} is {_build(v_local)}; fix: install the torchvision build that "
+                f"matches torch: pip install --force-reinstall --no-deps torchvision=={v_base}{_index(t_local)}")
     return None
 
 

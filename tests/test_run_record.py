@@ -199,6 +199,7 @@ def test_torchvision_check_says_whether_versions_or_builds_differ():
     assert builds.startswith("builds differ: torch 2.13.0+cpu is a CPU build (+cpu), torchvision 0.28.0 is PyPI's")
     assert "torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu" in builds
     assert "CUDA 12.8 build (+cu128)" in mismatch("2.13.0+cpu", "0.28.0+cu128")
+    assert mismatch("2.14.1+cu130", "0.29.1").startswith("builds may differ: torch 2.14.1+cu130 is a CUDA 13.0")
     versions = mismatch("2.13.0+cpu", "0.27.1+cpu")
     assert versions.startswith("versions differ") and "torchvision 0.28" in versions
     assert mismatch("2.13.0+cpu", "0.28.0+cpu") is None and mismatch("2.5.1", "0.20.1") is None  # negative control
