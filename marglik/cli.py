@@ -15,6 +15,13 @@ Before Hydra runs, the overrides are composed and checked against the typed sche
 ``marglik: config error: <key>=<value>: <problem>; allowed: <...>`` and exits with status 2.
 ``marglik --help`` is generated from the schema.
 
+A run directory is a record (:mod:`marglik.run_guard`): when the command names it
+(``hydra.run.dir``, ``trainer.resume=<run dir>``) its lock is taken (one process per directory,
+:mod:`marglik.tuning.run_lock`) and the resume check runs before Hydra writes there; a command
+rejected later puts back what Hydra wrote and removes what it added, and a failed start removes
+the folder it made. The command is accepted once the tuner is built (data loaded, checkpoint
+matched), just before training.
+
 Exit status: 0 when the run finished (even with warnings: they are printed as
 ``marglik: warning: ...`` lines and listed in ``summary.json['warnings']``, so that one bad
 configuration of a ``-m`` sweep does not stop the others); 2 for any cause the user can fix
@@ -40,7 +47,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, one_line
-from .launch import is_main_process, prepare_overrides
+from .launch import is_main_process, override_value, prepare_overrides
 from .run_guard import RunDirGuard, first_existing, hydra_only
 from .tuning import Config, MarglikTuner
 from .tuning import checkpoint as ckpt
@@ -186,11 +193,7 @@ def _run_dir_before_hydra(argv: List[str]) -> Optional[Path]:
     :func:`prepare_overrides` for a resume), without interpolations; ``None`` otherwise."""
     if any(o in ("-m", "--multirun") for o in argv):
         return None
-    found = None
-    for o in argv:
-        name, sep, val = o.lstrip("+").partition("=")
-        if sep and name == "hydra.run.dir":
-            found = val
+    found = override_value(argv, "hydra.run.dir")
     return Path(found).expanduser() if found and "${" not in found else None
 
 
@@ -203,6 +206,7 @@ def main() -> None:
         print(help_text())
         return
     global _GUARD, _ANCHOR
+    _GUARD = None
     try:
         config = _precheck(argv)  # config errors first: nothing is created for a bad config
         _ANCHOR = first_existing(Path.cwd() / "outputs")
@@ -222,6 +226,7 @@ def main() -> None:
         finally:
             if _GUARD is not None:
                 _GUARD.close()
+                _GUARD = None
     except KeyboardInterrupt as err:  # Ctrl-C outside the run (start-up, Hydra's own work)
         _interrupted(err)
 

@@ -250,11 +250,11 @@ def test_warnings_name_rollbacks_and_a_sane_run_has_none(tmp_path):
 
 def test_user_errors_share_one_base():
     from marglik.errors import DataUnavailableError, IncompatibleInstallError
-    from marglik.tuning import NonFiniteError
+    from marglik.tuning import NonFiniteError, RunDirLockedError
     from marglik.tuning.backends import BackendUnsupportedError
     from marglik.tuning.checkpoint import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
 
-    for kind in (ConfigError, CheckpointError, DamagedCheckpointError, UnsafeCheckpointError, DataUnavailableError,
-                 IncompatibleInstallError, BackendUnsupportedError, NonFiniteError):
+    for kind in (ConfigError, CheckpointError, DamagedCheckpointError, UnsafeCheckpointError, RunDirLockedError,
+                 DataUnavailableError, IncompatibleInstallError, BackendUnsupportedError, NonFiniteError):
         assert issubclass(kind, UserError), kind
     assert str(UserError("two\nlines")) == "two lines"  # one line whatever the message
