@@ -61,14 +61,16 @@ if want tests; then
 fi
 
 if [ "$QUICK" = 1 ]; then
-  KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory"
-  MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0"
-  COST_ARGS="--quick --no-memory"
-  STEP_ARGS="--quick"
-  BATCHWISE_ARGS="--quick"
+  # one thread each: a smoke test's timings mean nothing, and two threads on a busy 2-core machine
+  # take 4x longer than one (bench_kfac: 112 s against 26 s at load average 10)
+  KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory --threads 1"
+  MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0 --threads 1"
+  COST_ARGS="--quick --no-memory --threads 1"
+  STEP_ARGS="--quick --threads 1"
+  BATCHWISE_ARGS="--quick --threads 1"
   # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
   TUNE_MODEL="model=cnn data.upsample=16"
-  TUNE_ARGS="data.train_size=16 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
+  TUNE_ARGS="data.train_size=16 trainer.num_threads=1 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
              hyper.n_samples=2 hyper.marglik_batches=1 hyper.marglik_batch_size=8 trainer.eval_every=0"
 else
   KFAC_ARGS="--repeats 5 --threads $THREADS"
