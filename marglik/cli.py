@@ -211,19 +211,16 @@ def main() -> None:
         config = _precheck(argv)  # config errors first: nothing is created for a bad config
         _ANCHOR = first_existing(Path.cwd() / "outputs")
         explicit = _run_dir_before_hydra(prepare_overrides(argv, probe=False)) if is_main_process() else None
-        if explicit is not None:  # lock it, then check, before Hydra writes there
-            try:
+        try:
+            if explicit is not None:  # lock it, then check, before Hydra writes there
                 _GUARD = RunDirGuard(explicit)
                 if config is not None:
                     _check_resume(config, explicit)
-            except (UserError, PermissionError) as err:
-                if _GUARD is not None:
-                    _GUARD.close()
-                _user_error(err)
-        try:
             sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
             _hydra_main()
-        finally:
+        except (UserError, PermissionError) as err:  # the lock or the resume check (the run's own are handled inside)
+            _user_error(err)
+        finally:  # restores the directory unless the run was accepted; releases the lock
             if _GUARD is not None:
                 _GUARD.close()
                 _GUARD = None
