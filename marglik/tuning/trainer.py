@@ -51,6 +51,8 @@ class Trainer:
 
     Raises:
         PermissionError: the run or checkpoint directory is not writable.
+        RunDirLockedError: another live process holds the run directory (:mod:`marglik.tuning.run_lock`;
+            rank 0 takes it here and :meth:`fit` lets go of it).
     """
 
     def __init__(self, parts: Parts, run_dir: Union[str, Path], callbacks: Sequence[Callback] = ()) -> None:
@@ -260,6 +262,9 @@ class Trainer:
         loses at most the epoch in flight. A resumed run rewrites ``history.csv`` from the
         checkpoint's history (no lost or duplicated epoch) and logs the checkpoint's last epoch to
         its W&B run again (same id, ``resume="allow"``), in case the kill came between the two.
+        A checkpoint found damaged when resuming is first moved aside (``last.ckpt.damaged``). Every
+        Python warning marglik's code raises meanwhile (e.g. W&B failing to start) is said as one line and
+        listed in ``summary.json['warnings']``. The run directory's lock is released at the end.
 
         Returns:
             The summary (:func:`marglik.tuning.finalize.finalize`; the fields of
