@@ -204,3 +204,26 @@ def test_torchvision_check_says_whether_versions_or_builds_differ():
     assert versions.startswith("versions differ") and "torchvision 0.28" in versions
     assert mismatch("2.13.0+cpu", "0.28.0+cpu") is None and mismatch("2.5.1", "0.20.1") is None  # negative control
 
+
+
+def test_warnings_raised_while_building_and_training_are_in_the_summary(tmp_path, monkeypatch):
+    """In Python too: a warning while the parts are built (here: the data) and one while training (a
+    callback) are each one line of ``summary.json['warnings']``, once."""
+    import warnings
+
+    from test_tuning import tiny
+
+    from marglik.tuning import build, tune
+
+    load = build._load_data
+
+    def noisy_load(*args, **kwargs):
+        warnings.warn("the data set says: mind the gap", UserWarning, stacklevel=1)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_load_data", noisy_load)
+    s = tune(tiny(trainer={"epochs": 2}), tmp_path,
+             callbacks=[lambda tuner, row: warnings.warn("callback: epoch done", RuntimeWarning, stacklevel=1)])
+    assert s["warnings"].count("the data set says: mind the gap") == 1
+    assert s["warnings"].count("callback: epoch done") == 1  # twice raised, once recorded
+    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == s["warnings"]

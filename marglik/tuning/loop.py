@@ -82,6 +82,7 @@ evaluation are parts in :mod:`marglik.tuning.parts`, the summary is :mod:`margli
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -145,8 +146,12 @@ class MarglikTuner(Trainer):
             if dist.is_main:  # fail before any data is loaded, naming the folder; one process per run directory
                 lock = run_lock.acquire(run_dir)
                 ckpt.check_writable(Path(run_dir) / ckpt.CKPT_DIR, "checkpoint directory")
-            self._start(run_dir, callbacks, dist, device, model=model, data=data, laplace_factory=laplace_factory,
-                        datasets=datasets)
+            with warnings.catch_warnings(record=True) as caught:  # building's warnings join the run's record
+                warnings.filterwarnings("default", module=r"marglik\.")
+                self._start(run_dir, callbacks, dist, device, model=model, data=data,
+                            laplace_factory=laplace_factory, datasets=datasets)
+            for w in caught:
+                self._warning(w.message, w.category, w.filename, w.lineno)
         except BaseException:  # a failed start leaves no run folder behind (only folders it made, if empty)
             for held in (getattr(self, "_lock", None), lock):  # the driver's (if it was made), then ours
                 if held is not None:
