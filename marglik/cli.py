@@ -15,6 +15,13 @@ Before Hydra runs, the overrides are composed and checked against the typed sche
 ``marglik: config error: <key>=<value>: <problem>; allowed: <...>`` and exits with status 2.
 ``marglik --help`` is generated from the schema.
 
+A run directory is a record (:mod:`marglik.run_guard`): when the command names it
+(``hydra.run.dir``, ``trainer.resume=<run dir>``) its lock is taken (one process per directory,
+:mod:`marglik.tuning.run_lock`) and the resume check runs before Hydra writes there; a command
+rejected later puts back what Hydra wrote and removes what it added, and a failed start removes
+the folder it made. The command is accepted once the tuner is built (data loaded, checkpoint
+matched), just before training.
+
 Exit status: 0 when the run finished (even with warnings: they are printed as
 ``marglik: warning: ...`` lines and listed in ``summary.json['warnings']``, so that one bad
 configuration of a ``-m`` sweep does not stop the others); 2 for any cause the user can fix
@@ -33,15 +40,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, one_line
-from .launch import is_main_process, prepare_overrides
-from .tuning import Config, tune
+from .launch import is_main_process, override_value, prepare_overrides
+from .run_guard import RunDirGuard, first_existing, hydra_only
+from .tuning import Config, MarglikTuner
+from .tuning import checkpoint as ckpt
 from .tuning.config import ConfigError
 from .tuning.device import resolve_device
 from .tuning.explain import explain_run
@@ -51,13 +60,27 @@ log = logging.getLogger("marglik")
 RANK_GRACE_SECONDS = 3.0
 
 
-def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None) -> dict:
-    """Run one tuning job from a Hydra/OmegaConf config; returns the summary."""
+def run_from_config(cfg: DictConfig, run_dir: Optional[str] = None,
+                    accepted: Optional[Callable[[], None]] = None) -> dict:
+    """Run one tuning job from a Hydra/OmegaConf config.
+
+    Args:
+        cfg: the composed configuration.
+        run_dir: the run directory (default: Hydra's).
+        accepted: called once every check that can reject the command has passed (the data are
+            loaded, the checkpoint read and matched), just before training starts.
+
+    Returns:
+        The summary.
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
     config = Config.from_dict(container)  # type: ignore[arg-type]
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir
-    return tune(config, run_dir)
+    tuner = MarglikTuner(config, run_dir)
+    if accepted is not None:
+        accepted()
+    return tuner.fit()
 
 
 def _user_error(err: BaseException) -> NoReturn:
@@ -96,11 +119,26 @@ def _report_finished(summary: dict, run_dir: str) -> None:
         print(f"marglik: warning: {warning}", file=sys.stderr)
 
 
+#: the guard of the run directory taken before Hydra started (set by :func:`main`; ``None``: Hydra's
+#: timestamped folder or a sweep job, guarded from inside the job)
+_GUARD: Optional[RunDirGuard] = None
+#: the folder that existed before the command made anything (where removing empty folders stops)
+_ANCHOR: Optional[Path] = None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> Any:
     run_dir = HydraConfig.get().runtime.output_dir
+    guard = _GUARD
     try:
-        summary = run_from_config(cfg, run_dir)
+        if guard is None and is_main_process():  # a folder Hydra just made: removed if the start fails
+            fresh = Path(run_dir).is_dir() and hydra_only(Path(run_dir))
+            guard = RunDirGuard(run_dir, fresh=fresh, anchor=_ANCHOR if fresh else None)
+        try:
+            summary = run_from_config(cfg, run_dir, accepted=guard.accept if guard is not None else None)
+        finally:
+            if guard is not None and guard is not _GUARD:
+                guard.close()
     except (UserError, PermissionError) as err:  # named in one line; a ConfigError here is e.g. a
         _user_error(err)  # multirun job's (not checked up front) or one only the machine or the data reveal
     except KeyboardInterrupt as err:
@@ -114,7 +152,7 @@ def _hydra_main(cfg: DictConfig) -> Any:
     return summary["log_marglik"]  # objective for Hydra sweepers
 
 
-def _precheck(argv: List[str]) -> None:
+def _precheck(argv: List[str]) -> Optional[Config]:
     """Compose and check the overrides of a single run before Hydra starts it (see module docstring)."""
     from hydra._internal.utils import get_args_parser
 
@@ -123,15 +161,40 @@ def _precheck(argv: List[str]) -> None:
     try:
         args, _ = get_args_parser().parse_known_args(argv)
     except SystemExit:  # a malformed Hydra flag: Hydra reports it
-        return
+        return None
     if (args.multirun or args.hydra_help or args.info or args.shell_completion or args.config_path
             or args.config_dir or args.config_name or args.experimental_rerun):
-        return  # sweeps / other config sources: each job is checked when it starts
+        return None  # sweeps / other config sources: each job is checked when it starts
     try:
         config = check_overrides(args.overrides)
         resolve_device(config.trainer.device)  # a device this machine lacks: before anything is created
     except ConfigError as err:
         _user_error(err)
+    return config
+
+
+def _check_resume(config: Config, run_dir: Path) -> None:
+    """The resume check before Hydra writes into ``run_dir``: the checkpoint ``trainer.resume`` finds
+    must be readable (an explicit one) and of the same configuration.
+
+    Raises:
+        CheckpointError: as :func:`marglik.tuning.checkpoint.load_resume_state`, or
+            :class:`~marglik.tuning.checkpoint.ResumeMismatchError`.
+    """
+    state, path = ckpt.load_resume_state(config.trainer.resume, run_dir, lambda msg: None)
+    if state is not None:
+        diff = config.resume_diff(state["config"])
+        if diff:
+            raise ckpt.ResumeMismatchError(path, diff)
+
+
+def _run_dir_before_hydra(argv: List[str]) -> Optional[Path]:
+    """The run directory a single run will use when the command names it (``hydra.run.dir``, set by
+    :func:`prepare_overrides` for a resume), without interpolations; ``None`` otherwise."""
+    if any(o in ("-m", "--multirun") for o in argv):
+        return None
+    found = override_value(argv, "hydra.run.dir")
+    return Path(found).expanduser() if found and "${" not in found else None
 
 
 def main() -> None:
@@ -142,10 +205,25 @@ def main() -> None:
 
         print(help_text())
         return
+    global _GUARD, _ANCHOR
+    _GUARD = None
     try:
-        _precheck(argv)  # config errors first: nothing is created for a bad config
-        sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
-        _hydra_main()
+        config = _precheck(argv)  # config errors first: nothing is created for a bad config
+        _ANCHOR = first_existing(Path.cwd() / "outputs")
+        explicit = _run_dir_before_hydra(prepare_overrides(argv, probe=False)) if is_main_process() else None
+        try:
+            if explicit is not None:  # lock it, then check, before Hydra writes there
+                _GUARD = RunDirGuard(explicit)
+                if config is not None:
+                    _check_resume(config, explicit)
+            sys.argv[1:] = prepare_overrides(argv)  # resume dir, ranks, writable run dir
+            _hydra_main()
+        except (UserError, PermissionError) as err:  # the lock or the resume check (the run's own are handled inside)
+            _user_error(err)
+        finally:  # restores the directory unless the run was accepted; releases the lock
+            if _GUARD is not None:
+                _GUARD.close()
+                _GUARD = None
     except KeyboardInterrupt as err:  # Ctrl-C outside the run (start-up, Hydra's own work)
         _interrupted(err)
 

@@ -25,8 +25,16 @@ from .tuning.checkpoint import CKPT_DIR, check_writable
 from .tuning.distributed import env_rank, env_world_size
 
 
-def _value(overrides: List[str], key: str) -> Optional[str]:
-    """The value of the last ``key=value`` (also ``+key=`` / ``++key=``) among the overrides."""
+def override_value(overrides: List[str], key: str) -> Optional[str]:
+    """The value of the last ``key=value`` (also ``+key=`` / ``++key=``) among the overrides.
+
+    Args:
+        overrides: Hydra overrides.
+        key: the dotted key.
+
+    Returns:
+        The value, or ``None`` if no override sets ``key``.
+    """
     found = None
     for o in overrides:
         name, sep, val = o.lstrip("+").partition("=")
@@ -45,15 +53,24 @@ def resume_run_dir(spec: str) -> Optional[Path]:
     return p
 
 
-def prepare_overrides(overrides: List[str]) -> List[str]:
+def prepare_overrides(overrides: List[str], probe: bool = True) -> List[str]:
     """The overrides to hand to Hydra (see the module docstring); exits with status 2 and one
-    line naming the folder if the run directory is not writable."""
+    line naming the folder if the run directory is not writable.
+
+    Args:
+        overrides: the command line's.
+        probe: create and probe the run directory (``False``: only compute the overrides; nothing is
+            created).
+
+    Returns:
+        The overrides for Hydra.
+    """
     out = list(overrides)
     if any(o in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "-m", "--multirun")
            or o.startswith(("--cfg", "--info")) for o in overrides):
         return out  # no run directory of ours (help, config printing, Hydra sweeps)
-    run_dir = _value(out, "hydra.run.dir")
-    resume = _value(out, "trainer.resume")
+    run_dir = override_value(out, "hydra.run.dir")
+    resume = override_value(out, "trainer.resume")
     if run_dir is None and resume is not None:
         target = resume_run_dir(resume)
         if target is not None and not Path(resume).expanduser().exists():
@@ -63,6 +80,8 @@ def prepare_overrides(overrides: List[str]) -> List[str]:
         if target is not None:
             run_dir = str(target)
             out.append(f"hydra.run.dir={run_dir}")
+    if not probe:
+        return out
     if env_world_size() > 1 and env_rank() != 0:
         scratch = tempfile.mkdtemp(prefix=f"marglik-rank{env_rank()}-")
         atexit.register(shutil.rmtree, scratch, True)
@@ -86,5 +105,5 @@ def is_main_process() -> bool:
     return env_rank() == 0 or env_world_size() <= 1
 
 
-__all__ = ["prepare_overrides", "resume_run_dir", "is_main_process"]
+__all__ = ["prepare_overrides", "resume_run_dir", "is_main_process", "override_value"]
 

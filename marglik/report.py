@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .errors import UserError, one_line
 from .tuning.config import flatten
 
-__all__ = ["ReportError", "build_report", "render_markdown", "plot_report", "write_report", "main"]
+__all__ = ["ReportError", "build_report", "render_markdown", "plot_report", "rerun_overrides", "write_report", "main"]
 
 #: the summary fields that define which runs are ranked together (data, estimators, curvature)
 COMPARABLE = ("data", "train_size", "rotation", "translation", "selection_estimator", "marglik_estimator",
@@ -74,7 +74,7 @@ def _overrides(run_dir: Path) -> Optional[List[str]]:
         value = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:  # not YAML: the run is still ranked, without its overrides
         return None
-    return [str(v) for v in value] if isinstance(value, list) else None
+    return rerun_overrides([str(v) for v in value]) if isinstance(value, list) else None
 
 
 def _run_record(root: Path, summary_path: Path) -> Dict[str, Any]:
@@ -90,8 +90,8 @@ def _run_record(root: Path, summary_path: Path) -> Dict[str, Any]:
     config = _read_json(config_path) if config_path.is_file() else {}
     lml = summary["log_marglik"]
     return {
-        "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
-        "overrides": _overrides(run_dir),
+        "run": str(run_dir.relative_to(root)) if run_dir != root else (root.resolve().name or str(root)),
+        "overrides": _overrides(run_dir),  # without trainer.resume: see rerun_overrides
         "settings": {k: v for k, v in flatten(config).items() if not k.startswith(_NOT_A_CHOICE)},
         "log_marglik": lml if isinstance(lml, (int, float)) and math.isfinite(lml) else None,
         "log_marglik_per_example": summary["log_marglik_per_example"],
@@ -197,7 +197,26 @@ def build_report(root: Any) -> Dict[str, Any]:
 
 
 def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """``v`` formatted by ``spec``; a fixed-point ``spec`` switches to 4 significant digits (``1.599e+11``)
+    for magnitudes of 10^5 and above or below 10^-3, where fixed point is unreadable or shows zeros."""
+    if v is None:
+        return "-"
+    if spec.endswith("f") and isinstance(v, (int, float)) and v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return format(v, ".4g")
+    return format(v, spec)
+
+
+def rerun_overrides(overrides: Sequence[str]) -> List[str]:
+    """A run's overrides without those that only say where it continued (``trainer.resume``,
+    ``hydra.run.dir``): the command that makes the run again from scratch.
+
+    Args:
+        overrides: Hydra's ``overrides.yaml`` of the run.
+
+    Returns:
+        The overrides to repeat.
+    """
+    return [o for o in overrides if o.lstrip("+~").partition("=")[0] not in ("trainer.resume", "hydra.run.dir")]
 
 
 def best_lines(report: Dict[str, Any]) -> List[str]:
@@ -216,10 +235,11 @@ def best_lines(report: Dict[str, Any]) -> List[str]:
         if best is None:
             out.append(f"{label}no run has a log marginal likelihood (no marginal-likelihood update ran)")
             continue
-        again = (f"rerun with: marglik {' '.join(best['overrides'])}" if best["overrides"] is not None
+        again = (f"rerun with: marglik {' '.join(rerun_overrides(best['overrides']))}".rstrip()
+                 if best["overrides"] is not None
                  else "not a Hydra run: its config.json holds the configuration")
         out.append(f"{label}best of {len(g['ranked'])}: {best['choice']}, log marginal likelihood "
-                   f"{best['log_marglik']:.6g} ({_fmt(best['log_marglik_per_example'], '.4f')} per example), "
+                   f"{_fmt(best['log_marglik'], '.6g')} ({_fmt(best['log_marglik_per_example'], '.4f')} per example), "
                    f"test accuracy {_fmt(best['test_accuracy'], '.3f')} (run {best['run']}; {again})"
                    + (f"; it has {len(best['warnings'])} warning(s), see report.md" if best["warnings"] else ""))
     return out

@@ -182,13 +182,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, B = 2, nb in {1, 2}")
+    ap.add_argument("--quick", action="store_true", help="smoke test: WRN-10-1 on 16x16, B = 1, nb = 2")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. _cuda")
     ap.add_argument("--from-json", action="store_true", help="only re-render <out>/batchwise<tag>.md")
     args = ap.parse_args(argv)
     if args.quick:
-        args.depth, args.width, args.image, args.batch, args.batches = 10, 1, 16, 2, [1, 2]
+        args.depth, args.width, args.image, args.batch, args.batches = 10, 1, 16, 1, [2]
     return args
 
 

@@ -5,9 +5,11 @@
 # and prints a summary. On one GPU the full check takes at most ~8 minutes.
 #
 #   bash scripts/device_check.sh                         # cuda if available, else cpu; writes results/
-#   bash scripts/device_check.sh --device cpu --quick    # smoke test on CPU (tiny models, ~1-2 min),
+#   bash scripts/device_check.sh --device cpu --quick    # smoke test on CPU (tiny models, ~3 min),
 #                                                        # writes to $TMPDIR/marglik_device_check
 #   bash scripts/device_check.sh --out DIR               # write the result files elsewhere
+#   bash scripts/device_check.sh --only kfac,summary     # some steps only (tests, kfac, marglik, cost,
+#                                                        # step, batchwise, tune, summary; default: all)
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3).
 set -euo pipefail
@@ -20,15 +22,22 @@ fi
 DEVICE=auto
 QUICK=0
 OUT=""
+ONLY=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --device cpu|cuda|auto, --quick, --out DIR)" >&2; exit 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --device cpu|cuda|auto, --quick, --out DIR, --only STEPS)" >&2; exit 2 ;;
   esac
 done
+STEPS="tests kfac marglik cost step batchwise tune summary"
+for s in ${ONLY//,/ }; do
+  case " all $STEPS " in *" $s "*) ;; *) echo "device_check.sh: --only takes steps among: $STEPS (comma-separated), got '$s'" >&2; exit 2 ;; esac
+done
+want() { case ",$ONLY," in *,all,*|*",$1,"*) return 0 ;; *) return 1 ;; esac; }
 if [ "$DEVICE" = auto ]; then
   DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 fi
@@ -46,18 +55,22 @@ step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 step "device: $DEVICE, quick=$QUICK, results to $OUT"
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
-step "tests that touch devices"
-"$PY" -m pytest -q tests/test_device.py
+if want tests; then
+  step "tests that touch devices"
+  "$PY" -m pytest -q tests/test_device.py
+fi
 
 if [ "$QUICK" = 1 ]; then
-  KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory"
-  MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0"
-  COST_ARGS="--quick --no-memory"
-  STEP_ARGS="--quick"
-  BATCHWISE_ARGS="--quick"
+  # one thread each: a smoke test's timings mean nothing, and two threads on a busy 2-core machine
+  # take 4x longer than one (bench_kfac: 112 s against 26 s at load average 10)
+  KFAC_ARGS="--quick --batch-size 2 --repeats 1 --no-memory --threads 1"
+  MARGLIK_ARGS="--quick --n-data 4 --batch-size 2 --repeats 1 --warmup 0 --threads 1"
+  COST_ARGS="--quick --no-memory --threads 1"
+  STEP_ARGS="--quick --threads 1"
+  BATCHWISE_ARGS="--quick --threads 1"
   # quick: the small CNN on 16x16 (one WRN-16-4 marglik step alone takes minutes on a CPU)
   TUNE_MODEL="model=cnn data.upsample=16"
-  TUNE_ARGS="data.train_size=16 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
+  TUNE_ARGS="data.train_size=16 trainer.num_threads=1 trainer.epochs=2 trainer.batch_size=8 hyper.burn_in=1 hyper.steps=1
              hyper.n_samples=2 hyper.marglik_batches=1 hyper.marglik_batch_size=8 trainer.eval_every=0"
 else
   KFAC_ARGS="--repeats 5 --threads $THREADS"
@@ -73,34 +86,47 @@ else
              hyper.marglik_batch_size=64"
 fi
 
-step "bench_kfac.py (K-FAC vs peers, vmapped vs loop backward)"
-"$PY" scripts/bench_kfac.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $KFAC_ARGS > "$OUT/bench_kfac$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/bench_kfac$TAG.log"; exit 1; }
+if want kfac; then
+  step "bench_kfac.py (K-FAC vs peers, vmapped vs loop backward)"
+  "$PY" scripts/bench_kfac.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $KFAC_ARGS > "$OUT/bench_kfac$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/bench_kfac$TAG.log"; exit 1; }
+fi
 
-step "bench_marglik.py (log marglik + gradient vs laplace-torch)"
-"$PY" scripts/bench_marglik.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $MARGLIK_ARGS > "$OUT/bench_marglik$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/bench_marglik$TAG.log"; exit 1; }
+if want marglik; then
+  step "bench_marglik.py (log marglik + gradient vs laplace-torch)"
+  "$PY" scripts/bench_marglik.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $MARGLIK_ARGS > "$OUT/bench_marglik$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/bench_marglik$TAG.log"; exit 1; }
+fi
 
-step "bench_wrn_cost.py (one marglik step vs augmented copies)"
-"$PY" scripts/bench_wrn_cost.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $COST_ARGS > "$OUT/bench_wrn_cost$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/bench_wrn_cost$TAG.log"; exit 1; }
+if want cost; then
+  step "bench_wrn_cost.py (one marglik step vs augmented copies)"
+  "$PY" scripts/bench_wrn_cost.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $COST_ARGS > "$OUT/bench_wrn_cost$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/bench_wrn_cost$TAG.log"; exit 1; }
+fi
 
-step "bench_marglik_step.py (one WRN-16-4 marglik step vs laplace-torch, breakdown, floor)"
-"$PY" scripts/bench_marglik_step.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $STEP_ARGS > "$OUT/bench_marglik_step$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/bench_marglik_step$TAG.log"; exit 1; }
+if want step; then
+  step "bench_marglik_step.py (one WRN-16-4 marglik step vs laplace-torch, breakdown, floor)"
+  "$PY" scripts/bench_marglik_step.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $STEP_ARGS > "$OUT/bench_marglik_step$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/bench_marglik_step$TAG.log"; exit 1; }
+fi
 
-step "bench_batchwise.py (one-pass vs batchwise learned-augmentation step: memory and time)"
-"$PY" scripts/bench_batchwise.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $BATCHWISE_ARGS > "$OUT/bench_batchwise$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/bench_batchwise$TAG.log"; exit 1; }
+if want batchwise; then
+  step "bench_batchwise.py (one-pass vs batchwise learned-augmentation step: memory and time)"
+  "$PY" scripts/bench_batchwise.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $BATCHWISE_ARGS > "$OUT/bench_batchwise$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/bench_batchwise$TAG.log"; exit 1; }
+fi
 
-step "short tuning run ($TUNE_MODEL, rotated digits, learned augmentation, K-FAC-reduce)"
-RUN="$OUT/wrn_tuning$TAG"
-rm -rf "$RUN"
-"$PY" -m marglik $TUNE_MODEL data.rotation=90 trainer.device="$DEVICE" logger.mode=disabled \
-  $TUNE_ARGS hydra.run.dir="$RUN" > "$OUT/wrn_tuning$TAG.log" 2>&1 \
-  || { tail -20 "$OUT/wrn_tuning$TAG.log"; exit 1; }
-cp "$RUN/summary.json" "$OUT/wrn_tuning$TAG.json"
+if want tune; then
+  step "short tuning run ($TUNE_MODEL, rotated digits, learned augmentation, K-FAC-reduce)"
+  RUN="$OUT/wrn_tuning$TAG"
+  rm -rf "$RUN"
+  "$PY" -m marglik $TUNE_MODEL data.rotation=90 trainer.device="$DEVICE" logger.mode=disabled \
+    $TUNE_ARGS hydra.run.dir="$RUN" > "$OUT/wrn_tuning$TAG.log" 2>&1 \
+    || { tail -20 "$OUT/wrn_tuning$TAG.log"; exit 1; }
+  cp "$RUN/summary.json" "$OUT/wrn_tuning$TAG.json"
+fi
 
+if ! want summary; then echo; echo "device_check: steps $ONLY OK ($DEVICE), results in $OUT"; exit 0; fi
 step "summary"
 "$PY" - "$OUT" "$TAG" <<'PYEOF'
 import json, sys

@@ -40,6 +40,7 @@ def test_truncated_last_falls_back_to_prev_and_stays_exact(tmp_path, caplog):
         MarglikTuner(cfg, tmp_path / "run", callbacks=[_interrupt_after(3)]).fit()
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     _truncate(last)
+    damaged = last.read_bytes()
     with caplog.at_level(logging.WARNING, logger="marglik.tuning"):
         t = MarglikTuner(cfg, tmp_path / "run")
     assert t.resumed_from == tmp_path / "run" / "checkpoints" / "prev.ckpt" and t.epoch == 2
@@ -47,6 +48,9 @@ def test_truncated_last_falls_back_to_prev_and_stays_exact(tmp_path, caplog):
     t.fit()
     assert _strip(t.history) == _strip(ref.history)  # the fallback resume is still exact
     assert [r["epoch"] for r in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3, 4]
+    # the damaged file was moved aside, never rotated into prev.ckpt: every *.ckpt left is good
+    assert (last.parent / "last.ckpt.damaged").read_bytes() == damaged
+    assert (ckpt.load(last)["epoch"], ckpt.load(last.parent / "prev.ckpt")["epoch"]) == (4, 3)
 
 
 def test_no_readable_checkpoint_starts_fresh_saying_so(tmp_path, caplog):
@@ -61,6 +65,7 @@ def test_no_readable_checkpoint_starts_fresh_saying_so(tmp_path, caplog):
     # an explicitly requested checkpoint that is unreadable is an error naming it
     with pytest.raises(ckpt.CheckpointError, match="last.ckpt"):
         MarglikTuner(cfg.replace(trainer={"resume": str(tmp_path / "checkpoints" / "last.ckpt")}), tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # the failed start removed the run folder it had made
 
 
 def test_unwritable_folders_fail_before_training(tmp_path):

@@ -87,7 +87,11 @@ def test_run_in_process(tmp_path):
     assert (tmp_path / "history.csv").is_file() and (tmp_path / "curves.png").is_file()
 
 
-def test_python_m_marglik_from_another_directory(tmp_path):
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One real ``python -m marglik`` run from another directory, then the same command again
+    (``(run dir, first process, second process)``), shared by the tests that read them."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "marglik", "trainer.epochs=1", "data.train_size=32", "model=mlp",
@@ -96,17 +100,31 @@ def test_python_m_marglik_from_another_directory(tmp_path):
            f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # re-running into the same directory resumes (here: nothing left to do) instead of starting over
+    proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    return out, proc, proc2
+
+
+def test_python_m_marglik_from_another_directory(cli_run):
+    out, proc, _ = cli_run
     s = json.loads((out / "summary.json").read_text())
     assert s["approx"] == "expand" and s["copies_approx"] == "reduce" and s["epochs"] == 1 and s["seed"] == 1
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "curves.png").is_file()
     assert "summary.json" in proc.stderr
+
+
+def test_closing_lines_say_what_was_learned(cli_run):
     # the closing lines say what was learned, in words: ranges against the data's, precisions by name
+    proc = cli_run[1]
     assert "marglik: augmentation ranges: rotation +-" in proc.stderr and "(data.rotation=0" in proc.stderr
     assert "marglik: prior precisions per parameter tensor" in proc.stderr and "net.0.weight" in proc.stderr
-    # re-running into the same directory resumes (here: nothing left to do) instead of starting over
-    proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
+
+
+def test_rerunning_into_the_run_directory_resumes(cli_run):
+    out, _, proc2 = cli_run
     assert "resumed from" in proc2.stdout + proc2.stderr
+    assert json.loads((out / "summary.json").read_text())["segments"] == 2
 
 
 # --------------------------------------------------------------------------- the real entry point
@@ -118,19 +136,39 @@ def _marglik(args, cwd, **env_extra):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("args, message", [
+CONFIG_ERRORS = [
     (["hyper.augmentation=off"], "hyper.augmentation=off: not a boolean; allowed: true or false"),
     (["trainer.epochs=abc"], "trainer.epochs=abc: wrong type; allowed: an integer"),
     (["data.rotation=abc"], "data.rotation=abc: wrong type; allowed: a number"),
     (["model.name=mlp"], "model.width=16: not an option of model mlp"),
     (["trainer.epoch=3"], "trainer.epoch=3: unknown key (did you mean trainer.epochs?); allowed: the keys of trainer"),
-])
-def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
+]
+
+
+@pytest.mark.parametrize("args, message", CONFIG_ERRORS)
+def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path, monkeypatch, capsys):
+    """The entry point in this process (``marglik.cli.main``: the same code ``python -m marglik``
+    runs; one case goes through a real subprocess below)."""
+    from marglik import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["marglik", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marglik: config error: " + message), lines
+    assert not (tmp_path / "outputs").exists()  # rejected before a run directory was made
+
+
+def test_config_error_through_python_m_marglik(tmp_path):
+    args, message = CONFIG_ERRORS[-1]
     proc = _marglik(args, tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("marglik: config error: " + message), proc.stderr
-    assert not (tmp_path / "outputs").exists()  # rejected before a run directory was made
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_full_hydra_error_shows_the_traceback(tmp_path):
@@ -138,10 +176,12 @@ def test_full_hydra_error_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "hyper.augmentation=off" in proc.stderr
 
 
-def test_help_says_what_it_does_options_and_examples(tmp_path):
-    proc = _marglik(["--help"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_help_says_what_it_does_options_and_examples(monkeypatch, capsys):
+    from marglik import cli
+
+    monkeypatch.setattr(sys, "argv", ["marglik", "--help"])
+    cli.main()
+    out = capsys.readouterr().out
     assert "marginal likelihood" in out and "prior precisions" in out
     assert "curvature.approx" in out and "expand, reduce" in out and "hyper.augmentation" in out
     assert out.count("\n  marglik ") == 4  # four example commands

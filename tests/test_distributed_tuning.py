@@ -64,6 +64,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("marglik: wrote summary.json") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert not (run / ".marglik.lock").exists()  # rank 0 held the run directory and let go
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
 

@@ -111,6 +111,7 @@ def test_missing_data_files(tmp_path):
     line = _one_line(_marglik(["data=cifar10", f"data.root={tmp_path}/none", *TINY, f"hydra.run.dir={tmp_path}/run"],
                               tmp_path), "marglik: error: cifar10 not found under data.root=")
     assert "data.download=true" in line
+    assert not (tmp_path / "run").exists()  # the failed start left no run folder behind
 
 
 def test_full_hydra_error_reraises_a_user_error(monkeypatch, capsys):
@@ -249,11 +250,11 @@ def test_warnings_name_rollbacks_and_a_sane_run_has_none(tmp_path):
 
 def test_user_errors_share_one_base():
     from marglik.errors import DataUnavailableError, IncompatibleInstallError
-    from marglik.tuning import NonFiniteError
+    from marglik.tuning import NonFiniteError, RunDirLockedError
     from marglik.tuning.backends import BackendUnsupportedError
     from marglik.tuning.checkpoint import CheckpointError, DamagedCheckpointError, UnsafeCheckpointError
 
-    for kind in (ConfigError, CheckpointError, DamagedCheckpointError, UnsafeCheckpointError, DataUnavailableError,
-                 IncompatibleInstallError, BackendUnsupportedError, NonFiniteError):
+    for kind in (ConfigError, CheckpointError, DamagedCheckpointError, UnsafeCheckpointError, RunDirLockedError,
+                 DataUnavailableError, IncompatibleInstallError, BackendUnsupportedError, NonFiniteError):
         assert issubclass(kind, UserError), kind
     assert str(UserError("two\nlines")) == "two lines"  # one line whatever the message

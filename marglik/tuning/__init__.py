@@ -13,6 +13,8 @@ data augmentation; see :mod:`marglik.tuning.loop` for the algorithm and the esti
 * :class:`CheckpointError` (a :class:`marglik.errors.UserError`): :class:`DamagedCheckpointError` -- a
   file that cannot be read; :class:`UnsafeCheckpointError` -- a well-formed file that holds pickled
   objects beyond tensors and plain data (refused, nothing in it runs).
+* :class:`RunDirLockedError` (a :class:`marglik.errors.UserError`): another live process holds the run
+  directory (:mod:`marglik.tuning.run_lock`: one process per run directory).
 * :func:`explain_run` -- what a finished run learned, in plain words (the CLI's closing lines).
 * :class:`PeerLaplace` -- laplace-torch's curvlinops / ASDL / BackPACK backends in the loop
   (``curvature.backend``, :class:`CurvatureBackend`; ``curvature.structure``, :class:`CurvatureStructure`).
@@ -36,6 +38,7 @@ from .estimator import SelectionEstimator, SelectionSet
 from .explain import explain_run
 from .loop import MarglikTuner, NonFiniteError, tune
 from .parts import Parts, TensorData
+from .run_lock import RunDirLockedError
 from .trainer import Trainer
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "DamagedCheckpointError",
     "UnsafeCheckpointError",
+    "RunDirLockedError",
     "explain_run",
     "SelectionEstimator",
     "SelectionSet",

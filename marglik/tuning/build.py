@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -132,8 +132,28 @@ def labels_of(cfg: Config, data: TensorData, model_name: str) -> RunLabels:
         translation=0.0 if own_data else cfg.data.translation, model=model_name, approx=c.approx,
         copies_approx=c.copies_approx, backend=c.backend, structure=c.structure, fisher_type=c.fisher_type,
         separate_bias=resolved_separate_bias(c), prior_structure=cfg.hyper.prior_structure,
-        seed=cfg.trainer.seed, burn_in=cfg.hyper.burn_in, warnings=cfg.warnings(),
+        seed=cfg.trainer.seed, burn_in=cfg.hyper.burn_in, warnings=cfg.warnings() + _size_warnings(cfg, data.N),
     )
+
+
+def _size_warnings(cfg: Config, n: int) -> List[str]:
+    """A MAP batch size larger than the training set: a warning, not an error -- the run is well defined
+    (each epoch is one batch of all ``n`` examples, full-batch training) and one size of a sweep over
+    ``data.train_size`` should not stop the others, but the step count is not what the user set.
+
+    Args:
+        cfg: the configuration.
+        n: training examples.
+
+    Returns:
+        The message, if ``trainer.batch_size`` exceeds ``n`` (the Laplace fit's batch,
+        ``hyper.marglik_batch_size``, is capped silently: its default exceeds small data sets).
+    """
+    size = cfg.trainer.batch_size
+    if size <= n:
+        return []
+    return [f"trainer.batch_size={size} is larger than the training set ({n} examples): each epoch is one "
+            f"batch of all {n} (one MAP step per epoch); lower trainer.batch_size to at most {n} for more steps"]
 
 
 def build_parts(

@@ -378,7 +378,8 @@ def find_checkpoint(spec: Optional[str], run_dir: Union[str, Path]) -> Optional[
 
 
 def load_resume_state(
-    spec: Optional[str], run_dir: Union[str, Path], report: Callable[[str], None]
+    spec: Optional[str], run_dir: Union[str, Path], report: Callable[[str], None],
+    damaged: Optional[List[Path]] = None,
 ) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
     """Load the newest good checkpoint for ``trainer.resume``: ``(state, path)`` or ``(None, None)``.
 
@@ -392,6 +393,8 @@ def load_resume_state(
         spec: ``trainer.resume``.
         run_dir: this run's directory.
         report: called with one line per problem.
+        damaged: if given, each candidate found damaged (:class:`DamagedCheckpointError`) is appended,
+            for the caller to move aside once the run starts (nothing is renamed here).
 
     Returns:
         ``(state, path)`` of the checkpoint loaded (on the CPU, in the current format:
@@ -412,6 +415,8 @@ def load_resume_state(
         except CheckpointError as e:
             if isinstance(e, UnsafeCheckpointError) and str(spec).lower() != "auto":
                 raise
+            if damaged is not None and isinstance(e, DamagedCheckpointError):
+                damaged.append(path)
             failed.append(str(e))
             nxt = f"falling back to {cands[i + 1]}" if i + 1 < len(cands) else "no older good checkpoint"
             report(f"{e}; {nxt}")

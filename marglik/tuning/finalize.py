@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +25,8 @@ def _mean(values: List[float]) -> Any:
 
 def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str, Any]], *, epoch: int,
              elapsed: float, segment_elapsed: float, segments: int, run_dir: Path, is_main: bool,
-             report: Callable[[str], None], standard_epoch_seconds: Optional[float] = None) -> Dict[str, Any]:
+             report: Callable[[str], None], extra_warnings: Sequence[str] = (),
+             standard_epoch_seconds: Optional[float] = None) -> Dict[str, Any]:
     """Evaluate the reported model and write the outputs (rank 0 only writes).
 
     Loads the best state into the model first when ``final_model=best`` and an update ran.
@@ -41,6 +42,7 @@ def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str,
         run_dir: where the outputs go.
         is_main: whether this process writes.
         report: says one line (the run's warnings).
+        extra_warnings: warnings the run met (and said) while training, e.g. W&B's; listed in the summary.
         standard_epoch_seconds: one standard-training epoch (:func:`marglik.tuning.cost.standard_epoch_seconds`;
             ``None``: not measured).
 
@@ -110,7 +112,7 @@ def finalize(parts: Parts, history: List[Dict[str, Any]], events: List[Dict[str,
         "marglik_estimator": p.hyper_step.estimator.describe(),
         "selection_estimator": sel.estimator.describe(),
         "separate_bias": lab.separate_bias,
-        "warnings": list(lab.warnings),
+        "warnings": list(lab.warnings) + [w for w in extra_warnings if w not in lab.warnings],
     })
     trouble = run_warnings(summary, history, p.data.info["num_classes"])  # a run that went wrong says so
     summary["warnings"] += trouble

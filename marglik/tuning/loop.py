@@ -82,6 +82,7 @@ evaluation are parts in :mod:`marglik.tuning.parts`, the summary is :mod:`margli
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -89,6 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import run_lock
 from .build import as_config, build_parts, setup_runtime
 from .config import Config
 from .estimator import SelectionSet
@@ -138,17 +140,39 @@ class MarglikTuner(Trainer):
     ) -> None:
         self.cfg = as_config(cfg)
         dist, device = setup_runtime(self.cfg)
-        if dist.is_main:  # fail before any data is loaded, naming the folder
-            ckpt.check_writable(Path(run_dir), "run directory")
-            ckpt.check_writable(Path(run_dir) / ckpt.CKPT_DIR, "checkpoint directory")
+        made = _missing_folders(Path(run_dir)) if dist.is_main else []
+        lock = None
+        try:
+            if dist.is_main:  # fail before any data is loaded, naming the folder; one process per run directory
+                lock = run_lock.acquire(run_dir)
+                ckpt.check_writable(Path(run_dir) / ckpt.CKPT_DIR, "checkpoint directory")
+            with warnings.catch_warnings(record=True) as caught:  # building's warnings join the run's record
+                warnings.filterwarnings("default", module=r"marglik\.")
+                self._start(run_dir, callbacks, dist, device, model=model, data=data,
+                            laplace_factory=laplace_factory, datasets=datasets)
+            for w in caught:
+                self._warning(w.message, w.category, w.filename, w.lineno)
+        except BaseException:  # a failed start leaves no run folder behind (only folders it made, if empty)
+            for held in (getattr(self, "_lock", None), lock):  # the driver's (if it was made), then ours
+                if held is not None:
+                    held.release()
+            self._lock = None
+            _remove_empty(made)
+            raise
+        if lock is not None:
+            lock.release()  # the driver holds it now (re-entrant)
+
+    def _start(self, run_dir: Union[str, Path], callbacks: Sequence[Callback], dist: Any, device: torch.device,
+               **build: Any) -> None:
+        """Build the parts and the driver, then resume from the checkpoint ``trainer.resume`` finds."""
         run_dir = Path(dist.broadcast_object(str(run_dir)))
-        parts = build_parts(self.cfg, model=model, data=data, laplace_factory=laplace_factory, datasets=datasets,
-                            runtime=(dist, device))
+        parts = build_parts(self.cfg, runtime=(dist, device), **build)
         super().__init__(parts, run_dir, callbacks)
         # rank 0 reads the checkpoint (falling back to prev.ckpt if last.ckpt is unreadable) and
         # sends it to the other ranks, which need no access to the run directory
         t = self.cfg.trainer
-        state, path = ckpt.load_resume_state(t.resume, self.run_dir, self._report) if self.is_main else (None, None)
+        state, path = (ckpt.load_resume_state(t.resume, self.run_dir, self._report, damaged=self.damaged_checkpoints)
+                       if self.is_main else (None, None))
         state, path = self.dist.broadcast_object((state, path))
         if state is not None:
             diff = self.cfg.resume_diff(state["config"])
@@ -320,6 +344,24 @@ class MarglikTuner(Trainer):
     def _hyper_update(self) -> Dict[str, float]:
         """One marglik update (hypersteps and selection value), as an epoch runs it."""
         return self._marglik_update()
+
+
+def _missing_folders(path: Path) -> List[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path.parent != path:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed start made, deepest first, while they hold no file."""
+    for folder in folders:
+        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def tune(cfg: Union[Config, Dict[str, Any]], run_dir: Union[str, Path], **kwargs: Any) -> Dict[str, Any]:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from . import checkpoint as ckpt
-from . import checkpoint_format
+from . import checkpoint_format, run_lock
 from .finalize import finalize
 from .parts import NonFiniteValue, Parts
 from .parts.hyper_step import sync
@@ -49,6 +51,8 @@ class Trainer:
 
     Raises:
         PermissionError: the run or checkpoint directory is not writable.
+        RunDirLockedError: another live process holds the run directory (:mod:`marglik.tuning.run_lock`;
+            rank 0 takes it here and :meth:`fit` lets go of it).
     """
 
     def __init__(self, parts: Parts, run_dir: Union[str, Path], callbacks: Sequence[Callback] = ()) -> None:
@@ -56,9 +60,15 @@ class Trainer:
         self.dist = parts.dist
         self.is_main = self.dist.is_main  # rank 0 alone writes files, checkpoints and W&B
         self.run_dir = Path(run_dir)
+        self._lock: Optional[run_lock.RunLock] = None
         if self.is_main:
-            ckpt.check_writable(self.run_dir, "run directory")
+            self._lock = run_lock.acquire(self.run_dir)  # checked writable; one process per run directory
             ckpt.check_writable(self.run_dir / ckpt.CKPT_DIR, "checkpoint directory")
+        #: checkpoint files found damaged when resuming: moved aside (``<name>.damaged``) when the run
+        #: starts, so that no save rotates one into ``prev.ckpt``
+        self.damaged_checkpoints: List[Path] = []
+        #: every warning of the run, one line each (``summary.json['warnings']``, the end-of-run lines)
+        self.warnings: List[str] = []
         self.callbacks = list(callbacks)
         # the driver's own state (the "run" part of a checkpoint)
         self.epoch = 0
@@ -269,6 +279,9 @@ class Trainer:
         loses at most the epoch in flight. A resumed run rewrites ``history.csv`` from the
         checkpoint's history (no lost or duplicated epoch) and logs the checkpoint's last epoch to
         its W&B run again (same id, ``resume="allow"``), in case the kill came between the two.
+        A checkpoint found damaged when resuming is first moved aside (``last.ckpt.damaged``). Every
+        Python warning marglik's code raises meanwhile (e.g. W&B failing to start) is said as one line and
+        listed in ``summary.json['warnings']``. The run directory's lock is released at the end.
 
         Returns:
             The summary (:func:`marglik.tuning.finalize.finalize`; the fields of
@@ -277,7 +290,37 @@ class Trainer:
         Raises:
             NonFiniteError: non-finite values persist after ``max_rollbacks`` rollbacks.
         """
+        with warnings.catch_warnings():  # every warning shown while it runs is a line of the run's record
+            warnings.filterwarnings("default", module=r"marglik\.")  # ours (e.g. W&B's failures) once each run
+            warnings.showwarning = self._warning
+            try:
+                return self._fit()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
+
+    def _warning(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                 line: Optional[str] = None) -> None:
+        """``warnings.showwarning`` during :meth:`fit`: one line (no source line), kept for the summary."""
+        text = one_line(str(message)) or category.__name__
+        if text not in self.warnings:
+            self.warnings.append(text)
+            self._report(text)
+
+    def _move_damaged_aside(self) -> None:
+        """Rename each checkpoint found damaged to ``<name>.damaged`` (kept for inspection, never rotated)."""
+        for path in self.damaged_checkpoints:
+            if path.is_file():
+                aside = path.with_name(path.name + ".damaged")
+                os.replace(path, aside)
+                self._report(f"moved the damaged checkpoint {path} aside to {aside.name}")
+        self.damaged_checkpoints = []
+
+    def _fit(self) -> Dict[str, Any]:
         p, s, lab = self.parts, self.parts.settings, self.parts.labels
+        if self.is_main:
+            self._move_damaged_aside()
         if self.wandb_id is None:  # unique per run, kept in the checkpoint: a resume continues it
             import secrets
 
@@ -358,7 +401,7 @@ class Trainer:
         return finalize(self.parts, self.history, self.events, epoch=self.epoch, elapsed=self.elapsed,
                         segment_elapsed=self.elapsed - self._segment_start_elapsed, segments=self.segments,
                         run_dir=self.run_dir, is_main=self.is_main, report=self._report,
-                        standard_epoch_seconds=self.standard_epoch_seconds)
+                        extra_warnings=self.warnings, standard_epoch_seconds=self.standard_epoch_seconds)
 
     def _postfix(self, pbar: Any, row: Dict[str, Any]) -> None:
         post = {"loss": f"{row['train_loss']:.3f}", "acc": f"{row['train_acc']:.3f}"}
