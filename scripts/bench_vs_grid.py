@@ -48,6 +48,15 @@ _V0 = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency":
 PROTOCOLS: Dict[str, Dict[str, Any]] = {
     "default": {},
     "v0": _V0,
+    # one knob of the default changed at a time (the frontier's points)
+    "v0 + train_samples=1": {"hyper": {**_V0["hyper"], "train_samples": 1}, "curvature": _V0["curvature"]},
+    "type-2 fits": {"curvature": {"fisher_type": "type-2"}},
+    "expand-reduce": {"curvature": {"approx": "expand"}},
+    "constant hyper lr": {"hyper": {"schedule": "constant"}},
+    "selection full, every update": {"hyper": {"selection": "full", "selection_every": 1}},
+    "update every 2nd epoch": {"hyper": {"frequency": 2}},
+    "+3 prior-only steps": {"hyper": {"prior_steps": 3}},
+    "S=4 copies": {"hyper": {"n_samples": 4}},
 }
 
 

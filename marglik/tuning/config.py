@@ -171,7 +171,7 @@ class CurvatureConfig:
 
     approx: Approx = Approx.reduce  #: K-FAC flavour on the positions inside an image (pixels, tokens)
     #: exact GGN factors (type-2), sampled labels (mc), or the empirical Fisher
-    fisher_type: FisherType = FisherType["type-2"]  # type: ignore[valid-type]
+    fisher_type: FisherType = FisherType.mc  # type: ignore[valid-type]
     mc_samples: int = 1  #: labels sampled per output for fisher_type=mc
     copies_approx: Optional[Approx] = Approx.reduce  #: K-FAC flavour on the augmented copies of an image (null: as approx)
     #: who computes the curvature: marglik's own K-FAC, or a laplace-torch peer (marglik.tuning.backends)
@@ -189,39 +189,49 @@ class CurvatureConfig:
 
 @dataclass
 class HyperConfig:
-    """``hyper``: the outer loop (Immer et al. 2021, Algorithm 1)."""
+    """``hyper``: the outer loop (Immer et al. 2021, Algorithm 1).
+
+    The default protocol is the knee of the cost/quality frontier measured on the default job
+    (``results/marglik_vs_grid.md``, issue #28): MAP steps on one augmented copy
+    (``train_samples=1``), one hyperstep per epoch after burn-in on 2 x 128 examples with ``S = 8``
+    copies and a Monte-Carlo Fisher (``curvature.fisher_type=mc``, one backward pass instead of
+    ``C - 1``), cosine-decayed hyper learning rates, and the selection value on a fixed subset of 512
+    examples after every 5th update. Before it (``v0`` there): ``train_samples=S``, 2 hypersteps on
+    4 x 128 with the type-2 GGN, constant hyper lrs and the whole-set selection value after every
+    update, about 10x the cost at no better test NLL.
+    """
 
     prior_structure: PriorStructure = PriorStructure.layerwise  #: one prior precision, or one per parameter tensor
     prior_prec_init: float = 1.0  #: initial prior precision (weight decay)
     lr: float = 0.1  #: Adam lr of the log prior precision
     aug_lr: float = 0.1  #: Adam lr of the augmentation ranges eta
-    steps: int = 2  #: K hypersteps per marglik update
+    steps: int = 1  #: K hypersteps per marglik update
     #: P more hypersteps per update on the prior precision alone, reusing the last fit (no forward or backward pass)
     prior_steps: int = 0
     frequency: int = 1  #: F: a marglik update every F epochs (after burn-in)
     burn_in: int = 5  #: epochs of MAP training before the first marglik update
-    schedule: Schedule = Schedule.constant  #: of the hyper lrs over the epochs after burn-in
+    schedule: Schedule = Schedule.cosine  #: of the hyper lrs over the epochs after burn-in
     augmentation: bool = True  #: learn affine augmentation ranges
     n_samples: int = 8  #: S augmented copies per image in the marglik fits (and training unless train_samples)
     #: S' augmented copies per image in the MAP steps (None: n_samples); 1 trains like ordinary augmentation,
     #: at the cost of one standard training, while the fits still average the logits over n_samples copies
-    train_samples: Optional[int] = None
+    train_samples: Optional[int] = 1
     n_samples_test: Optional[int] = None  #: S at test time (None: n_samples)
     #: the affine transformations whose ranges are learned
     generators: List[AugGenerator] = field(  # type: ignore[valid-type]
         default_factory=lambda: [AugGenerator[g] for g in ALL_GENERATORS])
-    marglik_batches: Optional[int] = 4  #: batches per Laplace fit (None: the whole training set)
+    marglik_batches: Optional[int] = 2  #: batches per Laplace fit (None: the whole training set)
     marglik_batch_size: Optional[int] = 128  #: batch size of the Laplace fit (None: trainer.batch_size)
     #: learned augmentation: take eta's gradient one fit batch at a time (two passes over the batches,
     #: the memory of one batch's graph instead of all of them; the same gradient; marglik backend)
     batchwise: bool = False
     #: the fixed estimator that picks the best epoch and gives the reported log marglik: full (the
     #: whole training set) | subset (selection_size examples drawn once per run from the seed)
-    selection: SelectionEstimator = SelectionEstimator.full
+    selection: SelectionEstimator = SelectionEstimator.subset
     selection_size: int = 512  #: examples of selection=subset (at most N)
     #: the selection value after every k-th marglik update (and always after the last one); the best epoch
     #: is chosen among these updates
-    selection_every: int = 1
+    selection_every: int = 5
 
 
 @dataclass
