@@ -27,14 +27,14 @@ def test_cli_defaults_are_the_dataclass_defaults():
 
 
 def test_enums_compare_as_strings_and_serialise_plainly():
-    cfg = Config.from_dict(curvature={"approx": "expand", "fisher_type": "mc"})
+    cfg = Config.from_dict(curvature={"approx": "expand", "fisher_type": "type-2"})
     assert cfg.curvature.approx == "expand" and f"{cfg.curvature.approx}" == "expand"
-    assert cfg.curvature.fisher_type == "mc" and Config().curvature.fisher_type == "type-2"
+    assert cfg.curvature.fisher_type == "type-2" and Config().curvature.fisher_type == "mc"
     d = cfg.to_dict()
-    assert d["curvature"] == {"approx": "expand", "fisher_type": "mc", "mc_samples": 1, "copies_approx": "reduce",
+    assert d["curvature"] == {"approx": "expand", "fisher_type": "type-2", "mc_samples": 1, "copies_approx": "reduce",
                               "backend": "marglik", "structure": "kron", "separate_bias": None,
                               "factor_form": "auto"}
-    assert d["hyper"]["selection"] == "full" and type(d["hyper"]["selection"]) is str
+    assert d["hyper"]["selection"] == "subset" and type(d["hyper"]["selection"]) is str
     assert type(d["curvature"]["approx"]) is str and type(d["hyper"]["generators"][0]) is str
     json.dumps(d)  # plain JSON
 

@@ -33,6 +33,12 @@ OVERRIDES = [
     "data.train_size=96", "data.rotation=30", "model.width=4", "model.hidden=16", "trainer.epochs=2",
     "trainer.batch_size=32", "hyper.burn_in=1", "hyper.n_samples=2", "hyper.marglik_batches=2",
     "hyper.marglik_batch_size=32", "hyper.selection=subset", "hyper.selection_size=50", "trainer.device=cpu", "trainer.num_threads=1", "trainer.progress=false",
+    # the type-2 GGN: deterministic given the data, so 2 ranks equal 1 process (an MC Fisher samples each
+    # rank's labels from that rank's generator: the same distribution, not the same draw)
+    "curvature.fisher_type=type-2",
+    # two hypersteps: after one Adam step every log prior moved by the same lr, and the argmax of the change
+    # (history.log_prior_change_argmax) would be a tie broken by round-off
+    "hyper.steps=2",
     "logger.mode=disabled",
 ]
 REL, ABS = 1e-4, 1e-5

@@ -190,3 +190,13 @@ def test_prior_only_steps_reuse_the_fit_and_leave_eta():
     assert not torch.equal(c.prior.log_prior, d.prior.log_prior)  # negative control: the prior did move
     with pytest.raises(ConfigError):
         Config.from_dict({"hyper": {"prior_steps": -1}})
+
+
+def test_the_default_protocol_is_the_documented_one():
+    """The shipped defaults are the protocol chosen from results/marglik_vs_grid.md (HyperConfig's docstring)."""
+    c = Config()
+    h = c.hyper
+    assert (h.train_samples, h.n_samples, h.steps, h.prior_steps, h.frequency, h.burn_in) == (1, 8, 1, 0, 1, 5)
+    assert (h.marglik_batches, h.marglik_batch_size, h.schedule) == (2, 128, "cosine")
+    assert (h.selection, h.selection_size, h.selection_every) == ("subset", 512, 5)
+    assert (c.curvature.fisher_type, c.curvature.approx, c.curvature.copies_approx) == ("mc", "reduce", "reduce")

@@ -22,12 +22,17 @@ TIMING = set(TIMING_COLUMNS)
 
 
 def tiny(**sections) -> Config:
-    """~50 digits, a few epochs, learned augmentation (S=2), marglik on all data every epoch."""
+    """~50 digits, a few epochs, learned augmentation (S=2), marglik on all data every epoch, with the
+    protocol these tests were written for (type-2 GGN, the MAP steps on the fits' copies, constant hyper
+    lrs, the whole-set selection value after every update; the shipped default protocol is tested in
+    tests/test_protocol.py)."""
     base = dict(
         data={"name": "digits", "train_size": 48, "rotation": 30.0},
         model={"name": "cnn", "width": 4, "hidden": 16},
+        curvature={"fisher_type": "type-2"},
         hyper={"burn_in": 1, "frequency": 1, "steps": 2, "n_samples": 2, "lr": 0.1, "aug_lr": 0.05,
-               "marglik_batches": None},
+               "marglik_batches": None, "train_samples": None, "schedule": "constant", "selection": "full",
+               "selection_every": 1},
         trainer={"epochs": 4, "batch_size": 16, "lr": 0.01, "progress": False, "eval_batch_size": 512,
                  "num_threads": 1},  # tiny ops: one thread is fastest and immune to oversubscription
         logger={"mode": "disabled"},
