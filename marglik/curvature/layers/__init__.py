@@ -17,7 +17,7 @@ from .base import (
     example_sum,
 )
 from .conv import ConvRule
-from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
+from .elementwise import ChannelFirstLayerNormRule, ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .leaf import LEAF_DENSE_MAX, LeafParameterRule
 from .linear import LinearRule
 
@@ -26,6 +26,7 @@ RULES: List[Rule] = [
     MultiheadAttentionRule(),
     ConvRule(),
     ChannelFirstNormRule(),
+    ChannelFirstLayerNormRule(),
     TrailingNormRule(),
     ScaleBiasRule(),
     LeafParameterRule(),
