@@ -136,7 +136,9 @@ def _precheck(argv: List[str]) -> None:
 
 def main() -> None:
     """Console script ``marglik``."""
-    argv = sys.argv[1:]
+    from .cli_config import expand_model_shorthand
+
+    argv = expand_model_shorthand(sys.argv[1:])  # model=tv:<arch> -> model=tv model.arch=<arch>
     if "-h" in argv or "--help" in argv:
         from .cli_config import help_text
 

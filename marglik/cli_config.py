@@ -90,6 +90,25 @@ def _field_class(key: str, model_name: str) -> Optional[type]:
     return _SECTIONS.get(section)
 
 
+def expand_model_shorthand(overrides: Sequence[str]) -> List[str]:
+    """``model=tv:<arch>`` -> ``model=tv model.arch=<arch>`` (any torchvision classifier by name).
+
+    Args:
+        overrides: the command line's overrides.
+
+    Returns:
+        The overrides with every ``model=tv:<arch>`` replaced by the two overrides Hydra composes.
+    """
+    out: List[str] = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+") == "model" and value.startswith("tv:"):
+            out += [f"{key}=tv", f"model.arch={value[3:]}"]
+        else:
+            out.append(o)
+    return out
+
+
 def check_overrides(overrides: Sequence[str]) -> Config:
     """Compose the CLI config with ``overrides`` (Hydra syntax) exactly as ``marglik`` will, and
     validate it; returns the :class:`Config` or raises :class:`ConfigError` (one line).
