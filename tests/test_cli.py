@@ -124,6 +124,7 @@ def _marglik(args, cwd, **env_extra):
     (["data.rotation=abc"], "data.rotation=abc: wrong type; allowed: a number"),
     (["model.name=mlp"], "model.width=16: not an option of model mlp"),
     (["trainer.epoch=3"], "trainer.epoch=3: unknown key (did you mean trainer.epochs?); allowed: the keys of trainer"),
+    (["model=tv:resnet19"], "model.arch=resnet19: invalid value; allowed: a torchvision classifier: alexnet,"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
     proc = _marglik(args, tmp_path)

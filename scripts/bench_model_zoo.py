@@ -1,0 +1,234 @@
+"""torchvision's classification families as shipped: K-FAC coverage, fit cost, and the peers' outcome.
+
+Per family (the full-size torchvision architecture, random init, 10 classes, float32 on CPU):
+
+* the share of parameters in K-FAC (Kronecker) blocks, in per-channel or dense blocks (norms'
+  affine parameters, ConvNeXt's layer scale, ViT's class token and positional embedding), and
+  ignored (``ignore_modules``, only where a module has no rule: Swin's and MaxViT's relative
+  position bias tables, with Swin's functional ``qkv`` / ``proj``);
+* the time of ``marglik.KFAC(model).fit`` on one batch as a multiple of one forward + backward
+  (parameter gradients of the summed cross-entropy) on the same batch, each the minimum of
+  ``--repeats`` runs after a warm-up;
+* laplace-torch's ``Laplace(model, "classification", subset_of_weights="all",
+  hessian_structure="kron", backend=...)`` fitted on the same batch with its Curvlinops, ASDL and
+  BackPACK GGN backends, each on a fresh copy of the network: ``works`` or the first line of its error.
+
+Writes ``results/model_zoo.{json,md}``; ``--from-json`` re-renders the markdown from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from benchlib import RESULTS, write_result
+from runner import rerender
+from torch import nn
+
+STEM = "model_zoo"
+#: family -> (torchvision name, image size, extra constructor kwargs)
+FAMILIES: Dict[str, tuple] = {
+    "resnet18": ("resnet18", 32, {}),
+    "resnet50": ("resnet50", 32, {}),
+    "wide_resnet50_2": ("wide_resnet50_2", 32, {}),
+    "resnext50_32x4d": ("resnext50_32x4d", 32, {}),
+    "mobilenet_v3_small": ("mobilenet_v3_small", 32, {}),
+    "efficientnet_b0": ("efficientnet_b0", 32, {}),
+    "convnext_tiny": ("convnext_tiny", 32, {}),
+    "regnet_x_400mf": ("regnet_x_400mf", 32, {}),
+    "regnet_y_400mf": ("regnet_y_400mf", 32, {}),
+    "densenet121": ("densenet121", 32, {}),
+    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", 32, {}),
+    "squeezenet1_0": ("squeezenet1_0", 32, {}),
+    "vit_b_16": ("vit_b_16", 32, {"image_size": 32}),
+    "swin_t": ("swin_t", 32, {}),
+    "maxvit_t": ("maxvit_t", 224, {}),
+}
+PEERS = ("CurvlinopsGGN", "AsdlGGN", "BackPackGGN")
+
+
+def ignores(name: str) -> List[type]:
+    """The module types a family needs ignored (no K-FAC rule): relative position bias tables."""
+    if name.startswith("swin"):
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+        return [ShiftedWindowAttention]
+    if name.startswith("maxvit"):
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+        return [RelativePositionalMultiHeadAttention]
+    return []
+
+
+def build(name: str, classes: int) -> nn.Module:
+    import torchvision
+
+    arch, _, kw = FAMILIES[name]
+    torch.manual_seed(0)
+    return torchvision.models.get_model(arch, weights=None, num_classes=classes, **kw).eval()
+
+
+def coverage(kfac: Any, model: nn.Module) -> Dict[str, Any]:
+    """Parameter counts (and shares) in K-FAC, per-channel / dense and no block."""
+    from marglik.curvature.layers import ElementwiseRule
+    from marglik.curvature.layers.leaf import LeafDenseRule
+
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = {"kfac": 0, "per_channel_or_dense": 0}
+    for b in kfac.covered:
+        n = sum(p.numel() for p in b.params)
+        dense = isinstance(b.rule, (ElementwiseRule, LeafDenseRule))
+        counts["per_channel_or_dense" if dense else "kfac"] += n
+    counts["ignored"] = total - counts["kfac"] - counts["per_channel_or_dense"]
+    return {"total": total, **counts, **{f"{k}_pct": 100.0 * v / total for k, v in counts.items()}}
+
+
+def _min_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def peer_outcome(model: nn.Module, X: torch.Tensor, y: torch.Tensor, backend: str, limit: int) -> str:
+    """``works`` or the first line of laplace-torch's error (``timeout`` past ``limit`` seconds)."""
+    import laplace
+    from laplace import curvature as lc
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(X, y), batch_size=len(X))
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                                 backend=getattr(lc, backend))
+            la.fit(loader)
+        return "works"
+    except _Timeout:
+        return f"timeout (> {limit} s)"
+    except Exception as err:  # the peer's own error, reported as it says it
+        line = (str(err).strip().splitlines() or [""])[0]
+        return f"{type(err).__name__}: {line}"[:160]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        model.zero_grad(set_to_none=True)
+
+
+def one_family(name: str, batch: int, classes: int, repeats: int, peer_limit: int, peers: bool) -> Dict[str, Any]:
+    import marglik
+
+    model = build(name, classes)
+    size = FAMILIES[name][1]
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+    row: Dict[str, Any] = {"family": name, "image_size": size, "ignore_modules": [t.__name__ for t in ignores(name)]}
+    try:
+        kfac = marglik.KFAC(model, ignore_modules=ignores(name))
+        row["coverage"] = coverage(kfac, model)
+
+        def fwd_bwd():
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(X), y, reduction="sum").backward()
+
+        row["fwd_bwd_s"] = _min_time(fwd_bwd, repeats)
+        model.zero_grad(set_to_none=True)
+        row["fit_s"] = _min_time(lambda: kfac.fit((X, y)), repeats)
+        row["fit_over_fwd_bwd"] = row["fit_s"] / row["fwd_bwd_s"]
+        row["marglik"] = "works"
+    except Exception as err:  # reported, not hidden
+        row["marglik"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:200]
+    if peers:
+        # each peer on a fresh copy of the network: a failed peer may leave its hooks behind
+        row["peers"] = {b: peer_outcome(build(name, classes), X, y, b, peer_limit) for b in PEERS}
+    print(row, flush=True)
+    return row
+
+
+def render(result: Dict[str, Any]) -> str:
+    """The markdown report, from the JSON alone."""
+    s = result["settings"]
+    lines = [
+        "# torchvision classifiers as shipped: K-FAC coverage, fit cost, peers",
+        "",
+        f"Full-size torchvision architectures, random init, {s['classes']} classes, batch {s['batch']}, float32 on "
+        f"{s['device']} ({s['threads']} thread(s), {s['machine']}); torch {s['torch']}, torchvision {s['torchvision']}, "
+        f"laplace-torch {s['laplace']}. Generated by `scripts/bench_model_zoo.py`.",
+        "",
+        "Coverage: share of the parameters in K-FAC (Kronecker) blocks, in per-channel or dense exact blocks "
+        "(norms, layer scales, class tokens, positional embeddings), and ignored (`ignore_modules`, only for "
+        "modules without a rule). Fit: `marglik.KFAC(model).fit` on the batch (expand, type-2, "
+        f"{s['classes'] - 1} curvature columns) over one forward + backward on the same batch, min of "
+        f"{s['repeats']} after a warm-up. Peers: laplace-torch `Laplace(model, \"classification\", "
+        "subset_of_weights=\"all\", hessian_structure=\"kron\", backend=...)` fitted on the same batch.",
+        "",
+        "| family | input | params (M) | K-FAC % | per-channel/dense % | ignored % | fit / fwd+bwd | marglik "
+        "| Curvlinops | ASDL | BackPACK |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        c = r.get("coverage")
+        cov = (f"{c['total'] / 1e6:.2f} | {c['kfac_pct']:.2f} | {c['per_channel_or_dense_pct']:.2f} | "
+               f"{c['ignored_pct']:.2f}") if c else "- | - | - | -"
+        ratio = f"{r['fit_over_fwd_bwd']:.1f}x" if "fit_over_fwd_bwd" in r else "-"
+        ml = r["marglik"] + (f" (ignoring {', '.join(r['ignore_modules'])})" if r["ignore_modules"] else "")
+        peers = r.get("peers", {})
+        cells = [peers.get(b, "not run").replace("|", "/") for b in PEERS]
+        lines.append(f"| {r['family']} | {r['image_size']}x{r['image_size']} | {cov} | {ratio} | {ml} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Ignored parameters: Swin's `ShiftedWindowAttention` passes `qkv.weight` / `proj.weight` to a "
+              "function (never calling the `Linear` modules) and indexes a raw relative-position-bias table; "
+              "MaxViT's attention has the same raw table. marglik raises `UnsupportedModuleError` naming the "
+              "module and `ignore_modules`; ignoring the attention type covers the rest of the network.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peer-limit", type=int, default=120, help="seconds before a peer's fit counts as a timeout")
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--from-json", action="store_true", help="only re-render <out>/model_zoo.md from its JSON")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(Path(args.out), STEM, render)
+    import laplace
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    rows = [one_family(f, args.batch, args.classes, args.repeats, args.peer_limit, not args.no_peers)
+            for f in args.families]
+    settings = {"batch": args.batch, "classes": args.classes, "repeats": args.repeats, "threads": args.threads,
+                "device": "cpu", "machine": platform.machine(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "laplace": getattr(laplace, "__version__", "?")}
+    result = {"settings": settings, "rows": rows}
+    write_result(Path(args.out), STEM, result, render)
+    return result
+
+
+if __name__ == "__main__":
+    main()
