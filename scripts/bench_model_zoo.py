@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch import nn
+
 from benchlib import RESULTS, write_result
 from runner import rerender
-from torch import nn
 
 STEM = "model_zoo"
 #: family -> (torchvision name, image size, extra constructor kwargs)

@@ -25,6 +25,7 @@ RENDERERS = {
     "kfac_speed_vit": ("kfac_vit", "to_markdown"),
     "marglik_speed": ("bench_marglik", "render"),
     "marglik_step_wrn": ("bench_marglik_step", "render"),
+    "model_zoo": ("bench_model_zoo", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
     "optimizer_steps_to_target_tvvit": ("optbench_report", "render_markdown"),
     "selection_digits": ("run_selection_digits", "render"),
