@@ -4,8 +4,8 @@ Per family (the full-size torchvision architecture, random init, 10 classes, flo
 
 * the share of parameters in K-FAC (Kronecker) blocks, in per-channel or dense blocks (norms'
   affine parameters, ConvNeXt's layer scale, ViT's class token and positional embedding), and
-  ignored (``ignore_modules``, only where a module has no rule: Swin's and MaxViT's relative
-  position bias tables, with Swin's functional ``qkv`` / ``proj``);
+  ignored (``ignore_modules``, only where a module has no rule: Swin's attention, whose
+  ``qkv`` / ``proj`` are used functionally beside a raw relative-position bias table);
 * the time of ``marglik.KFAC(model).fit`` on one batch as a multiple of one forward + backward
   (parameter gradients of the summed cross-entropy) on the same batch, each the minimum of
   ``--repeats`` runs after a warm-up;
@@ -55,15 +55,11 @@ PEERS = ("CurvlinopsGGN", "AsdlGGN", "BackPackGGN")
 
 
 def ignores(name: str) -> List[type]:
-    """The module types a family needs ignored (no K-FAC rule): relative position bias tables."""
+    """The module types a family needs ignored (no K-FAC rule): Swin's attention."""
     if name.startswith("swin"):
         from torchvision.models.swin_transformer import ShiftedWindowAttention
 
         return [ShiftedWindowAttention]
-    if name.startswith("maxvit"):
-        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-
-        return [RelativePositionalMultiHeadAttention]
     return []
 
 
@@ -197,9 +193,10 @@ def render(result: Dict[str, Any]) -> str:
         lines.append(f"| {r['family']} | {r['image_size']}x{r['image_size']} | {cov} | {ratio} | {ml} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Ignored parameters: Swin's `ShiftedWindowAttention` passes `qkv.weight` / `proj.weight` to a "
-              "function (never calling the `Linear` modules) and indexes a raw relative-position-bias table; "
-              "MaxViT's attention has the same raw table. marglik raises `UnsupportedModuleError` naming the "
-              "module and `ignore_modules`; ignoring the attention type covers the rest of the network.", ""]
+              "function (never calling the `Linear` modules) and indexes a raw relative-position-bias table. "
+              "marglik raises `UnsupportedModuleError` naming the module and `ignore_modules`; ignoring the "
+              "attention type covers the rest of the network. MaxViT's relative-position-bias tables get exact "
+              "dense blocks (`marglik/curvature/layers/relpos.py`).", ""]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from .conv import ConvRule
 from .elementwise import ChannelFirstLayerNormRule, ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .leaf import LEAF_DENSE_MAX, LeafParameterRule
 from .linear import LinearRule
+from .relpos import RelativePositionBiasRule
 
 RULES: List[Rule] = [
     LinearRule(),
@@ -30,6 +31,7 @@ RULES: List[Rule] = [
     TrailingNormRule(),
     ScaleBiasRule(),
     LeafParameterRule(),
+    RelativePositionBiasRule(),
 ]
 
 
