@@ -3,9 +3,9 @@
 Per family (the full-size torchvision architecture, random init, 10 classes, float32 on CPU):
 
 * the share of parameters in K-FAC (Kronecker) blocks, in per-channel or dense blocks (norms'
-  affine parameters, ConvNeXt's layer scale, ViT's class token and positional embedding), and
-  ignored (``ignore_modules``, only where a module has no rule: Swin's attention, whose
-  ``qkv`` / ``proj`` are used functionally beside a raw relative-position bias table);
+  affine parameters, ConvNeXt's layer scale, ViT's class token and positional embedding, Swin's and
+  MaxViT's relative-position bias tables), and ignored (``ignore_modules``, only where a module has
+  no rule);
 * the time of ``marglik.KFAC(model).fit`` on one batch as a multiple of one forward + backward
   (parameter gradients of the summed cross-entropy) on the same batch, each the minimum of
   ``--repeats`` runs after a warm-up;
@@ -55,11 +55,7 @@ PEERS = ("CurvlinopsGGN", "AsdlGGN", "BackPackGGN")
 
 
 def ignores(name: str) -> List[type]:
-    """The module types a family needs ignored (no K-FAC rule): Swin's attention."""
-    if name.startswith("swin"):
-        from torchvision.models.swin_transformer import ShiftedWindowAttention
-
-        return [ShiftedWindowAttention]
+    """The module types a family needs ignored (no K-FAC rule): none today (kept for new families)."""
     return []
 
 
@@ -192,11 +188,10 @@ def render(result: Dict[str, Any]) -> str:
         cells = [peers.get(b, "not run").replace("|", "/") for b in PEERS]
         lines.append(f"| {r['family']} | {r['image_size']}x{r['image_size']} | {cov} | {ratio} | {ml} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Ignored parameters: Swin's `ShiftedWindowAttention` passes `qkv.weight` / `proj.weight` to a "
-              "function (never calling the `Linear` modules) and indexes a raw relative-position-bias table. "
-              "marglik raises `UnsupportedModuleError` naming the module and `ignore_modules`; ignoring the "
-              "attention type covers the rest of the network. MaxViT's relative-position-bias tables get exact "
-              "dense blocks (`marglik/curvature/layers/relpos.py`).", ""]
+    lines += ["", "Swin's `ShiftedWindowAttention` passes `qkv.weight` / `proj.weight` to a function: while "
+              "recording, marglik turns those calls into calls of the `Linear` modules (same values); its and "
+              "MaxViT's relative-position bias tables get exact dense blocks (`marglik/curvature/layers/relpos.py`).",
+              ""]
     return "\n".join(lines)
 
 

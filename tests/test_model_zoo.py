@@ -7,8 +7,10 @@ Per family (tiny float64 instances of torchvision's own classes, ``tests/zoo_cas
 * every ungrouped ``Conv2d`` / ``Linear`` block equals curvlinops' K-FAC factors (1e-8);
 * every per-channel block (BatchNorm, LayerNorm, ConvNeXt's ``LayerNorm2d``) equals the exact
   GGN's entries coupling one channel's weight and bias, and every dense leaf block (ConvNeXt's
-  ``layer_scale``, ViT's class token and positional embedding) the exact GGN block, from
-  ``torch.func`` Jacobians (1e-10): their flavour is exact;
+  ``layer_scale``, ViT's class token and positional embedding, MaxViT's and Swin's relative-position
+  bias tables) the exact GGN block, from ``torch.func`` Jacobians (1e-10): their flavour is exact.
+  Not referenced independently: grouped convolutions (curvlinops has none; ``tests/test_kfac_exact.py``
+  covers them) and Swin's ``qkv`` / ``proj``, recorded through the attention's functional calls;
 * ``KronLaplace``: a finite log marginal likelihood whose gradient w.r.t. the layerwise log prior
   precision matches central finite differences, and a GLM predictive that is a distribution.
 """
@@ -24,6 +26,7 @@ from torch import nn
 
 import marglik
 from marglik.curvature.kron import DiagonalBlock
+from marglik.curvature.module_selection import uses_children_functionally
 
 FAMILIES = list(Z.BUILDERS)
 
@@ -37,11 +40,12 @@ def _hooks(model):
 
 
 def _curvlinops_params(model):
-    """Parameters of the modules curvlinops covers: ungrouped Conv2d and called Linear."""
+    """Parameters of the modules curvlinops covers: ungrouped Conv2d and Linear called as modules (not
+    MultiheadAttention's out_proj, not Swin's qkv / proj, whose weights their attention uses functionally)."""
+    functional = {id(c) for m in model.modules() if uses_children_functionally(m) for c in m.children()}
     return [
         p for m in model.modules()
-        if (isinstance(m, nn.Conv2d) and m.groups == 1)
-        or (type(m) is nn.Linear)  # not MultiheadAttention's out_proj (never called as a module)
+        if ((isinstance(m, nn.Conv2d) and m.groups == 1) or type(m) is nn.Linear) and id(m) not in functional
         for p in m.parameters(recurse=False)
     ]
 

@@ -3,7 +3,7 @@
 Each builder returns a random-init network with 3 classes for ``(N, 3, 16, 16)`` inputs, small
 enough for float64 references. Where the family's top-level class takes its widths as
 constructor arguments (MobileNetV3, EfficientNet, ConvNeXt, RegNet, DenseNet, ShuffleNetV2,
-SqueezeNet, MaxVit, VisionTransformer) it is that class; ResNet hard-codes its widths (64 to 512), so the
+SqueezeNet, MaxVit, SwinTransformer, VisionTransformer) it is that class; ResNet hard-codes its widths (64 to 512), so the
 ResNet families stack torchvision's own ``BasicBlock`` / ``Bottleneck`` (with ``groups`` and
 ``base_width``: ResNeXt, Wide ResNet) behind a small stem -- the same in-place ReLUs and residual
 ``out += identity`` as the shipped models.
@@ -80,6 +80,8 @@ BUILDERS: Dict[str, Callable[[], nn.Module]] = {
     "squeezenet1_1": _squeezenet,
     "maxvit_t": partial(tvm.MaxVit, input_size=(SIZE, SIZE), stem_channels=8, partition_size=2, block_channels=[8],
                         block_layers=[1], head_dim=4, stochastic_depth_prob=0.0, num_classes=C),
+    "swin_t": partial(tvm.SwinTransformer, patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[2, 2],
+                      window_size=[2, 2], stochastic_depth_prob=0.0, num_classes=C),
     "vit_b_16": partial(tvm.VisionTransformer, image_size=SIZE, patch_size=8, num_layers=1, num_heads=2,
                         hidden_dim=8, mlp_dim=8, num_classes=C),
 }

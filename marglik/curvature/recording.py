@@ -33,6 +33,7 @@ from .backward import Target, backward_per_column, backward_vmapped
 from .blocks import BlockSums, CoveredModule
 from .layers import find_rule
 from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
+from .module_selection import uses_children_functionally
 from .options import BlockKind, FisherType, KFACApprox, Likelihood
 from .row_factor import FactorForm
 from .sharing import current_example_index
@@ -238,9 +239,11 @@ def recording(model: nn.Module, blocks: Sequence[CoveredModule], recorder: Recor
     by_module: Dict[int, List[CoveredModule]] = {}
     for b in blocks:
         by_module.setdefault(id(b.module), []).append(b)
-    for m in model.modules():  # attention whose own projections are frozen still has to call
-        if isinstance(m, nn.MultiheadAttention) and id(m) not in by_module and id(m.out_proj) in by_module:
-            by_module[id(m)] = []  # out_proj as a module for it to be recorded
+    for m in model.modules():  # attention whose own parameters are frozen still has to call its children
+        if id(m) in by_module or not uses_children_functionally(m):
+            continue
+        if any(id(c) in by_module for c in m.children()):
+            by_module[id(m)] = []  # out_proj (MHA), qkv / proj (Swin) called as modules to be recorded
     handles = []
     fastpath = _mha_fastpath_enabled()
     _set_mha_fastpath(False)
@@ -249,8 +252,8 @@ def recording(model: nn.Module, blocks: Sequence[CoveredModule], recorder: Recor
             if module_blocks:
                 handles += module_blocks[0].rule.attach(module_blocks[0].module, module_blocks, recorder)
             else:
-                mha = next(m for m in model.modules() if id(m) == key)
-                handles += find_rule(mha).attach(mha, module_blocks, recorder)
+                parent = next(m for m in model.modules() if id(m) == key)
+                handles += find_rule(parent).attach(parent, module_blocks, recorder)
         yield recorder
     finally:
         for h in reversed(handles):
