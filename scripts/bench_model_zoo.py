@@ -11,7 +11,8 @@ Per family (the full-size torchvision architecture, random init, 10 classes, flo
   ``--repeats`` runs after a warm-up;
 * laplace-torch's ``Laplace(model, "classification", subset_of_weights="all",
   hessian_structure="kron", backend=...)`` fitted on the same batch with its Curvlinops, ASDL and
-  BackPACK GGN backends, each on a fresh copy of the network: ``works`` or the first line of its error.
+  BackPACK GGN backends, each in a fresh process on a fresh copy of the network, capped at
+  ``--peer-memory`` GiB and ``--peer-limit`` seconds: ``works`` or the first line of its error.
 
 Writes ``results/model_zoo.{json,md}``; ``--from-json`` re-renders the markdown from the JSON alone.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -92,48 +92,67 @@ def _min_time(fn, repeats: int) -> float:
     return min(times)
 
 
-class _Timeout(Exception):
-    pass
+def _peer_child(payload: tuple, queue: Any) -> None:
+    """In a spawned process: cap its memory, fit the peer, put ``works`` or the error's first line."""
+    import resource
 
-
-def _alarm(signum, frame):
-    raise _Timeout()
-
-
-def peer_outcome(model: nn.Module, X: torch.Tensor, y: torch.Tensor, backend: str, limit: int) -> str:
-    """``works`` or the first line of laplace-torch's error (``timeout`` past ``limit`` seconds)."""
-    import laplace
-    from laplace import curvature as lc
-    from torch.utils.data import DataLoader, TensorDataset
-
-    loader = DataLoader(TensorDataset(X, y), batch_size=len(X))
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(limit)
+    name, classes, batch, backend, mem_gb = payload
+    resource.setrlimit(resource.RLIMIT_AS, (mem_gb << 30, mem_gb << 30))
+    torch.set_num_threads(1)
     try:
+        import laplace
+        from laplace import curvature as lc
+        from torch.utils.data import DataLoader, TensorDataset
+
+        model = build(name, classes)
+        X, y = batch_of(name, batch, classes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
                                  backend=getattr(lc, backend))
-            la.fit(loader)
-        return "works"
-    except _Timeout:
-        return f"timeout (> {limit} s)"
+            la.fit(DataLoader(TensorDataset(X, y), batch_size=len(X)))
+        queue.put("works")
+    except MemoryError:
+        queue.put(f"out of memory (> {mem_gb} GiB)")
     except Exception as err:  # the peer's own error, reported as it says it
         line = (str(err).strip().splitlines() or [""])[0]
-        return f"{type(err).__name__}: {line}"[:160]
+        queue.put(f"{type(err).__name__}: {line}"[:160])
+
+
+def peer_outcome(name: str, classes: int, batch: int, backend: str, limit: int, mem_gb: int) -> str:
+    """``works`` or the first line of laplace-torch's error, from a fresh process capped at ``mem_gb``
+    GiB and ``limit`` seconds (a fresh copy of the network each time: a failed peer may leave hooks)."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peer_child, args=((name, classes, batch, backend, mem_gb), q))
+    p.start()
+    try:
+        return q.get(timeout=limit)
+    except queue_mod.Empty:
+        return f"timeout (> {limit} s)" if p.is_alive() else f"crashed (exit code {p.exitcode}; memory cap {mem_gb} GiB)"
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-        model.zero_grad(set_to_none=True)
+        if p.is_alive():
+            p.kill()
+        p.join()
 
 
-def one_family(name: str, batch: int, classes: int, repeats: int, peer_limit: int, peers: bool) -> Dict[str, Any]:
+def batch_of(name: str, batch: int, classes: int):
+    """The family's fixed random batch ``(X, y)``."""
+    size = FAMILIES[name][1]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def one_family(name: str, batch: int, classes: int, repeats: int, peer_limit: int, peers: bool,
+               mem_gb: int) -> Dict[str, Any]:
     import marglik
 
     model = build(name, classes)
     size = FAMILIES[name][1]
-    g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+    X, y = batch_of(name, batch, classes)
     row: Dict[str, Any] = {"family": name, "image_size": size, "ignore_modules": [t.__name__ for t in ignores(name)]}
     try:
         kfac = marglik.KFAC(model, ignore_modules=ignores(name))
@@ -151,8 +170,7 @@ def one_family(name: str, batch: int, classes: int, repeats: int, peer_limit: in
     except Exception as err:  # reported, not hidden
         row["marglik"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:200]
     if peers:
-        # each peer on a fresh copy of the network: a failed peer may leave its hooks behind
-        row["peers"] = {b: peer_outcome(build(name, classes), X, y, b, peer_limit) for b in PEERS}
+        row["peers"] = {b: peer_outcome(name, classes, batch, b, peer_limit, mem_gb) for b in PEERS}
     print(row, flush=True)
     return row
 
@@ -172,7 +190,8 @@ def render(result: Dict[str, Any]) -> str:
         "modules without a rule). Fit: `marglik.KFAC(model).fit` on the batch (expand, type-2, "
         f"{s['classes'] - 1} curvature columns) over one forward + backward on the same batch, min of "
         f"{s['repeats']} after a warm-up. Peers: laplace-torch `Laplace(model, \"classification\", "
-        "subset_of_weights=\"all\", hessian_structure=\"kron\", backend=...)` fitted on the same batch.",
+        "subset_of_weights=\"all\", hessian_structure=\"kron\", backend=...)` fitted on the same batch, each in "
+        f"a fresh process capped at {s['peer_memory_gib']} GiB and {s['peer_limit_s']} s.",
         "",
         "| family | input | params (M) | K-FAC % | per-channel/dense % | ignored % | fit / fwd+bwd | marglik "
         "| Curvlinops | ASDL | BackPACK |",
@@ -202,6 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peer-limit", type=int, default=120, help="seconds before a peer's fit counts as a timeout")
+    ap.add_argument("--peer-memory", type=int, default=6, help="GiB a peer's process may allocate")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
@@ -213,13 +233,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     import torchvision
 
     torch.set_num_threads(args.threads)
-    rows = [one_family(f, args.batch, args.classes, args.repeats, args.peer_limit, not args.no_peers)
-            for f in args.families]
     settings = {"batch": args.batch, "classes": args.classes, "repeats": args.repeats, "threads": args.threads,
+                "peer_memory_gib": args.peer_memory, "peer_limit_s": args.peer_limit,
                 "device": "cpu", "machine": platform.machine(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "laplace": getattr(laplace, "__version__", "?")}
-    result = {"settings": settings, "rows": rows}
-    write_result(Path(args.out), STEM, result, render)
+    result: Dict[str, Any] = {"settings": settings, "rows": []}
+    for f in args.families:  # written after every family: a long run keeps what it measured
+        result["rows"].append(one_family(f, args.batch, args.classes, args.repeats, args.peer_limit,
+                                         not args.no_peers, args.peer_memory))
+        write_result(Path(args.out), STEM, result, render)
     return result
 
 

@@ -103,11 +103,13 @@ class KFAC:
         model: the network. Every module holding trainable parameters must be covered by a rule
             (``nn.Linear``, ``nn.MultiheadAttention`` -- hence ``nn.TransformerEncoder/DecoderLayer``
             -- ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``, ``nn.GroupNorm``,
-            ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`, and raw
-            batch-broadcast parameters such as torchvision ViT's class token and positional
-            embedding, :mod:`.layers.leaf`) or listed in ``ignore_modules``; otherwise
+            ``nn.RMSNorm``, torchvision ConvNeXt's ``LayerNorm2d``, :class:`marglik.nn.Scale`,
+            :class:`marglik.nn.Bias`, raw batch-broadcast parameters such as torchvision ViT's class
+            token and positional embedding and ConvNeXt's layer scale, :mod:`.layers.leaf`, and the
+            relative-position bias tables of torchvision's Swin and MaxViT attention,
+            :mod:`.layers.relpos`) or listed in ``ignore_modules``; otherwise
             :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
-            ``out_proj``.
+            ``out_proj``, ignoring Swin's attention its ``qkv`` / ``proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
