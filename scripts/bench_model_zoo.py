@@ -20,6 +20,7 @@ Writes ``results/model_zoo.{json,md}``; ``--from-json`` re-renders the markdown 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 import warnings
@@ -93,11 +94,14 @@ def _min_time(fn, repeats: int) -> float:
 
 
 def _peer_child(payload: tuple, queue: Any) -> None:
-    """In a spawned process: cap its memory, fit the peer, put ``works`` or the error's first line."""
+    """In a spawned process: cap its memory, fit the peer, put ``works`` or the error's first line.
+
+    The cap is ``RLIMIT_DATA`` (private writable memory: tensors), not the address space, which
+    torch's mapped libraries alone fill by several GiB."""
     import resource
 
     name, classes, batch, backend, mem_gb = payload
-    resource.setrlimit(resource.RLIMIT_AS, (mem_gb << 30, mem_gb << 30))
+    resource.setrlimit(resource.RLIMIT_DATA, (mem_gb << 30, mem_gb << 30))
     torch.set_num_threads(1)
     try:
         import laplace
@@ -191,7 +195,8 @@ def render(result: Dict[str, Any]) -> str:
         f"{s['classes'] - 1} curvature columns) over one forward + backward on the same batch, min of "
         f"{s['repeats']} after a warm-up. Peers: laplace-torch `Laplace(model, \"classification\", "
         "subset_of_weights=\"all\", hessian_structure=\"kron\", backend=...)` fitted on the same batch, each in "
-        f"a fresh process capped at {s['peer_memory_gib']} GiB and {s['peer_limit_s']} s.",
+        f"a fresh process capped at {s['peer_memory_gib']} GiB of data memory and {s['peer_limit_s']} s.",
+        *([f"Note: {s['note']}.", ""] if s.get("note") else []),
         "",
         "| family | input | params (M) | K-FAC % | per-channel/dense % | ignored % | fit / fwd+bwd | marglik "
         "| Curvlinops | ASDL | BackPACK |",
@@ -223,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--peer-limit", type=int, default=120, help="seconds before a peer's fit counts as a timeout")
     ap.add_argument("--peer-memory", type=int, default=6, help="GiB a peer's process may allocate")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--peers-only", metavar="JSON", help="keep the marglik columns of this result JSON and rerun "
+                    "only the peers (same settings)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--from-json", action="store_true", help="only re-render <out>/model_zoo.md from its JSON")
@@ -238,9 +245,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 "device": "cpu", "machine": platform.machine(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "laplace": getattr(laplace, "__version__", "?")}
     result: Dict[str, Any] = {"settings": settings, "rows": []}
+    previous = {r["family"]: r for r in json.loads(Path(args.peers_only).read_text())["rows"]} if args.peers_only else {}
     for f in args.families:  # written after every family: a long run keeps what it measured
-        result["rows"].append(one_family(f, args.batch, args.classes, args.repeats, args.peer_limit,
-                                         not args.no_peers, args.peer_memory))
+        if f in previous:
+            row = {k: v for k, v in previous[f].items() if k != "peers"}
+            row["peers"] = {b: peer_outcome(f, args.classes, args.batch, b, args.peer_limit, args.peer_memory)
+                            for b in PEERS}
+        else:
+            row = one_family(f, args.batch, args.classes, args.repeats, args.peer_limit, not args.no_peers,
+                             args.peer_memory)
+        result["rows"].append(row)
         write_result(Path(args.out), STEM, result, render)
     return result
 
