@@ -20,6 +20,7 @@ Writes ``results/model_zoo.{json,md}``; ``--from-json`` re-renders the markdown 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import time
@@ -196,8 +197,8 @@ def render(result: Dict[str, Any]) -> str:
         f"{s['repeats']} after a warm-up. Peers: laplace-torch `Laplace(model, \"classification\", "
         "subset_of_weights=\"all\", hessian_structure=\"kron\", backend=...)` fitted on the same batch, each in "
         f"a fresh process capped at {s['peer_memory_gib']} GiB of data memory and {s['peer_limit_s']} s.",
-        *([f"Note: {s['note']}.", ""] if s.get("note") else []),
         "",
+        *([f"Note: {s['note']}.", ""] if s.get("note") else []),
         "| family | input | params (M) | K-FAC % | per-channel/dense % | ignored % | fit / fwd+bwd | marglik "
         "| Curvlinops | ASDL | BackPACK |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -236,14 +237,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = ap.parse_args(argv)
     if args.from_json:
         return rerender(Path(args.out), STEM, render)
-    import laplace
     import torchvision
 
     torch.set_num_threads(args.threads)
     settings = {"batch": args.batch, "classes": args.classes, "repeats": args.repeats, "threads": args.threads,
                 "peer_memory_gib": args.peer_memory, "peer_limit_s": args.peer_limit,
                 "device": "cpu", "machine": platform.machine(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "laplace": getattr(laplace, "__version__", "?")}
+                "torchvision": torchvision.__version__, "laplace": importlib.metadata.version("laplace-torch")}
     result: Dict[str, Any] = {"settings": settings, "rows": []}
     previous = {r["family"]: r for r in json.loads(Path(args.peers_only).read_text())["rows"]} if args.peers_only else {}
     for f in args.families:  # written after every family: a long run keeps what it measured
