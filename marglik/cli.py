@@ -199,7 +199,9 @@ def _run_dir_before_hydra(argv: List[str]) -> Optional[Path]:
 
 def main() -> None:
     """Console script ``marglik``."""
-    argv = sys.argv[1:]
+    from .cli_config import expand_model_shorthand
+
+    argv = expand_model_shorthand(sys.argv[1:])  # model=tv:<arch> -> model=tv model.arch=<arch>
     if "-h" in argv or "--help" in argv:
         from .cli_config import help_text
 

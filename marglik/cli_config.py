@@ -60,7 +60,10 @@ def _compose_error(err: BaseException, overrides: Sequence[Any]) -> ConfigError:
         m = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
         group, option = (m.group(1), m.group(2)) if m else ("config", "?")
         options = list(err.options or [])
-        return ConfigError(group, option, f"unknown {group} option", "one of " + ", ".join(options))
+        allowed = "one of " + ", ".join(options)
+        if group == "model" and "tv" in options and "/" not in option:
+            allowed += f", or tv:<a torchvision classifier> (e.g. model=tv:{option} if torchvision has {option})"
+        return ConfigError(group, option, f"unknown {group} option", allowed)
     cause: Optional[BaseException] = err
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
@@ -88,6 +91,25 @@ def _field_class(key: str, model_name: str) -> Optional[type]:
     if section == "model":
         return MODEL_SCHEMAS.get(model_name)
     return _SECTIONS.get(section)
+
+
+def expand_model_shorthand(overrides: Sequence[str]) -> List[str]:
+    """``model=tv:<arch>`` -> ``model=tv model.arch=<arch>`` (any torchvision classifier by name).
+
+    Args:
+        overrides: the command line's overrides.
+
+    Returns:
+        The overrides with every ``model=tv:<arch>`` replaced by the two overrides Hydra composes.
+    """
+    out: List[str] = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+") == "model" and value.startswith("tv:"):
+            out += [f"{key}=tv", f"model.arch={value[3:]}"]
+        else:
+            out.append(o)
+    return out
 
 
 def check_overrides(overrides: Sequence[str]) -> Config:
@@ -278,6 +300,7 @@ def help_text() -> str:
         f"  data={'|'.join(DataName.values())}  (default digits)",
         f"  model={'|'.join(list(MODEL_SCHEMAS) + yaml_variants('model'))}  (default cnn; each model has its own"
         " model.* options)",
+        "  model=tv:<name>  any torchvision classifier by name, random init (= model=tv model.arch=<name>)",
         f"  +experiment={'|'.join(experiments())}",
         "",
         "Main options (KEY=default  meaning (allowed)):",

@@ -142,6 +142,7 @@ CONFIG_ERRORS = [
     (["data.rotation=abc"], "data.rotation=abc: wrong type; allowed: a number"),
     (["model.name=mlp"], "model.width=16: not an option of model mlp"),
     (["trainer.epoch=3"], "trainer.epoch=3: unknown key (did you mean trainer.epochs?); allowed: the keys of trainer"),
+    (["model=tv:resnet19"], "model.arch=resnet19: invalid value; allowed: a torchvision classifier: alexnet,"),
 ]
 
 
@@ -163,7 +164,7 @@ def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path, 
 
 
 def test_config_error_through_python_m_marglik(tmp_path):
-    args, message = CONFIG_ERRORS[-1]
+    args, message = CONFIG_ERRORS[-2]
     proc = _marglik(args, tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

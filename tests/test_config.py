@@ -94,7 +94,8 @@ def test_each_model_has_a_config_with_only_its_own_options():
         check_overrides(["model.name=mlp"])
     with pytest.raises(ConfigError, match="model.width=3: unknown key"):
         check_overrides(["model=mlp", "model.width=3"])
-    with pytest.raises(ConfigError, match="model=resnet: unknown model option; allowed: one of cnn, cnn_wide, mlp, vit, wrn16_4"):
+    with pytest.raises(ConfigError, match="model=resnet: unknown model option; allowed: one of cnn, cnn_wide, mlp, tv, vit, wrn16_4, or "
+                       r"tv:<a torchvision classifier> \(e.g. model=tv:resnet"):
         check_overrides(["model=resnet"])
 
 
@@ -141,7 +142,7 @@ def test_help_examples_are_valid_commands():
         sweep = next((w for w in words if "," in w), None)
         for value in (sweep.split("=")[1].split(",") if sweep else [None]):
             check_overrides([f"{w.split('=')[0]}={value}" if w == sweep else w for w in words])
-    for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp|wrn16_4|vit|cnn_wide"):
+    for key in ("curvature.approx", "hyper.augmentation", "trainer.epochs", "expand, reduce", "model=cnn|mlp|wrn16_4|vit|tv|cnn_wide", "model=tv:<name>"):
         assert key in text
 
 

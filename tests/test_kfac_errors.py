@@ -72,10 +72,29 @@ def test_empty_data():
         marglik.KFAC(model).fit([])
 
 
-def test_inplace_modified_output():
-    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
-    with pytest.raises(RuntimeError, match="in place"):
-        marglik.KFAC(model).fit((torch.randn(4, 2), torch.zeros(4, dtype=torch.long)))
+def test_input_modified_in_place_after_its_module_ran():
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = self.b(h)
+            h.mul_(2)  # b's input changes after b ran: its input statistics would be wrong
+            return out + h.sum(1, keepdim=True)
+
+    with pytest.raises(RuntimeError, match="input of module 'b' was modified in place"):
+        marglik.KFAC(Late()).fit((torch.randn(4, 2), torch.zeros(4, dtype=torch.long)))
+
+
+def test_layer_norm_subclass_with_own_forward_has_no_rule():
+    class Odd(nn.LayerNorm):  # normalises axes the trailing-norm rule cannot know
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    with pytest.raises(marglik.UnsupportedModuleError, match="'0' of type Odd"):
+        marglik.KFAC(nn.Sequential(Odd(3), nn.Flatten(), nn.Linear(6, 2)))
 
 
 def test_rows_not_mappable_to_examples():

@@ -27,6 +27,7 @@ RENDERERS = {
     "marglik_speed": ("bench_marglik", "render"),
     "marglik_step_wrn": ("bench_marglik_step", "render"),
     "marglik_vs_grid": ("bench_vs_grid", "render"),
+    "model_zoo": ("bench_model_zoo", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
     "optimizer_steps_to_target_tvvit": ("optbench_report", "render_markdown"),
     "selection_digits": ("run_selection_digits", "render"),

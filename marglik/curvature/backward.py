@@ -1,12 +1,19 @@
 """Back-propagating curvature columns to recorded module outputs: two strategies.
 
-Both compute, for every column ``S[k]`` (the model output's shape), the gradients of
-``<out, S[k]>`` w.r.t. the recorded outputs, and hand each to ``on_grad(i, g)`` with ``g`` of shape
-``(K', *outputs[i].shape)`` for a chunk of ``K'`` columns; ``on_chunk_end()`` follows each chunk.
+A recorded output is a :class:`Target`: the autograd gradient edge of the module's output, taken
+when the module returned (:mod:`.recording`), with the output's shape and dtype. Gradients w.r.t.
+an edge are gradients w.r.t. the output's value *as the module returned it*: an in-place operation
+on the tensor afterwards (``ReLU(inplace=True)``, a residual ``out += identity``) rebases the
+tensor onto a new autograd node but leaves the edge, and the gradient flowing into it, unchanged.
+
+Both strategies compute, for every column ``S[k]`` (the model output's shape), the gradients of
+``<out, S[k]>`` w.r.t. the targets, and hand each to ``on_grad(i, g)`` with ``g`` of shape
+``(K', *targets[i].shape)`` for a chunk of ``K'`` columns; ``on_chunk_end()`` follows each chunk.
 Only gradients w.r.t. module outputs are computed, never parameter gradients.
 
-* :func:`backward_per_column`: one backward per column; each output's gradient is consumed by a
-  tensor hook the moment autograd has it, so no gradient outlives its layer's statistics.
+* :func:`backward_per_column`: one backward per column; each target's gradient is consumed by a
+  hook on its autograd node the moment autograd has it, so no gradient outlives its layer's
+  statistics.
 * :func:`backward_vmapped`: columns in chunks through one vmapped backward each
   (``is_grads_batched``), at most ``max_grad_memory`` bytes of output gradients at once.
 
@@ -15,55 +22,76 @@ Which is faster depends on the device (``results/kfac_speed.md``, row "backward 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
-__all__ = ["backward_per_column", "backward_vmapped", "source_outputs", "column_grads"]
+__all__ = ["Target", "backward_per_column", "backward_vmapped", "source_targets", "column_grads"]
 
 OnGrad = Callable[[int, Tensor], None]
 OnChunkEnd = Callable[[], None]
 
 
+class Target:
+    """A recorded module output to differentiate against: its gradient ``edge``, ``shape`` and ``dtype``."""
+
+    __slots__ = ("edge", "shape", "dtype")
+
+    def __init__(self, edge: GradientEdge, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.edge, self.shape, self.dtype = edge, shape, dtype
+
+
+
 def backward_per_column(
-    out: Tensor, S: Tensor, outputs: List[Optional[Tensor]], on_grad: OnGrad, on_chunk_end: OnChunkEnd,
+    out: Tensor, S: Tensor, targets: List[Target], on_grad: OnGrad, on_chunk_end: OnChunkEnd,
     retain_graph: bool, create_graph: bool,
 ) -> None:
-    """One backward per column, gradients consumed by tensor hooks (chunks of one column).
+    """One backward per column, gradients consumed by hooks on the targets' autograd nodes.
 
-    The backward targets only the *source* outputs (no recorded output upstream): every other
-    recorded output lies on a path from ``out`` to a source, so its hook fires. The entries of
-    ``outputs`` are set to ``None`` once the hooks are in place, so that (with no other reference
-    held by the caller) each layer output is freed once the graph no longer needs it.
+    The backward targets only the *source* targets (no recorded output upstream): every other
+    target's node lies on a path from ``out`` to a source, so autograd runs it and the pre-hook
+    registered on it sees its incoming gradient; the sources' gradients are what ``grad`` returns.
 
     Args:
         out: the model output.
         S: ``(K, *out.shape)`` curvature columns.
-        outputs: the recorded module outputs (cleared by this function).
-        on_grad: called with ``(i, g)``, ``g`` of shape ``(1, *outputs[i].shape)``.
+        targets: the recorded module outputs.
+        on_grad: called with ``(i, g)``, ``g`` of shape ``(1, *targets[i].shape)``.
         on_chunk_end: called after each column.
         retain_graph: keep the graph after the last column.
         create_graph: differentiable gradients.
     """
-    def make_hook(i: int):
-        def hook(g: Tensor) -> None:
-            on_grad(i, g.unsqueeze(0))
+    sources = source_targets(targets)
+    is_source = set(sources)
+
+    def make_hook(i: int, nr: int):
+        def hook(grad_outputs):
+            g = grad_outputs[nr]
+            if g is not None:
+                on_grad(i, g.unsqueeze(0))
 
         return hook
 
-    handles = [o.register_hook(make_hook(i)) for i, o in enumerate(outputs) if o.requires_grad]
-    sources = [outputs[i] for i in source_outputs(outputs)]
-    for i in range(len(outputs)):  # the hooks live on the autograd nodes: only the sources stay referenced
-        outputs[i] = None
+    handles = [
+        t.edge.node.register_prehook(make_hook(i, t.edge.output_nr))
+        for i, t in enumerate(targets) if i not in is_source
+    ]
+    edges = [targets[i].edge for i in sources]
     try:
         K = S.shape[0]
         for k in range(K):
-            torch.autograd.grad(
-                out, sources, S[k], retain_graph=retain_graph or k < K - 1,
+            grads = torch.autograd.grad(
+                out, edges, S[k], retain_graph=retain_graph or k < K - 1,
                 create_graph=create_graph, allow_unused=True,
             )
+            for i, g in zip(sources, grads):
+                if g is not None:
+                    on_grad(i, g.unsqueeze(0))
+            del grads
             on_chunk_end()
     finally:
         for h in handles:
@@ -71,7 +99,7 @@ def backward_per_column(
 
 
 def backward_vmapped(
-    out: Tensor, S: Tensor, outputs: List[Tensor], on_grad: OnGrad, on_chunk_end: OnChunkEnd,
+    out: Tensor, S: Tensor, targets: List[Target], on_grad: OnGrad, on_chunk_end: OnChunkEnd,
     retain_graph: bool, create_graph: bool, max_grad_memory: int,
 ) -> None:
     """Columns in chunks through one vmapped backward each.
@@ -79,8 +107,8 @@ def backward_vmapped(
     Args:
         out: the model output.
         S: ``(K, *out.shape)`` curvature columns.
-        outputs: the recorded module outputs.
-        on_grad: called with ``(i, g)``, ``g`` of shape ``(K', *outputs[i].shape)`` (outputs
+        targets: the recorded module outputs.
+        on_grad: called with ``(i, g)``, ``g`` of shape ``(K', *targets[i].shape)`` (targets
             without a gradient are skipped).
         on_chunk_end: called after each chunk.
         retain_graph: keep the graph after the last chunk.
@@ -88,12 +116,12 @@ def backward_vmapped(
         max_grad_memory: bytes of output gradients held at once.
     """
     K = S.shape[0]
-    per_column = sum(o.numel() for o in outputs) * out.element_size()
+    per_column = sum(math.prod(t.shape) for t in targets) * out.element_size()
     chunk = max(1, min(K, max_grad_memory // max(per_column, 1)))
     for start in range(0, K, chunk):
         cols = S[start : start + chunk].contiguous()
         grads = column_grads(
-            out, outputs, cols, batched=True, retain_graph=retain_graph or start + chunk < K,
+            out, targets, cols, batched=True, retain_graph=retain_graph or start + chunk < K,
             create_graph=create_graph,
         )
         for i in range(len(grads)):
@@ -103,14 +131,12 @@ def backward_vmapped(
         on_chunk_end()
 
 
-def source_outputs(outputs: List[Tensor]) -> List[int]:
-    """Indices of outputs with no other recorded output upstream in the autograd graph."""
-    node_of = {o.grad_fn: i for i, o in enumerate(outputs) if o.grad_fn is not None}
+def source_targets(targets: List[Target]) -> List[int]:
+    """Indices of targets with no other target's node upstream in the autograd graph."""
+    node_of = {t.edge.node: i for i, t in enumerate(targets)}
     sources = []
-    for i, o in enumerate(outputs):
-        if o.grad_fn is None:
-            continue
-        stack = [f for f, _ in o.grad_fn.next_functions if f is not None]
+    for i, t in enumerate(targets):
+        stack = [f for f, _ in t.edge.node.next_functions if f is not None]
         seen = set()
         downstream = False
         while stack:
@@ -128,17 +154,18 @@ def source_outputs(outputs: List[Tensor]) -> List[int]:
 
 
 def column_grads(
-    out: Tensor, outputs: List[Tensor], cols: Tensor, batched: bool, retain_graph: bool, create_graph: bool
+    out: Tensor, targets: List[Target], cols: Tensor, batched: bool, retain_graph: bool, create_graph: bool
 ) -> List[Optional[Tensor]]:
-    """Gradients of ``<out, cols[k]>`` w.r.t. every tensor in ``outputs``, each ``(K, *shape)``.
+    """Gradients of ``<out, cols[k]>`` w.r.t. every target, each ``(K, *shape)``.
 
     ``batched=True`` uses one vmapped backward (``is_grads_batched``), falling back to one backward
     per column (with a warning) for ops without a vmap batching rule.
     """
+    edges = [t.edge for t in targets]
     if batched:
         try:
             return list(torch.autograd.grad(
-                out, outputs, cols, retain_graph=retain_graph, create_graph=create_graph,
+                out, edges, cols, retain_graph=retain_graph, create_graph=create_graph,
                 allow_unused=True, is_grads_batched=True,
             ))
         except RuntimeError as err:  # an op without a vmap batching rule: fall back to the loop
@@ -146,7 +173,7 @@ def column_grads(
     K = cols.shape[0]
     per = [
         torch.autograd.grad(
-            out, outputs, cols[k], retain_graph=retain_graph or k < K - 1,
+            out, edges, cols[k], retain_graph=retain_graph or k < K - 1,
             create_graph=create_graph, allow_unused=True,
         )
         for k in range(K)
@@ -155,6 +182,8 @@ def column_grads(
         return [None if g is None else g.unsqueeze(0) for g in per[0]]
     return [
         None if all(p[i] is None for p in per)
-        else torch.stack([p[i] if p[i] is not None else torch.zeros_like(outputs[i]) for p in per])
-        for i in range(len(outputs))
+        else torch.stack([
+            p[i] if p[i] is not None else cols.new_zeros(t.shape, dtype=t.dtype) for p in per
+        ])
+        for i, t in enumerate(targets)
     ]

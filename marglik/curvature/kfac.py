@@ -103,11 +103,13 @@ class KFAC:
         model: the network. Every module holding trainable parameters must be covered by a rule
             (``nn.Linear``, ``nn.MultiheadAttention`` -- hence ``nn.TransformerEncoder/DecoderLayer``
             -- ``nn.Conv1d/2d/3d``, ``nn.BatchNorm*``, ``nn.LayerNorm``, ``nn.GroupNorm``,
-            ``nn.RMSNorm``, :class:`marglik.nn.Scale`, :class:`marglik.nn.Bias`, and raw
-            batch-broadcast parameters such as torchvision ViT's class token and positional
-            embedding, :mod:`.layers.leaf`) or listed in ``ignore_modules``; otherwise
+            ``nn.RMSNorm``, torchvision ConvNeXt's ``LayerNorm2d``, :class:`marglik.nn.Scale`,
+            :class:`marglik.nn.Bias`, raw batch-broadcast parameters such as torchvision ViT's class
+            token and positional embedding and ConvNeXt's layer scale, :mod:`.layers.leaf`, and the
+            relative-position bias tables of torchvision's Swin and MaxViT attention,
+            :mod:`.layers.relpos`) or listed in ``ignore_modules``; otherwise
             :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
-            ``out_proj``.
+            ``out_proj``, ignoring Swin's attention its ``qkv`` / ``proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
@@ -163,8 +165,11 @@ class KFAC:
 
     A module called several times in one forward pass (weight tying) shares its weight across the
     calls: the calls' positions are concatenated along the shared axis.
-    A module whose output is modified in place (``ReLU(inplace=True)``) cannot be recorded and
-    raises an error; use out-of-place activations. While recording (:meth:`fit`, :meth:`capture`),
+    A module whose output is modified in place later in the forward (``ReLU(inplace=True)``, a
+    residual ``out += identity``) is recorded exactly, with the model unchanged: the gradient is
+    taken w.r.t. the output's autograd edge captured when the module returned
+    (:mod:`.recording`, "In-place operations"). A module whose *input* is modified in place after
+    it ran raises a ``RuntimeError`` naming it. While recording (:meth:`fit`, :meth:`capture`),
     PyTorch's fused transformer fast path (``torch.backends.mha``) is switched off -- it bypasses
     the attention's forward, and is already off whenever grad is enabled and a parameter requires
     grad -- and ``nn.MultiheadAttention`` runs an equivalent forward with explicit projections
@@ -277,7 +282,7 @@ class KFAC:
 
         Raises:
             ValueError: the data is empty, or outputs / targets / rows do not fit.
-            RuntimeError: a covered module was never called, or its output was modified in place.
+            RuntimeError: a covered module was never called, or its input was modified in place after it ran.
         """
         self.reset()
         it = as_batches(data)

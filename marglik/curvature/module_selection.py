@@ -10,7 +10,9 @@ from typing import List, Sequence, Tuple, Union
 
 from torch import nn
 
-__all__ = ["IgnoreSpec", "FIRST_ORDER_TYPES", "matches_spec", "ignored_modules", "is_first_order"]
+__all__ = [
+    "IgnoreSpec", "FIRST_ORDER_TYPES", "matches_spec", "ignored_modules", "is_first_order", "uses_children_functionally",
+]
 
 #: A module name (as in ``model.named_modules()``), a module type, or a module instance.
 IgnoreSpec = Union[str, type, nn.Module]
@@ -46,8 +48,10 @@ def matches_spec(spec: IgnoreSpec, name: str, module: nn.Module) -> bool:
 def ignored_modules(model: nn.Module, specs: Sequence[IgnoreSpec]) -> List[nn.Module]:
     """The modules of ``model`` that ``specs`` ignore, in ``named_modules()`` order.
 
-    An ignored ``nn.MultiheadAttention`` takes its submodules (``out_proj``) with it: the attention
-    never calls them as modules, so they cannot be recorded on their own.
+    An ignored module that uses its submodules' weights without calling them
+    (:func:`uses_children_functionally`: ``nn.MultiheadAttention``'s ``out_proj``, torchvision
+    Swin's ``ShiftedWindowAttention`` with its ``qkv`` / ``proj``) takes its submodules with it:
+    they cannot be recorded on their own.
 
     Args:
         model: the network.
@@ -63,12 +67,32 @@ def ignored_modules(model: nn.Module, specs: Sequence[IgnoreSpec]) -> List[nn.Mo
     seen = set()
     for name, module in model.named_modules():
         if any(matches_spec(s, name, module) for s in specs):
-            subs = module.modules() if isinstance(module, nn.MultiheadAttention) else [module]
+            subs = module.modules() if uses_children_functionally(module) else [module]
             for m in subs:
                 if id(m) not in seen:
                     seen.add(id(m))
                     out.append(m)
     return out
+
+
+_FUNCTIONAL_PARENTS = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"),
+}
+
+
+def uses_children_functionally(module: nn.Module) -> bool:
+    """Whether ``module`` uses its submodules' parameters without calling the submodules.
+
+    Args:
+        module: a module.
+
+    Returns:
+        ``True`` for ``nn.MultiheadAttention`` and torchvision's ``ShiftedWindowAttention(V2)``
+        (which pass ``qkv.weight`` / ``proj.weight`` to a function).
+    """
+    cls = type(module)
+    return isinstance(module, nn.MultiheadAttention) or (cls.__module__, cls.__name__) in _FUNCTIONAL_PARENTS
 
 
 def is_first_order(module: nn.Module) -> bool:

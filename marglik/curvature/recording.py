@@ -4,6 +4,18 @@
 in a :class:`Recorder`, whose :meth:`Recorder.accumulate` forms the batch's input statistics,
 back-propagates the curvature columns (:mod:`.backward`) and returns the batch's
 :class:`BatchSums` -- the recorder keeps no state beyond the calls of its one forward pass.
+
+In-place operations. Models as shipped modify module outputs in place: torchvision's
+``ReLU(inplace=True)`` after a norm, ``out += identity`` in residual blocks, ``Hardswish(inplace=True)``.
+An in-place op rebases the tensor onto a new autograd node, so a gradient w.r.t. the *tensor*
+taken after the forward would be w.r.t. the modified value. The recorder therefore keeps, of a
+module's output, only its autograd gradient edge (``torch.autograd.graph.get_gradient_edge``),
+taken in the forward hook the moment the module returns: the edge names the module's own backward
+node, which later in-place operations do not replace, and ``torch.autograd.grad`` w.r.t. the edge
+gives the gradient w.r.t. the output's value as the module returned it -- exact, with no copy. The
+model, its outputs and buffers are untouched: nothing is cloned or switched out of place. A
+module's *input* modified in place after the module ran (which torchvision's classifiers never do)
+would change the input statistics; that is detected by the input's version counter and raises.
 """
 
 from __future__ import annotations
@@ -14,12 +26,14 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from . import statistics as st
-from .backward import backward_per_column, backward_vmapped
+from .backward import Target, backward_per_column, backward_vmapped
 from .blocks import BlockSums, CoveredModule
 from .layers import find_rule
 from .likelihoods import check_output_and_targets, curvature_columns, summed_nll
+from .module_selection import uses_children_functionally
 from .options import BlockKind, FisherType, KFACApprox, Likelihood
 from .row_factor import FactorForm
 from .sharing import current_example_index
@@ -67,8 +81,17 @@ class Recorder:
 
     def record(self, block: CoveredModule, x: Tensor, y: Tensor, group: Optional[int] = None) -> None:
         """Record one call of a block: input ``x`` (rows first), output ``y`` (whose gradient the
-        statistics need); ``group``: the call feeds only that Kronecker group of the block."""
-        self._calls[id(block)].append(st.ModuleCall(x, y, current_example_index(), y._version, group=group))
+        statistics need); ``group``: the call feeds only that Kronecker group of the block.
+
+        Called when the module returns, before anything downstream runs: ``y`` is kept only as its
+        autograd gradient edge (:class:`~.backward.Target`), so in-place operations on ``y`` later
+        in the forward (``ReLU(inplace=True)``, ``out += identity``) change neither the tensor the
+        model sees nor the gradient recorded (module docstring).
+        """
+        edge = get_gradient_edge(y) if y.requires_grad else None
+        self._calls[id(block)].append(
+            st.ModuleCall(x, edge, y.shape, y.dtype, current_example_index(), x._version, group=group)
+        )
 
     def _stats_context(self):
         return contextlib.nullcontext() if self.options.differentiable else torch.no_grad()
@@ -85,7 +108,8 @@ class Recorder:
             The batch's :class:`BatchSums`; the recorded calls are dropped.
 
         Raises:
-            RuntimeError: a recorded output was modified in place, or no recorded output requires grad.
+            RuntimeError: a recorded input was modified in place after its module ran, or no recorded
+                output requires grad.
             ValueError: ``out`` and ``y`` do not fit the likelihood, or rows do not map to examples.
         """
         opts = self.options
@@ -95,10 +119,10 @@ class Recorder:
             y = check_output_and_targets(opts.likelihood, out, y)
             for b in called:
                 for c in self._calls[id(b)]:
-                    if c.y._version != c.version:
+                    if c.x._version != c.x_version:
                         raise RuntimeError(
-                            f"the output of module {b.name!r} was modified in place after the module ran "
-                            "(e.g. ReLU(inplace=True)); K-FAC needs its gradient: use out-of-place operations"
+                            f"the input of module {b.name!r} was modified in place after the module ran; K-FAC "
+                            "needs the value the module saw: make the later operation out of place"
                         )
             N = out.shape[0]
             with self._stats_context():
@@ -138,7 +162,8 @@ class Recorder:
     ) -> None:
         opts = self.options
         calls: List[Tuple[CoveredModule, st.ModuleCall]] = [(b, c) for b in called for c in self._calls[id(b)]]
-        if not any(c.y.requires_grad for _, c in calls):
+        calls = [(b, c) for b, c in calls if c.edge is not None]
+        if not calls:
             raise RuntimeError("no recorded module output requires grad; are all parameters frozen?")
         expand = opts.approx is KFACApprox.EXPAND
         pending: Dict[int, Tensor] = {}  # per-unit gradient sums of a column chunk, summed over calls
@@ -170,18 +195,18 @@ class Recorder:
                     else:
                         sums[id(b)].add_grad_sum(st.unit_outer(ex))
 
-        outputs = [c.y for _, c in calls]
+        targets = [Target(c.edge, c.y_shape, c.y_dtype) for _, c in calls]
         for _, c in calls:
-            c.y = None
+            c.edge = None
         batched = opts.batched_backward
         if batched == "auto":
             batched = out.device.type == "cuda"
         keep = retain_graph or opts.differentiable
         if batched:
-            backward_vmapped(out, S, outputs, on_grad, on_chunk_end, keep, opts.differentiable, opts.max_grad_memory)
+            backward_vmapped(out, S, targets, on_grad, on_chunk_end, keep, opts.differentiable, opts.max_grad_memory)
         else:
-            backward_per_column(out, S, outputs, on_grad, on_chunk_end, keep, opts.differentiable)
-        del outputs
+            backward_per_column(out, S, targets, on_grad, on_chunk_end, keep, opts.differentiable)
+        del targets
 
 
 def _mha_fastpath_enabled() -> bool:
@@ -214,9 +239,11 @@ def recording(model: nn.Module, blocks: Sequence[CoveredModule], recorder: Recor
     by_module: Dict[int, List[CoveredModule]] = {}
     for b in blocks:
         by_module.setdefault(id(b.module), []).append(b)
-    for m in model.modules():  # attention whose own projections are frozen still has to call
-        if isinstance(m, nn.MultiheadAttention) and id(m) not in by_module and id(m.out_proj) in by_module:
-            by_module[id(m)] = []  # out_proj as a module for it to be recorded
+    for m in model.modules():  # attention whose own parameters are frozen still has to call its children
+        if id(m) in by_module or not uses_children_functionally(m):
+            continue
+        if any(id(c) in by_module for c in m.children()):
+            by_module[id(m)] = []  # out_proj (MHA), qkv / proj (Swin) called as modules to be recorded
     handles = []
     fastpath = _mha_fastpath_enabled()
     _set_mha_fastpath(False)
@@ -225,8 +252,8 @@ def recording(model: nn.Module, blocks: Sequence[CoveredModule], recorder: Recor
             if module_blocks:
                 handles += module_blocks[0].rule.attach(module_blocks[0].module, module_blocks, recorder)
             else:
-                mha = next(m for m in model.modules() if id(m) == key)
-                handles += find_rule(mha).attach(mha, module_blocks, recorder)
+                parent = next(m for m in model.modules() if id(m) == key)
+                handles += find_rule(parent).attach(parent, module_blocks, recorder)
         yield recorder
     finally:
         for h in reversed(handles):

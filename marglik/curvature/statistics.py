@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from .blocks import CoveredModule
 from .layers import copies_per_example, example_sum
@@ -32,14 +33,20 @@ __all__ = [
 class ModuleCall:
     """One call of a covered module during a recorded forward pass.
 
-    ``x`` / ``y`` (input and output) are dropped as soon as the statistics / the backward no
-    longer need them; ``version`` is ``y``'s version counter at recording (in-place check).
+    ``x`` (the input) is dropped as soon as the input statistics are formed; ``x_version`` is its
+    version counter at recording (an input modified in place afterwards is an error). The output
+    is held only as ``edge``, its autograd gradient edge taken when the module returned
+    (:mod:`marglik.curvature.recording`): gradients w.r.t. the edge are w.r.t. the output's value
+    at that moment, whatever in-place operations run on the tensor afterwards. ``y_shape`` /
+    ``y_dtype``: the output's shape and dtype (a gradient's shape is ``(K, *y_shape)``).
     """
 
     x: Optional[Tensor]
-    y: Optional[Tensor]
+    edge: Optional[GradientEdge]
+    y_shape: torch.Size
+    y_dtype: torch.dtype
     index: Optional[Tensor]
-    version: int
+    x_version: int
     xhat: Optional[Tensor] = None  # diagonal blocks: the tensor multiplied by the weight
     group: Optional[int] = None  # a call feeding only Kronecker group ``group`` (MHA's q / k / v)
 

@@ -470,7 +470,9 @@ def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Te
     """Fit the peer once on a tiny batch before training, so that a model a peer cannot run fails
     at start-up with a message naming the backend, the model and a combination that runs (no-op
     for ``backend=marglik``). When the peer fails, it is tried on a small MLP: if that runs, the
-    message says that ``model=mlp`` works with this backend.
+    message says that ``model=mlp`` works with this backend. For ``backend=marglik`` only the
+    engine's module discovery runs (no forward): a module without a K-FAC rule fails here, before
+    training, not at the first marginal-likelihood update.
 
     Args:
         curvature: the ``curvature`` section of a config.
@@ -479,10 +481,14 @@ def check_backend_runs(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Te
 
     Raises:
         BackendUnsupportedError: the peer cannot build or fit a Laplace approximation of ``model``.
+        UnsupportedModuleError: ``backend=marglik`` and a module of ``model`` has no K-FAC rule.
         IncompatibleInstallError: torchvision (which laplace-torch imports) does not match torch;
             raised before the peer is tried, so that it is not blamed.
     """
     if _parse(CurvatureBackend, curvature.backend, "curvature.backend") is CurvatureBackend.marglik:
+        from ..curvature import KFAC
+
+        KFAC(model)  # discovery only: raises UnsupportedModuleError naming an uncovered module
         return
     check_torchvision()
     problem = _trial_fit(curvature, model, batch)

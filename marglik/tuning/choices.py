@@ -94,6 +94,7 @@ class ModelName(Choice):
     mlp = "mlp"
     wrn16_4 = "wrn16_4"
     vit = "vit"
+    tv = "tv"
 
 
 class Activation(Choice):

@@ -10,7 +10,7 @@ Where things live
   ``TrainerConfig``, ``LoggerConfig`` and one dataclass per model in :data:`MODEL_SCHEMAS`). They
   are registered in Hydra's ``ConfigStore`` by :func:`~marglik.tuning.config_hydra.register_configs`
   (:mod:`marglik.tuning.config_hydra`: the schema node ``marglik_schema``, the ``data`` options
-  ``digits|mnist|fashion_mnist|cifar10`` and the ``model`` options ``cnn|mlp|wrn16_4|vit``; done on
+  ``digits|mnist|fashion_mnist|cifar10`` and the ``model`` options ``cnn|mlp|wrn16_4|vit|tv``; done on
   import of this module), so the CLI composes typed nodes and YAML files under ``marglik/conf`` hold
   only *variants* (``experiment/*.yaml``) and Hydra's own settings (``config.yaml``).
 * **Choices** (:mod:`marglik.tuning.choices`) are ``str`` enums (:class:`Choice` subclasses) whose
@@ -144,9 +144,19 @@ class ViTConfig:
     attention_dropout: float = 0.0  #: dropout probability on the attention weights
 
 
+@dataclass
+class TVConfig:
+    """``model=tv:<arch>`` (``model=tv model.arch=<arch>``): :class:`marglik.models.TorchvisionClassifier`,
+    any torchvision classifier by name, random init; channels, image size and classes from the data
+    (a stem convolution with the data's channels when they are not 3)."""
+
+    name: ModelName = ModelName.tv
+    arch: str = "resnet18"  #: a torchvision classification architecture (torchvision.models.list_models)
+
+
 #: model name -> the dataclass of its constructor kwargs (plus ``name``).
 MODEL_SCHEMAS: Dict[str, Type[Any]] = {
-    "cnn": CNNConfig, "mlp": MLPConfig, "wrn16_4": WRN16_4Config, "vit": ViTConfig,
+    "cnn": CNNConfig, "mlp": MLPConfig, "wrn16_4": WRN16_4Config, "vit": ViTConfig, "tv": TVConfig,
 }
 
 

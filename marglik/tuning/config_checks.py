@@ -45,6 +45,11 @@ def validate_config(cfg: "Config") -> None:
     check(d.rotation >= 0, "data.rotation", "a number >= 0 (degrees)")
     check(d.translation >= 0, "data.translation", "a number >= 0 (pixels)")
     check(d.upsample is None or d.upsample >= 1, "data.upsample", "an integer >= 1 or null")
+    if str(cfg.model.name) == "tv":
+        from ..models.tv import torchvision_classifiers  # torchvision imported only for model=tv
+
+        names = torchvision_classifiers()
+        check(cfg.model.kwargs["arch"] in names, "model.arch", "a torchvision classifier: " + ", ".join(names))
     check(c.mc_samples >= 1, "curvature.mc_samples", "an integer >= 1")
     check(h.prior_prec_init > 0, "hyper.prior_prec_init", "a number > 0")
     check(h.lr > 0, "hyper.lr", "a number > 0")

@@ -1,6 +1,6 @@
 """Hydra's view of the tuning config: the root schema node the CLI composes and its registration in
 Hydra's ``ConfigStore`` (the schema ``marglik_schema``, the ``data`` options
-``digits|mnist|fashion_mnist|cifar10``, the ``model`` options ``cnn|mlp|wrn16_4|vit``) with the
+``digits|mnist|fashion_mnist|cifar10``, the ``model`` options ``cnn|mlp|wrn16_4|vit|tv``) with the
 ``bias_suffix`` resolver of the run directory's name.
 
 The defaults themselves are the dataclasses of :mod:`marglik.tuning.config` (which registers them

@@ -17,18 +17,21 @@ from .base import (
     example_sum,
 )
 from .conv import ConvRule
-from .elementwise import ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
+from .elementwise import ChannelFirstLayerNormRule, ChannelFirstNormRule, ScaleBiasRule, TrailingNormRule
 from .leaf import LEAF_DENSE_MAX, LeafParameterRule
 from .linear import LinearRule
+from .relpos import RelativePositionBiasRule
 
 RULES: List[Rule] = [
     LinearRule(),
     MultiheadAttentionRule(),
     ConvRule(),
     ChannelFirstNormRule(),
+    ChannelFirstLayerNormRule(),
     TrailingNormRule(),
     ScaleBiasRule(),
     LeafParameterRule(),
+    RelativePositionBiasRule(),
 ]
 
 

@@ -30,12 +30,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ...errors import UserError
 from ..gram import sym_gram
 from ..options import BlockKind
 
 
-class UnsupportedModuleError(TypeError):
-    """A module holds trainable parameters that no rule covers."""
+class UnsupportedModuleError(UserError, TypeError):
+    """A module holds trainable parameters that no rule covers (the message names it and the way out:
+    ``ignore_modules``)."""
 
 
 def example_sum(t: Tensor, dim: int, N: int, index: Optional[Tensor], name: str) -> Tensor:

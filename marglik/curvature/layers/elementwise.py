@@ -1,7 +1,10 @@
 """Elementwise affine parameters: ``y = x_hat * weight + bias`` broadcast over shared axes.
 
 Covers ``BatchNorm1d/2d/3d``, ``GroupNorm``, ``LayerNorm`` (and ``RMSNorm`` where torch has
-it) and :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias`. For channel ``c`` and curvature
+it), torchvision ConvNeXt's ``LayerNorm2d`` (a layer norm over the channel axis 1 of ``(N, C, H, W)``)
+and :class:`marglik.nn.Scale` / :class:`marglik.nn.Bias`. A ``LayerNorm`` / ``RMSNorm`` subclass that
+overrides ``forward`` (other than ``LayerNorm2d``) normalises axes this module cannot know: it has
+no rule, and the engine's error names it. For channel ``c`` and curvature
 column ``k`` the Jacobian-vector products of example ``n`` are
 ``v_w = sum_r g[k, n, r, c] * x_hat[n, r, c]`` and ``v_b = sum_r g[k, n, r, c]``; the block is
 ``sum_{n,k} v v^T`` -- the *exact* per-channel 2x2 block of the GGN/Fisher (no Kronecker
@@ -46,10 +49,43 @@ class ChannelFirstNormRule(ElementwiseRule):
         return t.reshape(K, T, C, -1).sum(-1)
 
 
+def _is_layer_norm_2d(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == ("torchvision.models.convnext", "LayerNorm2d")
+
+
+class ChannelFirstLayerNormRule(ElementwiseRule):
+    """torchvision's ``LayerNorm2d``: ``layer_norm`` over the channel axis 1 of ``(T, C, *)``."""
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_layer_norm_2d(module)
+
+    def num_channels(self, module: nn.Module) -> int:
+        return module.normalized_shape[0]
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        xt = x.movedim(1, -1)
+        return F.layer_norm(xt, module.normalized_shape, None, None, module.eps).movedim(-1, 1)
+
+    def channel_sums(self, module: nn.Module, t: Tensor) -> Tensor:
+        K, T, C = t.shape[:3]
+        return t.reshape(K, T, C, -1).sum(-1)
+
+
 class TrailingNormRule(ElementwiseRule):
-    """LayerNorm / RMSNorm: the channels are the flattened ``normalized_shape`` (trailing axes)."""
+    """LayerNorm / RMSNorm: the channels are the flattened ``normalized_shape`` (trailing axes).
+
+    Only modules running the base class's ``forward``: a subclass with its own ``forward`` may
+    normalise other axes (``LayerNorm2d`` has :class:`ChannelFirstLayerNormRule`).
+    """
 
     module_types = _NORMS_TRAILING
+
+    def matches(self, module: nn.Module) -> bool:
+        if not isinstance(module, self.module_types):
+            return False
+        base = next(c for c in self.module_types if isinstance(module, c))
+        return type(module).forward is base.forward
 
     def num_channels(self, module: nn.Module) -> int:
         n = 1

@@ -1,13 +1,21 @@
-"""Raw ``nn.Parameter`` leaves broadcast over the batch: class tokens and positional embeddings.
+"""Raw ``nn.Parameter`` leaves broadcast over the batch: class tokens, positional embeddings, layer scales.
 
-Covered parameters: torchvision's ``VisionTransformer.class_token`` (``(1, 1, D)``) and
-``Encoder.pos_embedding`` (``(1, S, D)``), and any parameter a module lists in its attribute
-``marglik_broadcast_parameters`` (a tuple of parameter names). Each must have a leading singleton
-axis that the module broadcasts over the examples of its input (whose first axis is the batch),
-as ``x + pos_embedding`` and ``class_token.expand(N, -1, -1)`` do.
+Covered parameters, in two layouts:
+
+* *leading singleton*: torchvision's ``VisionTransformer.class_token`` (``(1, 1, D)``) and
+  ``Encoder.pos_embedding`` (``(1, S, D)``), and any parameter a module lists in its attribute
+  ``marglik_broadcast_parameters`` (a tuple of names). Each has a leading singleton axis that the
+  module broadcasts over the examples of its input (whose first axis is the batch), as
+  ``x + pos_embedding`` and ``class_token.expand(N, -1, -1)`` do; the per-example view is
+  ``P.expand(N, *P.shape[1:])``.
+* *unbatched*: torchvision ConvNeXt's ``CNBlock.layer_scale`` (``(C, 1, 1)``, multiplying the
+  block's ``(N, C, H, W)`` output), and any parameter listed in ``marglik_unbatched_parameters``:
+  the module combines it elementwise with a batch-first tensor of more axes, so that broadcasting
+  aligns it right and repeats it over the batch; the per-example view is
+  ``P.unsqueeze(0).expand(N, *P.shape)``, which broadcasts to the same values.
 
 Recording. A forward pre-hook replaces the parameter, for the duration of the module's call, by
-the per-example view ``E = P.expand(N, *P.shape[1:])`` (``N`` = the first axis of the module's
+its per-example view ``E`` (``N`` = the first axis of the module's
 first tensor input); autograd then delivers ``g[k, n] = d<f, S_k> / dE[n]``, the gradient of
 curvature column ``k`` w.r.t. example ``n``'s copy of the parameter, which is that example's
 Jacobian-vector product ``J_n^T S_k`` for ``P``. The parameter is restored after the call.
@@ -40,15 +48,32 @@ _TORCHVISION = {
     ("torchvision.models.vision_transformer", "VisionTransformer"): ("class_token",),
     ("torchvision.models.vision_transformer", "Encoder"): ("pos_embedding",),
 }
+_TORCHVISION_UNBATCHED = {
+    ("torchvision.models.convnext", "CNBlock"): ("layer_scale",),
+}
 
 
-def broadcast_parameter_names(module: nn.Module) -> Tuple[str, ...]:
-    """Names of ``module``'s own parameters covered as batch-broadcast leaves (may be empty)."""
-    declared = getattr(module, "marglik_broadcast_parameters", None)
+def _declared(module: nn.Module, attr: str, known: Dict[Tuple[str, str], Tuple[str, ...]]) -> Tuple[str, ...]:
+    declared = getattr(module, attr, None)
     if declared is not None:
         return tuple(declared)
     cls = type(module)
-    return _TORCHVISION.get((cls.__module__, cls.__name__), ())
+    return known.get((cls.__module__, cls.__name__), ())
+
+
+def unbatched_parameter_names(module: nn.Module) -> Tuple[str, ...]:
+    """Names of ``module``'s own parameters covered as *unbatched* broadcast leaves (may be empty)."""
+    return _declared(module, "marglik_unbatched_parameters", _TORCHVISION_UNBATCHED)
+
+
+def broadcast_parameter_names(module: nn.Module) -> Tuple[str, ...]:
+    """Names of ``module``'s own parameters covered as batch-broadcast leaves, both layouts (may be empty)."""
+    return _declared(module, "marglik_broadcast_parameters", _TORCHVISION) + unbatched_parameter_names(module)
+
+
+def per_example_view(p: Tensor, N: int, unbatched: bool) -> Tensor:
+    """The view of ``p`` with one copy per example: ``(N, *p.shape)`` unbatched, else ``(N, *p.shape[1:])``."""
+    return p.unsqueeze(0).expand(N, *p.shape) if unbatched else p.expand(N, *p.shape[1:])
 
 
 class _Restore:
@@ -65,6 +90,7 @@ class _LeafRecording:
     def attach(self, module: nn.Module, states: Sequence[Any], recorder: Any) -> List[Any]:
         names = {id(p): n for n, p in module._parameters.items() if p is not None}
         leaves = [(s, names[id(s.bias)], s.bias) for s in states]
+        unbatched = set(unbatched_parameter_names(module))
 
         def restore() -> None:
             for _, name, p in leaves:
@@ -75,7 +101,7 @@ class _LeafRecording:
             if x is None or x.dim() == 0:
                 raise ValueError(f"module {states[0].name!r}: no batched positional tensor input to broadcast over")
             for s, name, p in leaves:
-                E = p.expand(x.shape[0], *p.shape[1:])  # one copy per example: per-example gradients
+                E = per_example_view(p, x.shape[0], name in unbatched)  # per-example gradients
                 module._parameters[name] = E
                 recorder.record(s, E, E)
 
@@ -132,6 +158,7 @@ class LeafParameterRule(Rule):
 
     def bindings(self, name: str, module: nn.Module, own: Dict[str, nn.Parameter]) -> List[Binding]:
         names = broadcast_parameter_names(module)
+        unbatched = set(unbatched_parameter_names(module))
         extra = set(own) - set(names)
         if extra:
             raise UnsupportedModuleError(
@@ -143,7 +170,7 @@ class LeafParameterRule(Rule):
             p = own.get(pname)
             if p is None:
                 continue
-            if p.dim() < 1 or p.shape[0] != 1:
+            if pname not in unbatched and (p.dim() < 1 or p.shape[0] != 1):
                 raise UnsupportedModuleError(
                     f"parameter {'.'.join(x for x in (name, pname) if x)!r} of shape {tuple(p.shape)}: a broadcast "
                     "parameter needs a leading singleton (batch) axis"
