@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from .blocks import BlockSums, CoveredModule
 from .channels_last import SideEffects, wants_channels_last
 from .distributed import all_reduce_block_sums, default_distributed
+from .flavours import ApproxSpec, FlavourAssignment, assign_flavours, parse_value
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError, find_rule
 from .model_inputs import as_batches, call_model, to_device
@@ -175,7 +176,7 @@ class KFAC:
         self,
         model: nn.Module,
         likelihood: Union[str, Likelihood] = "classification",
-        approx: Union[str, KFACApprox] = "expand",
+        approx: ApproxSpec = "expand",
         fisher_type: Union[str, FisherType] = "type-2",
         mc_samples: int = 1,
         differentiable: bool = False,
@@ -190,10 +191,9 @@ class KFAC:
     ) -> None:
         self.model = model
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
-        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
-        self.copies_approx = (
-            self.approx if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
-        )
+        if not isinstance(approx, Mapping):
+            parse_value(approx, "K-FAC approximation")  # a clear error before discovery
+        self._copies_given = None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
         self.factor_form = FactorForm.parse(factor_form, "factor_form")
         if not isinstance(mc_samples, int) or mc_samples < 1:
@@ -212,9 +212,18 @@ class KFAC:
         self._channels_last_works: Optional[bool] = None  # "auto": learnt from the first batch
         self.ignore_modules = list(ignore_modules or [])
         self._blocks = self._discover()
-        self.reset()
         if not self._blocks:
             raise ValueError("the model has no trainable parameters in supported modules")
+        self._assignment: FlavourAssignment = assign_flavours(approx, self._blocks)
+        #: the flavour of every Kronecker block, or ``None`` when they differ (see :attr:`flavours`)
+        self.approx: Optional[KFACApprox] = self._assignment.uniform(self._blocks)
+        #: ``"expand"`` / ``"reduce"``, ``"auto"`` or ``"per-layer"``: how ``approx`` was given
+        self.approx_label: str = self._assignment.label
+        #: the copies' flavour; ``None`` given: each block's own (``approx``'s) flavour
+        self.copies_approx: Optional[KFACApprox] = (
+            self._copies_given if self._copies_given is not None or self.approx is None else self.approx
+        )
+        self.reset()
 
     # ------------------------------------------------------------------ discovery
     def _discover(self) -> List[CoveredModule]:
@@ -255,6 +264,16 @@ class KFAC:
         return list(self._blocks)
 
     @property
+    def flavours(self) -> Dict[str, KFACApprox]:
+        """Each covered block's flavour over its positions (block name -> :class:`KFACApprox`)."""
+        return dict(self._assignment.flavours)
+
+    def flavour_of(self, block: CoveredModule) -> Tuple[KFACApprox, KFACApprox]:
+        """``(approx, copies_approx)`` of one covered block: its flavour over positions and over copies."""
+        approx = self._assignment.of(block)
+        return approx, approx if self._copies_given is None else self._copies_given
+
+    @property
     def params(self) -> List[nn.Parameter]:
         """Covered trainable parameters in ``model.parameters()`` order (``Kron.to_dense`` order)."""
         covered = {id(p) for s in self._blocks for p in s.params}
@@ -284,7 +303,8 @@ class KFAC:
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"K-FAC ({self.approx.value}, copies {self.copies_approx.value})", leave=False)
+            copies = "as approx" if self.copies_approx is None else self.copies_approx.value
+            it = tqdm(it, desc=f"K-FAC ({self.approx_label}, copies {copies})", leave=False)
         for X, y in it:
             self.accumulate_batch(X, y)
         return self.result(num_data)
@@ -362,9 +382,12 @@ class KFAC:
         return record, out
 
     def _stats_options(self) -> StatsOptions:
+        uniform = self.approx is not None and all(self.flavour_of(b)[1] is self.copies_approx for b in self._blocks)
         return StatsOptions(
-            self.likelihood, self.approx, self.copies_approx, self.fisher_type, self.mc_samples, self.generator,
-            self.differentiable, self.batched_backward, self.max_grad_memory, self.factor_form,
+            self.likelihood, self.approx or KFACApprox.REDUCE, self.copies_approx or KFACApprox.REDUCE,
+            self.fisher_type, self.mc_samples, self.generator, self.differentiable, self.batched_backward,
+            self.max_grad_memory, self.factor_form,
+            block_flavours=None if uniform else {b.name: self.flavour_of(b) for b in self._blocks},
         )
 
     @contextlib.contextmanager
@@ -428,9 +451,10 @@ class KFAC:
             blocks,
             self.params,
             num_data=int(num_data if num_data is not None else seen),
-            approx=self.approx.value,
+            approx=self.approx.value if self.approx is not None else self.approx_label,
             meta={"loss": loss, "fisher_type": self.fisher_type.value, "likelihood": self.likelihood.value,
-                  "copies_approx": self.copies_approx.value},
+                  "copies_approx": None if self.copies_approx is None else self.copies_approx.value,
+                  "flavours": {n: f.value for n, f in self._assignment.flavours.items()}},
         )
 
     # ------------------------------------------------------------------ internals
