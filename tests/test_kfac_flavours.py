@@ -187,3 +187,75 @@ def test_type_names_and_types_select_blocks():
 def test_kron_block_types_unchanged():
     kron = KFAC(SmallCNN(width=2, hidden=4), approx="auto").fit(_copies_batch())
     assert all(isinstance(b, KronBlock) for b in kron.blocks) and kron.approx == "auto"
+
+
+# ------------------------------------------------------------------ the tuning config
+def test_config_auto_and_per_layer_overrides_compose():
+    from marglik.cli_config import check_overrides
+    from marglik.tuning.flavour_config import approx_spec
+
+    cfg = check_overrides(["curvature.approx=auto", "+curvature.approx_layers={features.0:reduce,Linear:expand}"])
+    assert approx_spec(cfg.curvature) == {"*": "auto", "features.0": "reduce", "Linear": "expand"}
+    assert approx_spec(check_overrides(["curvature.approx=expand"]).curvature) == "expand"
+    kfac = KFAC(SmallCNN(), approx=approx_spec(cfg.curvature))
+    assert kfac.flavours == {"features.0": "reduce", "features.3": "expand", "head.0": "expand", "head.2": "expand"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["curvature.approx=sideways"], "curvature.approx=sideways: not a valid choice; allowed: one of expand, reduce, auto"),
+    (["curvature.approx_layers={features.0:reduce}"],
+     "curvature.approx_layers={features.0: reduce}: Hydra adds keys to a mapping only with a leading +; allowed: "
+     "+curvature.approx_layers={name:value,...}"),
+    (["+curvature.approx_layers={features.0:wide}"],
+     "curvature.approx_layers={features.0: wide}: wrong type; allowed: a mapping {name: value} with values from "
+     "expand, reduce, auto"),
+    (["curvature.copies_approx=auto"], "curvature.copies_approx=auto: not a valid choice"),
+    (["curvature.approx=auto", "curvature.backend=curvlinops", "hyper.augmentation=false"],
+     "curvature.approx=auto: invalid value; allowed: expand or reduce with a laplace-torch backend"),
+    (["+curvature.approx_layers={conv1:expand}", "curvature.backend=curvlinops", "hyper.augmentation=false"],
+     "curvature.approx_layers={conv1: expand}: invalid value; allowed: {} with a laplace-torch backend"),
+])
+def test_config_errors_are_one_line(overrides, message):
+    from marglik.cli_config import check_overrides
+    from marglik.tuning.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        check_overrides(overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_config_unknown_layer_is_an_error_before_training(tmp_path):
+    from test_tuning import tiny
+
+    from marglik.tuning import MarglikTuner
+    from marglik.tuning.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        MarglikTuner(tiny(curvature={"approx_layers": {"features.9": "expand"}}), tmp_path)
+    assert str(info.value).startswith(
+        "curvature.approx_layers={features.9: expand}: K-FAC approximation: no covered layer is named or typed "
+        "'features.9'; allowed: names or type names of covered layers (features.0, features.3, head.0, head.2)"), \
+        str(info.value)
+
+
+def test_tuning_run_with_auto(tmp_path):
+    from test_tuning import tiny
+
+    from marglik.tuning import MarglikTuner
+
+    t = MarglikTuner(tiny(curvature={"approx": "auto"}, trainer={"epochs": 2}), tmp_path)
+    t.fit()
+    la = t.parts.selection.fit()
+    assert la.kfac.approx_label == "auto" and la.kfac.flavours["features.0"] == "expand"
+    assert la.kfac.flavours["head.0"] == "reduce"
+
+
+def test_checkpoints_written_before_approx_layers_still_resume():
+    from marglik.tuning.config import Config
+    from marglik.tuning.config_checks import resume_diff
+
+    old = Config().to_dict()
+    del old["curvature"]["approx_layers"]
+    assert resume_diff(Config(), old, ()) == []
+    now = Config.from_dict(curvature={"approx_layers": {"features.0": "expand"}})
+    assert any(d.startswith("curvature.approx_layers") for d in resume_diff(now, old, ()))

@@ -46,6 +46,10 @@ def validate_config(cfg: "Config") -> None:
     check(d.translation >= 0, "data.translation", "a number >= 0 (pixels)")
     check(d.upsample is None or d.upsample >= 1, "data.upsample", "an integer >= 1 or null")
     check(c.mc_samples >= 1, "curvature.mc_samples", "an integer >= 1")
+    check(c.backend == "marglik" or c.approx != "auto", "curvature.approx",
+          "expand or reduce with a laplace-torch backend (per-layer flavours: curvature.backend=marglik)")
+    check(c.backend == "marglik" or not c.approx_layers, "curvature.approx_layers",
+          "{} with a laplace-torch backend (per-layer flavours: curvature.backend=marglik)")
     check(h.prior_prec_init > 0, "hyper.prior_prec_init", "a number > 0")
     check(h.lr > 0, "hyper.lr", "a number > 0")
     check(h.aug_lr >= 0, "hyper.aug_lr", "a number >= 0")
@@ -151,6 +155,10 @@ def resume_diff(cfg: "Config", other: Dict[str, Any], free: Sequence[str]) -> Li
     out = []
     mine = flatten(cfg.to_dict())
     theirs = flatten(plain(other))
+    defaults = flatten(type(cfg)().to_dict())
+    for key, value in defaults.items():  # a field added since the checkpoint was written has its default there
+        if not key.startswith("model.") and key not in theirs and not any(k.startswith(key + ".") for k in theirs):
+            theirs[key] = value
     for key in sorted(set(mine) | set(theirs)):
         if any(key == f or key.startswith(f + ".") for f in free):
             continue
