@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import List
 
 from ..augment import ALL_GENERATORS
-from ..curvature.options import FisherType as EngineFisherType
 from ..curvature.flavours import FlavourRule
+from ..curvature.options import FisherType as EngineFisherType
 from ..curvature.options import KFACApprox, StrOption
 from ..curvature.prior import PriorStructure as EnginePriorStructure
 from ..curvature.row_factor import FactorForm as EngineFactorForm
