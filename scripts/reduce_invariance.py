@@ -34,24 +34,27 @@ from benchlib import RESULTS, time_hypersteps, write_result
 from runner import read_json
 
 STEM = "reduce_invariance"
-#: flavour label -> (curvature.approx, curvature.copies_approx)
-FLAVOURS = {"expand-reduce": ("expand", "reduce"), "reduce-reduce": ("reduce", "reduce"),
-            "auto-reduce": ("auto", "reduce")}
+#: flavour label -> (curvature.approx, curvature.copies_approx, curvature.approx_layers)
+FLAVOURS = {"expand-reduce": ("expand", "reduce", {}), "reduce-reduce": ("reduce", "reduce", {}),
+            "auto-reduce": ("auto", "reduce", {}),
+            "auto-reduce, block3 reduce": ("auto", "reduce", {"block3": "reduce"})}
 
 
-def job(model: str, rotation: float, approx: str, copies: str, epochs: int, seed: int = 0) -> Dict[str, Any]:
+def job(model: str, rotation: float, flavour: str, epochs: int, seed: int = 0) -> Dict[str, Any]:
     """The config dict of a run: the WRN study's protocol (``wrn_protocol.job_config``) or the default job
-    with ``model=cnn``, ``epochs`` epochs (all burn-in when ``epochs`` is the burn-in)."""
+    with ``model=cnn``, ``epochs`` epochs (all burn-in when ``epochs`` is the burn-in); K-FAC ``flavour``."""
+    approx, copies, layers = FLAVOURS[flavour]
     if model == "wrn":
         from wrn_protocol import default_args, job_config
 
         cfg = job_config(default_args(), True, approx, copies, seed)
         cfg["data"]["rotation"] = rotation
         cfg["trainer"]["epochs"] = epochs
+        cfg["curvature"]["approx_layers"] = dict(layers)
         cfg["logger"] = {"mode": "disabled"}
         return cfg
     return {"data": {"name": "digits", "rotation": rotation}, "model": {"name": "cnn"},
-            "curvature": {"approx": approx, "copies_approx": copies},
+            "curvature": {"approx": approx, "copies_approx": copies, "approx_layers": dict(layers)},
             "hyper": {"selection": "subset"},
             "trainer": {"epochs": epochs, "seed": seed, "device": "cpu", "num_threads": 1, "progress": False,
                         "eval_every": 0},
@@ -67,19 +70,24 @@ def tuner_of(cfg: Dict[str, Any], **over: Any) -> Any:
 
 
 def trained_state(model: str, epochs: int) -> Dict[str, Any]:
-    """The network MAP-trained ``epochs`` epochs on digits rotated by up to 90 degrees, no marglik update."""
-    t = tuner_of(job(model, 90.0, "expand", "reduce", epochs), hyper={"burn_in": epochs})
+    """The network MAP-trained ``epochs`` epochs on digits rotated by up to 90 degrees, no marglik update
+    (cached under the temporary directory: the training is deterministic given the seed)."""
+    cache = Path(tempfile.gettempdir()) / f"reduce_invariance_{model}_{epochs}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    t = tuner_of(job(model, 90.0, "expand-reduce", epochs), hyper={"burn_in": epochs})
     t0 = time.perf_counter()
     t.fit()
     sel = t.parts.selection
-    return {"model": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
-            "log_prior": sel.prior.log_prior.detach().clone(), "eta": sel.augmenter.eta.detach().clone(),
-            "seconds": time.perf_counter() - t0}
+    state = {"model": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
+             "log_prior": sel.prior.log_prior.detach().clone(), "eta": sel.augmenter.eta.detach().clone(),
+             "seconds": time.perf_counter() - t0}
+    torch.save(state, cache)
+    return state
 
 
 def flavour_tuner(model: str, state: Dict[str, Any], flavour: str, selection_size: int) -> Any:
-    approx, copies = FLAVOURS[flavour]
-    t = tuner_of(job(model, 90.0, approx, copies, 1), hyper={"selection": "subset", "selection_size": selection_size})
+    t = tuner_of(job(model, 90.0, flavour, 1), hyper={"selection": "subset", "selection_size": selection_size})
     sel = t.parts.selection
     sel.best = {k: state[k] for k in ("model", "log_prior", "eta")}
     sel.restore_best()
@@ -145,8 +153,7 @@ def cost_part(args) -> Dict[str, Any]:
     torch.set_num_threads(1)
     tuners, state = {}, None
     for f in args.flavours:
-        approx, copies = FLAVOURS[f]
-        t = tuner_of(job(args.model, 90.0, approx, copies, 1), hyper={"selection_size": 8})
+        t = tuner_of(job(args.model, 90.0, f, 1), hyper={"selection_size": 8, "steps": args.steps})
         state = t.model.state_dict() if state is None else state
         t.model.load_state_dict(state)
         tuners[f] = t
@@ -160,8 +167,7 @@ def cost_part(args) -> Dict[str, Any]:
 def learn_part(args) -> Dict[str, Any]:
     out = {}
     for f in args.flavours:
-        approx, copies = FLAVOURS[f]
-        cfg = job("cnn", 90.0, approx, copies, args.learn_epochs)
+        cfg = job("cnn", 90.0, f, args.learn_epochs)
         t = tuner_of(cfg, hyper={"n_samples": args.learn_samples, "selection": "full"})
         t0, c0 = time.perf_counter(), time.process_time()
         t.fit()
@@ -266,6 +272,7 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--rotations", type=float, nargs="+", default=[0.0, 45.0, 90.0])
     ap.add_argument("--selection-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1, help="hypersteps per timed update (cost)")
     ap.add_argument("--learn-epochs", type=int, default=20)
     ap.add_argument("--learn-samples", type=int, default=4)
     ap.add_argument("--out", default=str(RESULTS))
@@ -277,7 +284,13 @@ def main(argv: List[str] = None) -> int:
     if args.reading:
         res["reading"] = Path(args.reading).read_text()
     if args.part == "terms":
-        res.setdefault("terms", {})[args.model] = terms_part(args)
+        new = terms_part(args)
+        old = res.setdefault("terms", {}).get(args.model)
+        if old and old["rotations"] == new["rotations"] and old["selection_size"] == new["selection_size"] \
+                and old["epochs"] == new["epochs"]:  # the same fixed weights and data: add these flavours
+            new["flavours"] = {**old["flavours"], **new["flavours"]}
+            new = {**old, **new}
+        res["terms"][args.model] = new
     elif args.part == "cost":
         res.setdefault("cost", {})[args.model] = cost_part(args)
     elif args.part == "learn":

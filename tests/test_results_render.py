@@ -26,6 +26,7 @@ RENDERERS = {
     "marglik_speed": ("bench_marglik", "render"),
     "marglik_step_wrn": ("bench_marglik_step", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
+    "reduce_invariance": ("reduce_invariance", "render"),
     "optimizer_steps_to_target_tvvit": ("optbench_report", "render_markdown"),
     "selection_digits": ("run_selection_digits", "render"),
     "tuning_backends": ("run_tuning_backends", "to_markdown"),

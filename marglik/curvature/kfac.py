@@ -47,6 +47,9 @@ inside one copy: pixels, tokens; ``g`` likewise). ``approx`` then governs the po
   after pooling its positions: the columns ``k`` of one copy have no gradient in the others, so
   the cross-copy terms vanish, and reduce's argument applies per copy over ``N m`` units.
 
+Per-layer flavours (``approx="auto"`` or a mapping, :mod:`.flavours`): each block is formed with its own
+``(approx, copies_approx)`` as above; the all-reduce and the batchwise gradient act on its sums alike.
+
 Rows declared with :func:`marglik.example_index` (graph nodes) and ``T = N`` rows hold no copies:
 there ``copies_approx`` changes nothing. Elementwise (diagonal) blocks are exact either way.
 :attr:`Kron.meta` records ``copies_approx``.
@@ -66,7 +69,8 @@ convolution input factors from shifted correlations instead of unfolded patches
 Module map: :mod:`.blocks` (what is covered, the sums per block), :mod:`.statistics` (the
 formulas, as functions of tensors), :mod:`.backward` (the two backward strategies),
 :mod:`.recording` (hooks and one batch -> sums), :mod:`.distributed` (sums over ranks),
-:mod:`.channels_last`, :mod:`.module_selection` (``ignore_modules``), :mod:`.model_inputs`.
+:mod:`.channels_last`, :mod:`.module_selection` (``ignore_modules``), :mod:`.model_inputs`,
+:mod:`.flavours` (per-layer flavours).
 """
 
 from __future__ import annotations
@@ -110,7 +114,9 @@ class KFAC:
             :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
             ``out_proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
+        approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors), the rule ``"auto"``
+            (expand on convolutions, reduce elsewhere), or ``{module name | type | type name | "*":
+            flavour}`` per layer (:func:`~marglik.curvature.flavours.assign_flavours`; :attr:`flavours`).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
             ``"empirical"`` (true labels).
         mc_samples: number of sampled labels per output position for ``"mc"`` (>= 1).
@@ -144,7 +150,8 @@ class KFAC:
         copies_approx: ``"expand"`` or ``"reduce"``: how augmented copies flattened into the batch
             (``m N`` example-major rows) enter the factors, independently of ``approx``, which
             then governs the positions inside one copy (see the module docstring for the
-            formulas). ``None`` (default): the same as ``approx``. ``"reduce"`` is exact for
+            formulas). ``None`` (default): the same as ``approx`` (block by block for a per-layer
+            ``approx``). ``"reduce"`` is exact for
             models averaging over copies (invariant models, learned augmentation); ``"expand"``
             where each copy feeds its own outputs.
         factor_form: ``"auto"`` (default): a factor built from few rows against its dimension
@@ -424,7 +431,9 @@ class KFAC:
 
         Returns:
             A :class:`Kron` with one block per covered block (``A`` normalised, ``B`` / ``D``
-            scaled), ``meta`` holding the loss, ``fisher_type``, ``likelihood`` and ``copies_approx``.
+            scaled), ``meta`` holding the loss, ``fisher_type``, ``likelihood``, ``copies_approx``
+            (``None``: per block, as its flavour) and ``flavours`` (block name -> flavour);
+            :attr:`Kron.approx` is the flavour shared by all blocks, else ``"auto"`` / ``"per-layer"``.
 
         Raises:
             ValueError: no data was seen, or ``num_data`` is not positive.
