@@ -48,8 +48,10 @@ fraction of the per-position second moment that the copies do not share, of orde
 range; under reduce it is the between-copy fraction of the *position mean*, close to zero at the
 input layer. So ``-0.5 d log det`` of a convolution is large under expand and small under reduce,
 while a linear layer on pooled features (one position: both flavours give the same factors) rewards
-the range equally under both. ``results/reduce_invariance.md`` measures this per layer (digits CNN:
-the two convolutions carry all of expand's extra reward; the linear layers are equal).
+the range equally under both. ``results/reduce_invariance.md`` measures this per layer: on the digits
+CNN the two convolutions carry all of expand's extra reward and the linear layers are equal; on
+WRN-16-4 the extra reward is spread over all sixteen convolutions (half of it in the second stage),
+not concentrated in the first one.
 
 Rule ``"auto"``: expand on the Kronecker blocks of convolutions (their shared axis is spatial
 positions, which a spatial augmentation permutes), reduce on every other block (linear layers,
