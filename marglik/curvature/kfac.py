@@ -163,8 +163,8 @@ class KFAC:
             access) and the values are the same.
 
     Raises:
-        ValueError: an option is out of range, or the model has no trainable parameters in
-            supported modules.
+        ValueError: an option is out of range, a per-layer ``approx`` key matches no covered layer,
+            or the model has no trainable parameters in supported modules.
         UnsupportedModuleError: a module with trainable parameters has no rule and is not ignored,
             or a parameter is shared between modules.
         TypeError: an ``ignore_modules`` entry is not a name, type or module.
