@@ -70,6 +70,14 @@ def _compose_error(err: BaseException, overrides: Sequence[Any]) -> ConfigError:
     if cause is not None:
         full_key = re.sub(r"\[\d+\]$", "", str(getattr(cause, "full_key", "") or ""))  # list element -> list
         klass = getattr(cause, "object_type", None)
+        parts = full_key.split(".")
+        if len(parts) > 2 and parts[1] in {f.name for f in fields(_SECTIONS.get(parts[0], object))
+                                           if hasattr(_SECTIONS.get(parts[0]), "__dataclass_fields__")}:
+            full_key, klass = ".".join(parts[:2]), _SECTIONS[parts[0]]  # an entry of a mapping field
+            if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+                return ConfigError(full_key, _override_value(by_key[full_key]) if full_key in by_key else None,
+                                   "Hydra adds keys to a mapping only with a leading +",
+                                   f"+{full_key}={{name:value,...}}")
         name = full_key.rsplit(".", 1)[-1]
         if not (klass is not None and hasattr(klass, "__dataclass_fields__")) and full_key.count(".") == 1:
             klass = _SECTIONS.get(full_key.split(".")[0])

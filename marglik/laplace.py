@@ -72,7 +72,9 @@ class KronLaplace(GLMPredictive):
             the engine's (``"expand"``, curvlinops' and laplace-torch's convention) on purpose:
             ``KronLaplace`` is the marginal-likelihood object of the tuning loop, whose models pool
             or average over their shared axes (reduce's exact setting), and reduce is the cheaper
-            fit.
+            fit. Also ``"auto"`` (expand on convolutions, reduce elsewhere: the invariance signal
+            of expand where a spatial augmentation acts, :mod:`marglik.curvature.flavours`) or a
+            per-layer mapping (see :class:`marglik.KFAC`).
         copies_approx: how augmented copies flattened into the batch enter the factors,
             ``"expand"`` / ``"reduce"``, or ``None`` (the same as ``approx``); see
             :class:`marglik.KFAC`.
@@ -106,7 +108,7 @@ class KronLaplace(GLMPredictive):
         self,
         model: nn.Module,
         likelihood: Union[str, Likelihood] = "classification",
-        approx: str = "reduce",
+        approx: Any = "reduce",
         fisher_type: str = "type-2",
         mc_samples: int = 1,
         prior_precision: TensorLike = 1.0,

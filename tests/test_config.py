@@ -31,7 +31,8 @@ def test_enums_compare_as_strings_and_serialise_plainly():
     assert cfg.curvature.approx == "expand" and f"{cfg.curvature.approx}" == "expand"
     assert cfg.curvature.fisher_type == "type-2" and Config().curvature.fisher_type == "mc"
     d = cfg.to_dict()
-    assert d["curvature"] == {"approx": "expand", "fisher_type": "type-2", "mc_samples": 1, "copies_approx": "reduce",
+    assert d["curvature"] == {"approx": "expand", "approx_layers": {}, "fisher_type": "type-2", "mc_samples": 1,
+                              "copies_approx": "reduce",
                               "backend": "marglik", "structure": "kron", "separate_bias": None,
                               "factor_form": "auto"}
     assert d["hyper"]["selection"] == "subset" and type(d["hyper"]["selection"]) is str

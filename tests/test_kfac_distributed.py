@@ -38,8 +38,10 @@ def _worker(rank, world, init_file, approx, out_file):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("approx", ["expand", "reduce", "auto", {"0": "reduce", "*": "expand"}],
+                         ids=["expand", "reduce", "auto", "per-layer"])
 def test_all_reduce_equals_single_process(approx, tmp_path):
+    """Per-layer flavours too (``auto``: the convolution's factors dense, the linear layer's rows)."""
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     init_file = str(tmp_path / "init")

@@ -29,6 +29,7 @@ RENDERERS = {
     "marglik_vs_grid": ("bench_vs_grid", "render"),
     "model_zoo": ("bench_model_zoo", "render"),
     "optimizer_steps_to_target": ("optbench_report", "render_markdown"),
+    "reduce_invariance": ("reduce_invariance", "render"),
     "optimizer_steps_to_target_tvvit": ("optbench_report", "render_markdown"),
     "selection_digits": ("run_selection_digits", "render"),
     "tuning_backends": ("run_tuning_backends", "to_markdown"),

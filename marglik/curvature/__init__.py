@@ -5,6 +5,7 @@ differentiable fit one batch at a time (:func:`batchwise_gradients`)."""
 from .batchwise import batchwise_gradients
 from .blocks import CoveredModule
 from .eigen import KronEigen, eigh_psd
+from .flavours import FlavourRule, assign_flavours
 from .kfac import KFAC
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError
@@ -24,6 +25,8 @@ __all__ = [
     "UnsupportedModuleError",
     "FisherType",
     "KFACApprox",
+    "FlavourRule",
+    "assign_flavours",
     "Likelihood",
     "example_index",
     "DecomposedKron",

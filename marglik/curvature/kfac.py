@@ -47,6 +47,9 @@ inside one copy: pixels, tokens; ``g`` likewise). ``approx`` then governs the po
   after pooling its positions: the columns ``k`` of one copy have no gradient in the others, so
   the cross-copy terms vanish, and reduce's argument applies per copy over ``N m`` units.
 
+Per-layer flavours (``approx="auto"`` or a mapping, :mod:`.flavours`): each block is formed with its own
+``(approx, copies_approx)`` as above; the all-reduce and the batchwise gradient act on its sums alike.
+
 Rows declared with :func:`marglik.example_index` (graph nodes) and ``T = N`` rows hold no copies:
 there ``copies_approx`` changes nothing. Elementwise (diagonal) blocks are exact either way.
 :attr:`Kron.meta` records ``copies_approx``.
@@ -66,14 +69,15 @@ convolution input factors from shifted correlations instead of unfolded patches
 Module map: :mod:`.blocks` (what is covered, the sums per block), :mod:`.statistics` (the
 formulas, as functions of tensors), :mod:`.backward` (the two backward strategies),
 :mod:`.recording` (hooks and one batch -> sums), :mod:`.distributed` (sums over ranks),
-:mod:`.channels_last`, :mod:`.module_selection` (``ignore_modules``), :mod:`.model_inputs`.
+:mod:`.channels_last`, :mod:`.module_selection` (``ignore_modules``), :mod:`.model_inputs`,
+:mod:`.flavours` (per-layer flavours).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +85,7 @@ from torch import Tensor, nn
 from .blocks import BlockSums, CoveredModule
 from .channels_last import SideEffects, wants_channels_last
 from .distributed import all_reduce_block_sums, default_distributed
+from .flavours import ApproxSpec, FlavourAssignment, assign_flavours, parse_value
 from .kron import DiagonalBlock, Kron, KronBlock
 from .layers import UnsupportedModuleError, find_rule
 from .model_inputs import as_batches, call_model, to_device
@@ -111,7 +116,9 @@ class KFAC:
             :class:`UnsupportedModuleError`. Ignoring an ``nn.MultiheadAttention`` also ignores its
             ``out_proj``, ignoring Swin's attention its ``qkv`` / ``proj``.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors).
+        approx: ``"expand"`` or ``"reduce"`` (how shared axes enter the factors), the rule ``"auto"``
+            (expand on convolutions, reduce elsewhere), or ``{module name | type | type name | "*":
+            flavour}`` per layer (:func:`~marglik.curvature.flavours.assign_flavours`; :attr:`flavours`).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
             ``"empirical"`` (true labels).
         mc_samples: number of sampled labels per output position for ``"mc"`` (>= 1).
@@ -145,7 +152,8 @@ class KFAC:
         copies_approx: ``"expand"`` or ``"reduce"``: how augmented copies flattened into the batch
             (``m N`` example-major rows) enter the factors, independently of ``approx``, which
             then governs the positions inside one copy (see the module docstring for the
-            formulas). ``None`` (default): the same as ``approx``. ``"reduce"`` is exact for
+            formulas). ``None`` (default): the same as ``approx`` (block by block for a per-layer
+            ``approx``). ``"reduce"`` is exact for
             models averaging over copies (invariant models, learned augmentation); ``"expand"``
             where each copy feeds its own outputs.
         factor_form: ``"auto"`` (default): a factor built from few rows against its dimension
@@ -157,8 +165,8 @@ class KFAC:
             access) and the values are the same.
 
     Raises:
-        ValueError: an option is out of range, or the model has no trainable parameters in
-            supported modules.
+        ValueError: an option is out of range, a per-layer ``approx`` key matches no covered layer,
+            or the model has no trainable parameters in supported modules.
         UnsupportedModuleError: a module with trainable parameters has no rule and is not ignored,
             or a parameter is shared between modules.
         TypeError: an ``ignore_modules`` entry is not a name, type or module.
@@ -180,7 +188,7 @@ class KFAC:
         self,
         model: nn.Module,
         likelihood: Union[str, Likelihood] = "classification",
-        approx: Union[str, KFACApprox] = "expand",
+        approx: ApproxSpec = "expand",
         fisher_type: Union[str, FisherType] = "type-2",
         mc_samples: int = 1,
         differentiable: bool = False,
@@ -195,10 +203,9 @@ class KFAC:
     ) -> None:
         self.model = model
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
-        self.approx = KFACApprox.parse(approx, "K-FAC approximation")
-        self.copies_approx = (
-            self.approx if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
-        )
+        if not isinstance(approx, Mapping):
+            parse_value(approx, "K-FAC approximation")  # a clear error before discovery
+        self._copies_given = None if copies_approx is None else KFACApprox.parse(copies_approx, "copies_approx")
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
         self.factor_form = FactorForm.parse(factor_form, "factor_form")
         if not isinstance(mc_samples, int) or mc_samples < 1:
@@ -217,9 +224,18 @@ class KFAC:
         self._channels_last_works: Optional[bool] = None  # "auto": learnt from the first batch
         self.ignore_modules = list(ignore_modules or [])
         self._blocks = self._discover()
-        self.reset()
         if not self._blocks:
             raise ValueError("the model has no trainable parameters in supported modules")
+        self._assignment: FlavourAssignment = assign_flavours(approx, self._blocks)
+        #: the flavour of every Kronecker block, or ``None`` when they differ (see :attr:`flavours`)
+        self.approx: Optional[KFACApprox] = self._assignment.uniform(self._blocks)
+        #: ``"expand"`` / ``"reduce"``, ``"auto"`` or ``"per-layer"``: how ``approx`` was given
+        self.approx_label: str = self._assignment.label
+        #: the copies' flavour; ``None`` given: each block's own (``approx``'s) flavour
+        self.copies_approx: Optional[KFACApprox] = (
+            self._copies_given if self._copies_given is not None or self.approx is None else self.approx
+        )
+        self.reset()
 
     # ------------------------------------------------------------------ discovery
     def _discover(self) -> List[CoveredModule]:
@@ -260,6 +276,16 @@ class KFAC:
         return list(self._blocks)
 
     @property
+    def flavours(self) -> Dict[str, KFACApprox]:
+        """Each covered block's flavour over its positions (block name -> :class:`KFACApprox`)."""
+        return dict(self._assignment.flavours)
+
+    def flavour_of(self, block: CoveredModule) -> Tuple[KFACApprox, KFACApprox]:
+        """``(approx, copies_approx)`` of one covered block: its flavour over positions and over copies."""
+        approx = self._assignment.of(block)
+        return approx, approx if self._copies_given is None else self._copies_given
+
+    @property
     def params(self) -> List[nn.Parameter]:
         """Covered trainable parameters in ``model.parameters()`` order (``Kron.to_dense`` order)."""
         covered = {id(p) for s in self._blocks for p in s.params}
@@ -289,7 +315,8 @@ class KFAC:
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"K-FAC ({self.approx.value}, copies {self.copies_approx.value})", leave=False)
+            copies = "as approx" if self.copies_approx is None else self.copies_approx.value
+            it = tqdm(it, desc=f"K-FAC ({self.approx_label}, copies {copies})", leave=False)
         for X, y in it:
             self.accumulate_batch(X, y)
         return self.result(num_data)
@@ -367,9 +394,12 @@ class KFAC:
         return record, out
 
     def _stats_options(self) -> StatsOptions:
+        uniform = self.approx is not None and all(self.flavour_of(b)[1] is self.copies_approx for b in self._blocks)
         return StatsOptions(
-            self.likelihood, self.approx, self.copies_approx, self.fisher_type, self.mc_samples, self.generator,
-            self.differentiable, self.batched_backward, self.max_grad_memory, self.factor_form,
+            self.likelihood, self.approx or KFACApprox.REDUCE, self.copies_approx or KFACApprox.REDUCE,
+            self.fisher_type, self.mc_samples, self.generator, self.differentiable, self.batched_backward,
+            self.max_grad_memory, self.factor_form,
+            block_flavours=None if uniform else {b.name: self.flavour_of(b) for b in self._blocks},
         )
 
     @contextlib.contextmanager
@@ -406,7 +436,9 @@ class KFAC:
 
         Returns:
             A :class:`Kron` with one block per covered block (``A`` normalised, ``B`` / ``D``
-            scaled), ``meta`` holding the loss, ``fisher_type``, ``likelihood`` and ``copies_approx``.
+            scaled), ``meta`` holding the loss, ``fisher_type``, ``likelihood``, ``copies_approx``
+            (``None``: per block, as its flavour) and ``flavours`` (block name -> flavour);
+            :attr:`Kron.approx` is the flavour shared by all blocks, else ``"auto"`` / ``"per-layer"``.
 
         Raises:
             ValueError: no data was seen, or ``num_data`` is not positive.
@@ -433,9 +465,10 @@ class KFAC:
             blocks,
             self.params,
             num_data=int(num_data if num_data is not None else seen),
-            approx=self.approx.value,
+            approx=self.approx.value if self.approx is not None else self.approx_label,
             meta={"loss": loss, "fisher_type": self.fisher_type.value, "likelihood": self.likelihood.value,
-                  "copies_approx": self.copies_approx.value},
+                  "copies_approx": None if self.copies_approx is None else self.copies_approx.value,
+                  "flavours": {n: f.value for n, f in self._assignment.flavours.items()}},
         )
 
     # ------------------------------------------------------------------ internals

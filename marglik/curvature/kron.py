@@ -207,7 +207,8 @@ class Kron:
         params: covered trainable parameters in ``model.parameters()`` order; this is the
             row/column order of :meth:`to_dense`.
         num_data: number of examples the curvature is summed over.
-        approx: ``"expand"`` or ``"reduce"`` (the positions inside one example / copy).
+        approx: ``"expand"`` or ``"reduce"`` (the positions inside one example / copy); ``"auto"`` or
+            ``"per-layer"`` when the blocks' flavours differ (``meta["flavours"]`` has them).
         meta: ``loss`` (summed NLL), ``fisher_type``, ``likelihood`` and ``copies_approx``
             (``"expand"`` / ``"reduce"``: how augmented copies in the batch entered the factors;
             see :class:`marglik.KFAC` for the formulas and their scaling).

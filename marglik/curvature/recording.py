@@ -55,6 +55,14 @@ class StatsOptions:
     batched_backward: Union[bool, str]
     max_grad_memory: int
     factor_form: FactorForm = FactorForm.AUTO
+    #: per block name, ``(approx, copies_approx)`` where blocks differ (:mod:`.flavours`); ``None``: all as above
+    block_flavours: Optional[Dict[str, Tuple[KFACApprox, KFACApprox]]] = None
+
+    def flavour(self, block: CoveredModule) -> Tuple[KFACApprox, KFACApprox]:
+        """``(approx, copies_approx)`` of ``block``."""
+        if self.block_flavours is None:
+            return self.approx, self.copies_approx
+        return self.block_flavours[block.name]
 
 
 class BatchSums(NamedTuple):
@@ -141,18 +149,19 @@ class Recorder:
 
     def _input_stats(self, block: CoveredModule, sums: BlockSums, N: int) -> None:
         calls = self._calls[id(block)]
+        approx, copies_approx = self.options.flavour(block)
         if block.kind is BlockKind.DIAG:
             for c in calls:
                 c.xhat = st.diag_input_features(block, c.x)
-        elif self.options.approx is KFACApprox.EXPAND:
-            A, rows, count = st.expand_input_sum(block, calls, N, self.options.copies_approx, self.options.factor_form)
+        elif approx is KFACApprox.EXPAND:
+            A, rows, count = st.expand_input_sum(block, calls, N, copies_approx, self.options.factor_form)
             if A is not None:
                 sums.A.add_dense(A)
             if rows is not None:
                 sums.A.add_rows(rows, self.options.factor_form)
             sums.add_count(count)
         else:
-            sums.add_input_rows(*st.reduce_input_rows(block, calls, N, self.options.copies_approx))
+            sums.add_input_rows(*st.reduce_input_rows(block, calls, N, copies_approx))
         for c in calls:
             c.x = None  # input statistics done: do not keep the tensor alive
 
@@ -165,21 +174,21 @@ class Recorder:
         calls = [(b, c) for b, c in calls if c.edge is not None]
         if not calls:
             raise RuntimeError("no recorded module output requires grad; are all parameters frozen?")
-        expand = opts.approx is KFACApprox.EXPAND
         pending: Dict[int, Tensor] = {}  # per-unit gradient sums of a column chunk, summed over calls
 
         def on_grad(i: int, g: Tensor) -> None:
             b, c = calls[i]
+            approx, copies_approx = opts.flavour(b)
             with self._stats_context():
-                if b.kind is BlockKind.KRON and expand:
-                    B, rows = st.expand_grad_sum(b, c, g, N, opts.copies_approx, opts.factor_form)
+                if b.kind is BlockKind.KRON and approx is KFACApprox.EXPAND:
+                    B, rows = st.expand_grad_sum(b, c, g, N, copies_approx, opts.factor_form)
                     if B is not None:
                         sums[id(b)].add_grad_sum(B)
                     else:
                         sums[id(b)].add_grad_rows(rows)
                     return
                 if b.kind is BlockKind.KRON:
-                    ex = st.reduce_grad_units(b, c, g, N, opts.copies_approx)
+                    ex = st.reduce_grad_units(b, c, g, N, copies_approx)
                 else:
                     ex = st.diag_grad_units(b, c, g, N)
                 pending[id(b)] = ex if id(b) not in pending else pending[id(b)] + ex

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..compat import check_torchvision, import_laplace
 from ..errors import UserError
 from .choices import Choice
+from .flavour_config import approx_spec
 
 __all__ = [
     "BackendUnsupportedError",
@@ -411,7 +412,7 @@ def build_laplace(curvature: Any, model: nn.Module, prior_precision: Tensor, dif
         from ..laplace import KronLaplace
 
         return KronLaplace(
-            model, likelihood="classification", approx=curvature.approx,
+            model, likelihood="classification", approx=approx_spec(curvature),
             copies_approx=curvature.copies_approx, fisher_type=curvature.fisher_type,
             mc_samples=curvature.mc_samples, prior_precision=prior_precision, differentiable=differentiable,
             separate_bias=resolved_separate_bias(curvature),

@@ -25,6 +25,7 @@ from .config import Config, ConfigError
 from .device import resolve_device
 from .distributed import DistContext
 from .estimator import MarglikSubset, SelectionSet
+from .flavour_config import check_flavours
 from .parts import (
     Augmenter,
     Evaluation,
@@ -207,6 +208,7 @@ def build_parts(
             raise ConfigError("curvature.backend", c.curvature.backend, "laplace-torch's peer backends do not "
                               "all-reduce their curvature over torchrun ranks", "marglik under torchrun (or run the "
                               "peer in one process)")
+        check_flavours(c.curvature, model)
         laplace_factory = config_laplace_factory(c.curvature)
     h, t = c.hyper, c.trainer
     aug_on = bool(h.augmentation)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import List
 
 from ..augment import ALL_GENERATORS
+from ..curvature.flavours import FlavourRule
 from ..curvature.options import FisherType as EngineFisherType
 from ..curvature.options import KFACApprox, StrOption
 from ..curvature.prior import PriorStructure as EnginePriorStructure
@@ -45,6 +46,9 @@ class DataName(Choice):
 #: choices: the values come from the engine's enums, the member names equal the values (how
 #: OmegaConf parses a string into an enum); ``type-2`` is not an identifier, hence the functional form.
 Approx = Choice("Approx", [(m.value, m.value) for m in KFACApprox], module=__name__)
+#: ``curvature.approx``: a flavour for every layer, or the rule ``auto`` (:mod:`marglik.curvature.flavours`)
+ApproxRule = Choice("ApproxRule", [(m.value, m.value) for m in KFACApprox] + [(r.value, r.value) for r in FlavourRule],
+                    module=__name__)
 
 
 #: ``type-2`` is not an identifier, hence the functional form (member names = values).

@@ -53,6 +53,7 @@ from .backends import CurvatureBackend, CurvatureStructure
 from .choices import (
     Activation,
     Approx,
+    ApproxRule,
     AugGenerator,
     Choice,
     DataName,
@@ -179,7 +180,12 @@ class ModelConfig:
 class CurvatureConfig:
     """``curvature``: the K-FAC Laplace approximation used for the marginal likelihood."""
 
-    approx: Approx = Approx.reduce  #: K-FAC flavour on the positions inside an image (pixels, tokens)
+    #: K-FAC flavour on the positions inside an image (pixels, tokens): expand | reduce | auto (expand on
+    #: convolutions, reduce on the other layers: reduce's cost on transformers, expand's invariance signal on CNNs)
+    approx: ApproxRule = ApproxRule.reduce
+    #: per-layer overrides of approx: {module name (covers its submodules) or type name: expand|reduce|auto},
+    #: e.g. {features.0:expand}
+    approx_layers: Dict[str, ApproxRule] = field(default_factory=dict)  # type: ignore[valid-type]
     #: exact GGN factors (type-2), sampled labels (mc), or the empirical Fisher
     fisher_type: FisherType = FisherType.mc  # type: ignore[valid-type]
     mc_samples: int = 1  #: labels sampled per output for fisher_type=mc
@@ -389,7 +395,8 @@ class Config:
 
     # keys added to the schema later, with the behaviour a checkpoint written before them had: such a
     # checkpoint resumes under these values (and only under them)
-    IMPLIED_BEFORE = {"hyper.train_samples": None, "hyper.selection_every": 1, "hyper.prior_steps": 0}
+    IMPLIED_BEFORE = {"hyper.train_samples": None, "hyper.selection_every": 1, "hyper.prior_steps": 0,
+                      "curvature.approx_layers": {}}
 
     def resume_diff(self, other: Dict[str, Any]) -> List[str]:
         """What differs from a checkpoint's configuration, ignoring :attr:`RESUME_FREE`.
@@ -422,7 +429,7 @@ __all__ = [
     "ConfigError", "Choice", "MODEL_SCHEMAS", "CNNConfig", "MLPConfig", "WRN16_4Config", "ViTConfig",
     "register_configs", "describe_type",
     # re-exported from the modules that do the rest (choices, parsing, checks, Hydra)
-    "Activation", "Approx", "AugGenerator", "DataName", "FactorForm", "FinalModel", "FisherType", "LoggerMode",
+    "Activation", "Approx", "ApproxRule", "AugGenerator", "DataName", "FactorForm", "FinalModel", "FisherType", "LoggerMode",
     "ModelName", "OptimizerName", "PriorStructure", "Schedule", "WRNNorm", "CurvatureBackend", "CurvatureStructure",
     "SelectionEstimator", "ALL_GENERATORS", "HydraSchema", "field_type", "flatten", "plain", "show_value",
     "type_problem", "unknown_key_error", "strict_types", "typed_section", "model_kwargs", "sections_from_dict",

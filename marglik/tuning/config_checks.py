@@ -51,6 +51,10 @@ def validate_config(cfg: "Config") -> None:
         names = torchvision_classifiers()
         check(cfg.model.kwargs["arch"] in names, "model.arch", "a torchvision classifier: " + ", ".join(names))
     check(c.mc_samples >= 1, "curvature.mc_samples", "an integer >= 1")
+    check(c.backend == "marglik" or c.approx != "auto", "curvature.approx",
+          "expand or reduce with a laplace-torch backend (per-layer flavours: curvature.backend=marglik)")
+    check(c.backend == "marglik" or not c.approx_layers, "curvature.approx_layers",
+          "{} with a laplace-torch backend (per-layer flavours: curvature.backend=marglik)")
     check(h.prior_prec_init > 0, "hyper.prior_prec_init", "a number > 0")
     check(h.lr > 0, "hyper.lr", "a number > 0")
     check(h.aug_lr >= 0, "hyper.aug_lr", "a number >= 0")
@@ -161,7 +165,10 @@ def resume_diff(cfg: "Config", other: Dict[str, Any], free: Sequence[str],
     """
     out = []
     mine = flatten(cfg.to_dict())
-    theirs = {**(implied or {}), **flatten(plain(other))}
+    theirs = flatten(plain(other))
+    for key, value in (implied or {}).items():  # a key the checkpoint predates: the behaviour it had then
+        if key not in theirs and not any(k.startswith(key + ".") for k in theirs):
+            theirs[key] = value
     for key in sorted(set(mine) | set(theirs)):
         if any(key == f or key.startswith(f + ".") for f in free):
             continue

@@ -76,6 +76,8 @@ def describe_type(tp: Any) -> str:
         if isinstance(item, type) and issubclass(item, enum.Enum):
             return "a list of values from " + ", ".join(m.value for m in item)
         return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+    if origin in (dict, Dict) and isinstance(args[1], type) and issubclass(args[1], enum.Enum):
+        return "a mapping {name: value} with values from " + ", ".join(m.value for m in args[1])
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(m.value for m in tp)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
