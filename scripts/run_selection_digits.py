@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Selection on a fixed estimator, on the default job (``marglik`` with no arguments: digits,
-small CNN, K-FAC-reduce, layerwise prior, learned augmentation, 50 epochs, 5 burn-in, 2 hypersteps
-on 4 random batches of 128).
+"""Selection on a fixed estimator, on the default job as it was before issue #28 (``marglik`` with the
+protocol :data:`V0_PROTOCOL`: digits, small CNN, K-FAC-reduce, layerwise prior, learned augmentation,
+50 epochs, 5 burn-in, 2 type-2 hypersteps on 4 random batches of 128, the whole-set selection value
+after every update; today's default scores a fixed 512-example subset every 5th update,
+``results/marglik_vs_grid.md``).
 
 Three questions, one process, all runs sequential with ``--threads`` torch threads (default 1):
 
@@ -100,10 +102,18 @@ def ours_lml(model: torch.nn.Module, X, y, prior_precision: torch.Tensor, separa
     return la.log_marginal_likelihood().item()
 
 
+#: the default job's protocol before issue #28 (results/marglik_vs_grid.md's ``v0``), which this study
+#: is about: a selection value on the whole set after every update, next to two type-2 hypersteps on
+#: 4 x 128 examples; pinned so the study reproduces under today's cheaper defaults
+V0_PROTOCOL = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
+                         "schedule": "constant", "selection": "full", "selection_every": 1},
+               "curvature": {"fisher_type": "type-2"}}
+
+
 def base_config(args, **sections) -> Config:
     d: Dict[str, Any] = {"trainer": {"epochs": args.epochs, "progress": False, "num_threads": args.threads,
                                      "device": "cpu"},
-                         "logger": {"mode": "disabled"}}
+                         "logger": {"mode": "disabled"}, **{k: dict(v) for k, v in V0_PROTOCOL.items()}}
     for key, val in sections.items():
         d[key] = {**d.get(key, {}), **val}
     return Config.from_dict(**d)

@@ -73,3 +73,26 @@ def test_cifar10_wrn16_4_recipe_runs_end_to_end_on_a_tiny_slice(tmp_path, monkey
     assert np.isfinite(saved["log_marglik"]) and 0.0 <= saved["test_accuracy"] <= 1.0
     assert any(v != pytest.approx(0.0) for v in saved["augmentation"].values())
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_published_recipe_is_pinned_and_the_lean_one_uses_the_default_protocol():
+    """``cifar10_wrn16_4`` keeps the papers' protocol whatever the shipped defaults are;
+    ``cifar10_wrn16_4_lean`` is the same setting under the default job's protocol (issue #28)."""
+    from omegaconf import OmegaConf
+
+    from marglik.tuning import Config
+
+    def cfg(name):
+        return Config.from_dict(OmegaConf.to_container(compose_config([f"+experiment={name}"]), resolve=True))
+
+    pub, lean, default = cfg("cifar10_wrn16_4"), cfg("cifar10_wrn16_4_lean"), Config()
+    assert (pub.hyper.train_samples, pub.hyper.selection, pub.hyper.selection_every, pub.hyper.schedule) == \
+        (None, "full", 1, "constant")
+    assert (pub.curvature.fisher_type, pub.hyper.steps, pub.hyper.n_samples, pub.hyper.batchwise) == \
+        ("type-2", 20, 16, True)
+    for c in (pub, lean):  # the same network, data and MAP training
+        assert (c.model.name, c.data.name, c.trainer.epochs, c.trainer.optimizer, c.trainer.lr) == \
+            ("wrn16_4", "cifar10", 100, "sgd", 0.1)
+    for key in ("train_samples", "steps", "frequency", "schedule", "selection", "selection_every", "n_samples"):
+        assert getattr(lean.hyper, key) == getattr(default.hyper, key), key
+    assert lean.curvature.fisher_type == default.curvature.fisher_type == "mc" and not lean.hyper.batchwise
