@@ -26,6 +26,7 @@ protocols; cost ratios are always formed within one job group of the same sittin
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -325,7 +326,19 @@ def main(argv: List[str]) -> None:
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--note", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny grid and 3 epochs (smoke test)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="add the jobs of these result JSONs (other sittings on this machine) that --out's JSON lacks")
     a = ap.parse_args(argv)
+    if a.merge:
+        data = read_json(a.out, STEM)
+        for path in a.merge:
+            other = json.loads(Path(path).read_text())
+            keys = {_key(r) for r in data["jobs"]}  # a job already here (e.g. its standard training) stays
+            data["jobs"] = sorted(data["jobs"] + [r for r in other["jobs"] if _key(r) not in keys], key=_key)
+            data["commands"] = [*data.get("commands", []), *other.get("commands", [])]
+            data["protocols"] = {**data.get("protocols", {}), **other.get("protocols", {})}
+        write_outputs(a.out, STEM, data, render, plot)
+        return
     if a.from_json:
         data = read_json(a.out, STEM)
         if a.note is not None:

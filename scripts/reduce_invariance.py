@@ -190,7 +190,7 @@ def terms_lines(name: str, m: Dict[str, Any]) -> List[str]:
     pure = [f for f in fl if f in ("expand-reduce", "reduce-reduce")]  # the factors' traces of the two flavours
     rots = m["rotations"]
     lo, hi = rots[0], rots[-1]
-    lines = [f"### {name}: `-0.5 log det` ratio per block (nats / example)", "",
+    lines = [f"## {name}: `-0.5 log det` ratio per block (nats / example)", "",
              f"MAP-trained {m['epochs']} epochs on the rotated digits (no marglik update, prior precision 1), "
              f"{m['selection_size']} selection images, N = {m['N']}. Columns: the change of each block's term "
              f"from {lo:g} to {hi:g} degrees (its reward for the range) per flavour, and the ratio of its factors' "
@@ -248,7 +248,7 @@ def terms_lines(name: str, m: Dict[str, Any]) -> List[str]:
 
 
 def cost_lines(name: str, c: Dict[str, Any]) -> List[str]:
-    lines = [f"### {name}: hyperstep seconds (one marglik update, {c['steps']} hypersteps, {c['marglik_batches']} "
+    lines = [f"## {name}: hyperstep seconds (one marglik update, {c['steps']} hypersteps, {c['marglik_batches']} "
              f"batches of {c['marglik_batch_size']} images x S = {c['n_samples']} copies; {c['repeats']} rounds, "
              "flavours interleaved, one thread)", "",
              "| flavour | median s | min s | median / expand-reduce | median / reduce-reduce |",
@@ -274,7 +274,7 @@ def render(res: Dict[str, Any]) -> str:
         if key in res.get("cost", {}):
             lines += cost_lines(labels[key], res["cost"][key])
     if res.get("learn"):
-        lines += ["### Digits CNN at data.rotation=90 (the default job otherwise: all six generators learned)", "",
+        lines += ["## Digits CNN at data.rotation=90 (the default job otherwise: all six generators learned)", "",
                   "| flavour | seed | epochs | S | learned rotation (deg) | test accuracy | CPU s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in res["learn"].values():
