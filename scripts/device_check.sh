@@ -86,34 +86,35 @@ else
              hyper.marglik_batch_size=64"
 fi
 
+# bench SCRIPT DESCRIPTION ARGS...: one benchmark step, its output in $OUT/<script>$TAG.log (the tail shown
+# and the check stopped when it fails)
+bench() {
+  local script=$1 desc=$2 log
+  shift 2
+  log="$OUT/${script%.py}$TAG.log"
+  step "$script ($desc)"
+  "$PY" "scripts/$script" --device "$DEVICE" --tag "$TAG" --out "$OUT" "$@" > "$log" 2>&1 \
+    || { tail -20 "$log"; exit 1; }
+}
+
 if want kfac; then
-  step "bench_kfac.py (K-FAC vs peers, vmapped vs loop backward)"
-  "$PY" scripts/bench_kfac.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $KFAC_ARGS > "$OUT/bench_kfac$TAG.log" 2>&1 \
-    || { tail -20 "$OUT/bench_kfac$TAG.log"; exit 1; }
+  bench bench_kfac.py "K-FAC vs peers, vmapped vs loop backward" $KFAC_ARGS
 fi
 
 if want marglik; then
-  step "bench_marglik.py (log marglik + gradient vs laplace-torch)"
-  "$PY" scripts/bench_marglik.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $MARGLIK_ARGS > "$OUT/bench_marglik$TAG.log" 2>&1 \
-    || { tail -20 "$OUT/bench_marglik$TAG.log"; exit 1; }
+  bench bench_marglik.py "log marglik + gradient vs laplace-torch" $MARGLIK_ARGS
 fi
 
 if want cost; then
-  step "bench_wrn_cost.py (one marglik step vs augmented copies)"
-  "$PY" scripts/bench_wrn_cost.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $COST_ARGS > "$OUT/bench_wrn_cost$TAG.log" 2>&1 \
-    || { tail -20 "$OUT/bench_wrn_cost$TAG.log"; exit 1; }
+  bench bench_wrn_cost.py "one marglik step vs augmented copies" $COST_ARGS
 fi
 
 if want step; then
-  step "bench_marglik_step.py (one WRN-16-4 marglik step vs laplace-torch, breakdown, floor)"
-  "$PY" scripts/bench_marglik_step.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $STEP_ARGS > "$OUT/bench_marglik_step$TAG.log" 2>&1 \
-    || { tail -20 "$OUT/bench_marglik_step$TAG.log"; exit 1; }
+  bench bench_marglik_step.py "one WRN-16-4 marglik step vs laplace-torch, breakdown, floor" $STEP_ARGS
 fi
 
 if want batchwise; then
-  step "bench_batchwise.py (one-pass vs batchwise learned-augmentation step: memory and time)"
-  "$PY" scripts/bench_batchwise.py --device "$DEVICE" --tag "$TAG" --out "$OUT" $BATCHWISE_ARGS > "$OUT/bench_batchwise$TAG.log" 2>&1 \
-    || { tail -20 "$OUT/bench_batchwise$TAG.log"; exit 1; }
+  bench bench_batchwise.py "one-pass vs batchwise learned-augmentation step: memory and time" $BATCHWISE_ARGS
 fi
 
 if want tune; then

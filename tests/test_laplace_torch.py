@@ -29,9 +29,10 @@ def cnn(C: int) -> nn.Module:
     ).to(DT)
 
 
-def loader(model, likelihood, N=10, bs=4, seed=0):
+def loader(model, likelihood, N=10, bs=4, seed=0, shape=(2, 4, 4)):
+    """Random inputs of ``shape`` and targets drawn for the model's output (labels or values), in batches."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(N, 2, 4, 4, generator=g, dtype=DT)
+    X = torch.randn(N, *shape, generator=g, dtype=DT)
     with torch.no_grad():
         out = model(X)
     if likelihood == "classification":

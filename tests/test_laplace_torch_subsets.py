@@ -19,10 +19,10 @@ laplace = pytest.importorskip("laplace")
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import AsdlEF, AsdlGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
 from laplace.utils import FeatureExtractor  # noqa: E402
+from test_laplace_torch import DT, loader  # noqa: E402
 
 from marglik import MarglikEF, MarglikEFReduce, MarglikGGN, MarglikGGNReduce  # noqa: E402
 
-DT = torch.float64
 OURS = (MarglikGGN, MarglikEF, MarglikGGNReduce, MarglikEFReduce)
 
 
@@ -45,15 +45,7 @@ class TokenNet(nn.Module):
 
 
 def data(model, likelihood, shape=(3,), N=10, bs=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(N, *shape, generator=g, dtype=DT)
-    with torch.no_grad():
-        out = model(X)
-    if likelihood == "classification":
-        y = torch.randint(0, out.shape[-1], (N,), generator=g)
-    else:
-        y = torch.randn(out.shape, generator=g, dtype=DT)
-    return DataLoader(TensorDataset(X, y), batch_size=bs)
+    return loader(model, likelihood, N=N, bs=bs, seed=seed, shape=shape)
 
 
 def fit(model, likelihood, backend, dl, subset="last_layer", structure="kron", approx=None, **kw):
