@@ -43,21 +43,28 @@ ROTATIONS = (0.0, 30.0, 60.0, 90.0, 180.0)
 TEST_COPIES = 8
 STANDARD = {"weight_decay": 1e-3, "degrees": 30.0}
 _V0 = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
-                 "selection": "full", "selection_every": 1},
+                 "schedule": "constant", "selection": "full", "selection_every": 1},
        "curvature": {"fisher_type": "type-2", "approx": "reduce", "copies_approx": "reduce"}}
-#: name -> config overrides of a marglik run (over the shipped defaults); ``default`` is the shipped default
-PROTOCOLS: Dict[str, Dict[str, Any]] = {
-    "default": {},
-    "v0": _V0,
-    # one knob of the default changed at a time (the frontier's points)
-    "v0 + train_samples=1": {"hyper": {**_V0["hyper"], "train_samples": 1}, "curvature": _V0["curvature"]},
-    "type-2 fits": {"curvature": {"fisher_type": "type-2"}},
+#: the protocol the frontier's knobs were measured from: the shipped default but ``hyper.aug_lr=0.1``
+_BASE = {"hyper": {"aug_lr": 0.1}}
+#: one knob of ``_BASE`` changed at a time (the frontier's points)
+_KNOBS: Dict[str, Dict[str, Any]] = {
     "expand-reduce": {"curvature": {"approx": "expand"}},
+    "type-2 fits": {"curvature": {"fisher_type": "type-2"}},
     "constant hyper lr": {"hyper": {"schedule": "constant"}},
     "selection full, every update": {"hyper": {"selection": "full", "selection_every": 1}},
     "update every 2nd epoch": {"hyper": {"frequency": 2}},
     "+3 prior-only steps": {"hyper": {"prior_steps": 3}},
     "S=4 copies": {"hyper": {"n_samples": 4}},
+}
+#: name -> config overrides of a marglik run (over the shipped defaults); ``default`` is the shipped default
+PROTOCOLS: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "v0": _V0,
+    "v0 + train_samples=1, cosine": {"hyper": {**_V0["hyper"], "train_samples": 1, "schedule": "cosine"},
+                                     "curvature": _V0["curvature"]},
+    "aug_lr=0.1": _BASE,
+    **{f"aug_lr=0.1, {k}": {s: {**_BASE.get(s, {}), **v.get(s, {})} for s in {*_BASE, *v}} for k, v in _KNOBS.items()},
 }
 
 
@@ -188,12 +195,15 @@ def job(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _key(r: Dict[str, Any]) -> tuple:
-    return (r["setting"], r["seed"], r["kind"], r.get("protocol"))
+    return (r.get("sitting", 0), r["setting"], r["seed"], r["kind"], r.get("protocol") or "")
 
 
 def units(data: Dict[str, Any]) -> Dict[tuple, float]:
-    """Seconds of one standard training per (setting, seed): its own ``standard`` job."""
-    return {(r["setting"], r["seed"]): r["cpu_seconds"] for r in data["jobs"] if r["kind"] == "standard"}
+    """Seconds of one standard training per (sitting, setting, seed): the ``standard`` job of the same
+    sitting (one invocation of this script; CPU seconds of the same work differ between sittings by
+    the machine's load), so every cost is a ratio measured in one sitting."""
+    return {(r.get("sitting", 0), r["setting"], r["seed"]): r["cpu_seconds"]
+            for r in data["jobs"] if r["kind"] == "standard"}
 
 
 def _mean(xs: List[float]) -> float:
@@ -216,7 +226,7 @@ def summarise(data: Dict[str, Any]) -> Dict[str, Any]:
             d.setdefault(k, []).append(v)
 
     for r in data["jobs"]:
-        u = unit.get((r["setting"], r["seed"]))
+        u = unit.get((r.get("sitting", 0), r["setting"], r["seed"]))
         if u is None or "error" in r:
             continue
         s, seed = r["setting"], r["seed"]
@@ -247,7 +257,8 @@ def render(data: Dict[str, Any]) -> str:
              f"Digits, `model=cnn`, {data['epochs']} epochs, seeds {sorted({r['seed'] for r in data['jobs']})}; "
              "every job single-threaded, cost in process CPU seconds divided by the same seed and setting's "
              "*standard training* (the same network, fixed hyperparameters, one augmented copy, the same epochs). "
-             "Commands (one sitting each, in order): " + "; ".join(f"`{c}`" for c in data["commands"]) + ".", "",
+             "Sittings (each an invocation with its own standard trainings, numbered from 0 in this order): "
+             + "; ".join(f"`{c}`" for c in data["commands"] if "--merge" not in c) + ".", "",
              f"Grid: weight decay {list(data['weight_decays'])} (prior precision delta = wd x N) x rotation range "
              f"{list(data['rotations'])} degrees, one fresh random rotation per example per step, fixed stratified "
              "80/20 split, pick by validation NLL, retrain the pick on all training data. The bound trains every "
@@ -327,14 +338,15 @@ def main(argv: List[str]) -> None:
     ap.add_argument("--note", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny grid and 3 epochs (smoke test)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
-                    help="add the jobs of these result JSONs (other sittings on this machine) that --out's JSON lacks")
+                    help="add the jobs of these result JSONs (other sittings on this machine, each with its own standard "
+                         "trainings) to --out's JSON")
     a = ap.parse_args(argv)
     if a.merge:
         data = read_json(a.out, STEM)
         for path in a.merge:
             other = json.loads(Path(path).read_text())
-            keys = {_key(r) for r in data["jobs"]}  # a job already here (e.g. its standard training) stays
-            data["jobs"] = sorted(data["jobs"] + [r for r in other["jobs"] if _key(r) not in keys], key=_key)
+            sitting = 1 + max((r.get("sitting", 0) for r in data["jobs"]), default=0)
+            data["jobs"] = sorted(data["jobs"] + [{**r, "sitting": sitting} for r in other["jobs"]], key=_key)
             data["commands"] = [*data.get("commands", []), *other.get("commands", [])]
             data["protocols"] = {**data.get("protocols", {}), **other.get("protocols", {})}
         write_outputs(a.out, STEM, data, render, plot)

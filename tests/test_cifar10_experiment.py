@@ -93,6 +93,7 @@ def test_the_published_recipe_is_pinned_and_the_lean_one_uses_the_default_protoc
     for c in (pub, lean):  # the same network, data and MAP training
         assert (c.model.name, c.data.name, c.trainer.epochs, c.trainer.optimizer, c.trainer.lr) == \
             ("wrn16_4", "cifar10", 100, "sgd", 0.1)
-    for key in ("train_samples", "steps", "frequency", "schedule", "selection", "selection_every", "n_samples"):
+    for key in ("train_samples", "steps", "frequency", "schedule", "selection", "selection_every", "n_samples",
+                "aug_lr"):
         assert getattr(lean.hyper, key) == getattr(default.hyper, key), key
     assert lean.curvature.fisher_type == default.curvature.fisher_type == "mc" and not lean.hyper.batchwise

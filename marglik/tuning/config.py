@@ -211,8 +211,9 @@ class HyperConfig:
     (``results/marglik_vs_grid.md``, issue #28): MAP steps on one augmented copy
     (``train_samples=1``), one hyperstep per epoch after burn-in on 2 x 128 examples with ``S = 8``
     copies and a Monte-Carlo Fisher (``curvature.fisher_type=mc``, one backward pass instead of
-    ``C - 1``), cosine-decayed hyper learning rates, and the selection value on a fixed subset of 512
-    examples after every 5th update. Before it (``v0`` there): ``train_samples=S``, 2 hypersteps on
+    ``C - 1``), cosine-decayed hyper learning rates (``aug_lr=0.2``: with one step per update and the
+    cosine decay a range moves by at most about ``aug_lr x updates / 2`` radians, 0.1 capped it near
+    129 degrees), and the selection value on a fixed subset of 512 examples after every 5th update. Before it (``v0`` there): ``train_samples=S``, 2 hypersteps on
     4 x 128 with the type-2 GGN, constant hyper lrs and the whole-set selection value after every
     update, about 10x the cost at no better test NLL.
     """
@@ -220,7 +221,7 @@ class HyperConfig:
     prior_structure: PriorStructure = PriorStructure.layerwise  #: one prior precision, or one per parameter tensor
     prior_prec_init: float = 1.0  #: initial prior precision (weight decay)
     lr: float = 0.1  #: Adam lr of the log prior precision
-    aug_lr: float = 0.1  #: Adam lr of the augmentation ranges eta
+    aug_lr: float = 0.2  #: Adam lr of the augmentation ranges eta
     steps: int = 1  #: K hypersteps per marglik update
     #: P more hypersteps per update on the prior precision alone, reusing the last fit (no forward or backward pass)
     prior_steps: int = 0
