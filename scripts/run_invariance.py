@@ -306,22 +306,21 @@ shrink and the marginal likelihood rewards the invariance as long as the fit all
 over the copies puts mean_c (a a^T) there, which does not shrink, so the log-determinant gives the
 range no pull.
 
-What we see: expand-expand (the ablation) learns no invariance (its range peaks at 13 and 19
-degrees soon after burn-in, then decays: under 1 degree at the best-marglik checkpoint);
-its rows reproduce this file's former `expand` rows to the last digit (same seeds), as do
-reduce-reduce and the `none` rows, which confirms that `copies_approx=None` keeps the old engine.
-Reducing over the copies is what matters: expand-reduce learns more of the true range than
-reduce-reduce (64 vs 39 of 90 degrees, 178 vs 155 of 180), plausibly because the per-pixel mean
-over rotated copies shrinks faster than the mean over the whole image, which rotation barely
-changes in the first layers. The two reduced-copies flavours give the same test accuracy within
-1.1 points (4 of 360 test images) and both beat no augmentation and expand-expand at R = 180;
-expand-reduce has the best test NLL at R = 90. Their log marglik values are each flavour's own
-estimate and are not comparable across flavours (expand-expand's is the highest at R = 90 because
-its curvature is too small, not because its model is better). The cost ranking follows the work
-per step (in-process timing above, ratio of minima): reduce-reduce forms each layer's input and
-gradient sums once per image (1.00), expand-reduce Gram matrices over the pixels of the
-copy-averaged image (1.16x), expand-expand over the pixels of every copy (1.98x). The forward pass,
-the S-fold backward passes and the eigendecompositions are shared by all three.
+What we see (the default job's protocol, issue #28: an MC Fisher, one hyperstep per epoch, cosine
+hyper lrs, hyper.aug_lr=0.2): expand-expand (the ablation) learns little invariance (8 of 90
+degrees; 78 of 180). Reducing over the copies is what matters: reduce-reduce learns 79 of 90 degrees
+and 162 of 180, expand-reduce 83 and 157, and both beat no augmentation (2-3 points of test accuracy
+at R = 90, 6-8 at R = 180). Under the protocol before (the type-2 GGN, two hypersteps per update,
+constant hyper lrs) reduce-reduce learned less than expand-reduce (39 vs 64 of 90 degrees): the
+per-pixel mean over rotated copies shrinks faster than the mean over the whole image, which rotation
+barely changes (results/reduce_invariance.md); with the MC Fisher both flavours learn the range
+(results/marglik_vs_grid.md: three seeds). The log marglik values are each flavour's own estimate and
+are not comparable across flavours (expand-expand's is the highest at R = 90 because its curvature
+is too small, not because its model is better). The cost ranking follows the work per step
+(in-process timing above, ratio of minima): reduce-reduce forms each layer's input and gradient sums
+once per image, expand-reduce Gram matrices over the pixels of the copy-averaged image,
+expand-expand over the pixels of every copy. The forward pass, the backward passes and the
+eigendecompositions are shared by all three.
 """
 
 

@@ -252,10 +252,11 @@ def test_tuning_run_with_auto(tmp_path):
 
 def test_checkpoints_written_before_approx_layers_still_resume():
     from marglik.tuning.config import Config
-    from marglik.tuning.config_checks import resume_diff
 
     old = Config().to_dict()
     del old["curvature"]["approx_layers"]
-    assert resume_diff(Config(), old, ()) == []
+    assert Config().resume_diff(old) == []  # Config.IMPLIED_BEFORE: a checkpoint without the key had {}
     now = Config.from_dict(curvature={"approx_layers": {"features.0": "expand"}})
-    assert any(d.startswith("curvature.approx_layers") for d in resume_diff(now, old, ()))
+    assert any(d.startswith("curvature.approx_layers") for d in now.resume_diff(old))
+    saved = now.to_dict()  # a checkpoint written with a mapping resumes under the same mapping
+    assert now.resume_diff(saved) == []
