@@ -29,6 +29,7 @@ PAGES=(
   "auto_examples/index.html gallery_index 1300"
   "reference/api.html api 2400"
   "reference/cli.html cli 1800"
+  "results/marglik_vs_grid.html results_marglik_vs_grid 2400"
 )
 for entry in "${PAGES[@]}"; do
   read -r page name height <<<"$entry"
