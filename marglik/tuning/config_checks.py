@@ -74,7 +74,8 @@ def validate_config(cfg: "Config") -> None:
     check(not h.batchwise or c.backend == "marglik", "hyper.batchwise",
           "false with a laplace-torch backend (its fit keeps no factor sums to take the gradient through)")
     check(not h.batchwise or c.fisher_type != "mc", "hyper.batchwise",
-          "false with curvature.fisher_type=mc (the two passes would draw different labels)")
+          "false with curvature.fisher_type=mc (the default: the two passes would draw different labels), or "
+          "curvature.fisher_type=type-2 with it")
     check(t.epochs >= 0, "trainer.epochs", "an integer >= 0")
     check(t.batch_size >= 1, "trainer.batch_size", "an integer >= 1")
     check(t.lr > 0, "trainer.lr", "a number > 0")
