@@ -45,6 +45,13 @@ STANDARD = {"weight_decay": 1e-3, "degrees": 30.0}
 _V0 = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
                  "schedule": "constant", "selection": "full", "selection_every": 1},
        "curvature": {"fisher_type": "type-2", "approx": "reduce", "copies_approx": "reduce"}}
+def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
 #: the protocol the frontier's knobs were measured from: the shipped default but ``hyper.aug_lr=0.1``
 _BASE = {"hyper": {"aug_lr": 0.1}}
 #: one knob of ``_BASE`` changed at a time (the frontier's points)
@@ -64,7 +71,7 @@ PROTOCOLS: Dict[str, Dict[str, Any]] = {
     "v0 + train_samples=1, cosine": {"hyper": {**_V0["hyper"], "train_samples": 1, "schedule": "cosine"},
                                      "curvature": _V0["curvature"]},
     "aug_lr=0.1": _BASE,
-    **{f"aug_lr=0.1, {k}": {s: {**_BASE.get(s, {}), **v.get(s, {})} for s in {*_BASE, *v}} for k, v in _KNOBS.items()},
+    **{f"aug_lr=0.1, {k}": _merge(_BASE, v) for k, v in _KNOBS.items()},
 }
 
 
@@ -85,13 +92,6 @@ def protocol(name: str) -> Dict[str, Any]:
                 pass
         v = {"null": None, "true": True, "false": False}.get(value, v)
         out.setdefault(section, {})[field] = v
-    return out
-
-
-def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
-    for k, v in b.items():
-        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
     return out
 
 

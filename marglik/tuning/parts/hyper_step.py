@@ -21,6 +21,9 @@ from .hyperparams import Augmenter, PriorPrecision
 from .laplace_fit import LaplaceMarglik
 from .nonfinite import NonFiniteValue
 
+#: the parts of a hyperstep timed in ``HyperStep.phase_seconds``
+PHASES = ("fit", "log_marglik", "gradient")
+
 
 def sync(device: torch.device) -> None:
     """Wait for the device (honest timings on CUDA)."""
@@ -73,7 +76,7 @@ class HyperStep:
         self.n_fits = 0
         #: seconds spent in the fits (forward and backward passes, factors), the log marglik (log det)
         #: and its gradient; a batchwise step counts all three as ``fit``
-        self.phase_seconds: Dict[str, float] = {"fit": 0.0, "log_marglik": 0.0, "gradient": 0.0}
+        self.phase_seconds: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     def _lap(self, phase: str, since: float) -> float:
         """Add the seconds since ``since`` to ``phase_seconds[phase]`` (device synchronised); returns now."""
@@ -210,4 +213,4 @@ class HyperStep:
         self.cached_step_seconds = list(state["cached_step_seconds"])
         self.n_fits = state["n_fits"]
         # checkpoints written before the phase split lack it: their phases start at zero
-        self.phase_seconds = dict(state.get("phase_seconds", {"fit": 0.0, "log_marglik": 0.0, "gradient": 0.0}))
+        self.phase_seconds = dict(state.get("phase_seconds", dict.fromkeys(PHASES, 0.0)))
