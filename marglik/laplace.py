@@ -78,8 +78,8 @@ class KronLaplace(GLMPredictive):
         copies_approx: how augmented copies flattened into the batch enter the factors,
             ``"expand"`` / ``"reduce"``, or ``None`` (the same as ``approx``); see
             :class:`marglik.KFAC`.
-        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: labels sampled per output for ``fisher_type="mc"``.
+        fisher_type: ``"type-2"``, ``"mc"``, ``"mc-root"`` or ``"empirical"`` (:class:`marglik.KFAC`).
+        mc_samples: samples per output for ``fisher_type="mc"`` / ``"mc-root"``.
         prior_precision: ``P_0``: a float / 0-d tensor (scalar), a ``(L,)`` tensor with one entry
             per parameter tensor of the covered parameters (layerwise, laplace-torch's convention;
             ``L = len(self.params)``), or a ``(P,)`` tensor (diagonal). Must be positive.

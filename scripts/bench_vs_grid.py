@@ -13,6 +13,8 @@ job after another in ``--workers`` processes (each job's *process CPU seconds*):
 * ``standard``: one *standard training* (the same network, fixed hyperparameters -- weight decay
   1e-3, rotation 30 degrees -- one augmented copy, the same epochs): the unit of cost;
 * one marglik tuning run per protocol in :data:`PROTOCOLS` (``default``: the shipped defaults;
+  ``sampled-label mc`` and ``type-2 fits``: the same with ``curvature.fisher_type=mc`` (the default
+  before ``mc-root``) or ``type-2`` (the exact GGN);
   ``v0``: the defaults before issue #28; the others: points of the cost/quality frontier).
 
 Writes ``results/marglik_vs_grid.{json,md,png}``; markdown and figure render from the JSON alone
@@ -52,8 +54,10 @@ def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-#: the protocol the frontier's knobs were measured from: the shipped default but ``hyper.aug_lr=0.1``
-_BASE = {"hyper": {"aug_lr": 0.1}}
+#: the protocol the frontier's knobs were measured from: the shipped default but ``hyper.aug_lr=0.1`` and the
+#: sampled-label MC Fisher (``mc``, the default until ``mc-root`` replaced it)
+_MC = {"curvature": {"fisher_type": "mc"}}
+_BASE = _merge(_MC, {"hyper": {"aug_lr": 0.1}})
 #: one knob of ``_BASE`` changed at a time (the frontier's points)
 _KNOBS: Dict[str, Dict[str, Any]] = {
     "expand-reduce": {"curvature": {"approx": "expand"}},
@@ -67,11 +71,13 @@ _KNOBS: Dict[str, Dict[str, Any]] = {
 #: name -> config overrides of a marglik run (over the shipped defaults); ``default`` is the shipped default
 PROTOCOLS: Dict[str, Dict[str, Any]] = {
     "default": {},
+    "sampled-label mc": _MC,
+    "type-2 fits": {"curvature": {"fisher_type": "type-2"}},
     "v0": _V0,
     "v0 + train_samples=1, cosine": {"hyper": {**_V0["hyper"], "train_samples": 1, "schedule": "cosine"},
                                      "curvature": _V0["curvature"]},
-    "aug_lr=0.1": _BASE,
-    **{f"aug_lr=0.1, {k}": _merge(_BASE, v) for k, v in _KNOBS.items()},
+    "mc, aug_lr=0.1": _BASE,
+    **{f"mc, aug_lr=0.1, {k}": _merge(_BASE, v) for k, v in _KNOBS.items()},
 }
 
 
@@ -294,11 +300,12 @@ def render(data: Dict[str, Any]) -> str:
 
 
 def _short(method: str) -> str:
-    """A figure label: the knob of a frontier point (its base, ``aug_lr=0.1``, named once), the grid's variants."""
+    """A figure label: the knob of a frontier point (its base, ``mc, aug_lr=0.1``, named once), the grid's variants."""
     m = method.replace("marglik ", "")
-    if m.startswith("aug_lr=0.1, "):
-        return m[len("aug_lr=0.1, "):]
-    return {"aug_lr=0.1": "base (aug_lr=0.1)", "grid (val. NLL pick, retrained)": "grid",
+    if m.startswith("mc, aug_lr=0.1, "):
+        return m[len("mc, aug_lr=0.1, "):]
+    return {"mc, aug_lr=0.1": "base (mc, aug_lr=0.1)", "type-2 fits": "default, type-2", "sampled-label mc":
+            "default, sampled-label mc", "grid (val. NLL pick, retrained)": "grid",
             f"grid, averaged over {TEST_COPIES} rotations at test": f"grid, {TEST_COPIES} rotations at test",
             "best cell in hindsight (bound)": "hindsight bound"}.get(m, m)
 

@@ -306,15 +306,15 @@ shrink and the marginal likelihood rewards the invariance as long as the fit all
 over the copies puts mean_c (a a^T) there, which does not shrink, so the log-determinant gives the
 range no pull.
 
-What we see (the default job's protocol, issue #28: an MC Fisher, one hyperstep per epoch, cosine
-hyper lrs, hyper.aug_lr=0.2): expand-expand (the ablation) learns little invariance (8 of 90
-degrees; 78 of 180). Reducing over the copies is what matters: reduce-reduce learns 79 of 90 degrees
-and 162 of 180, expand-reduce 83 and 157, and both beat no augmentation (2-3 points of test accuracy
-at R = 90, 6-8 at R = 180). Under the protocol before (the type-2 GGN, two hypersteps per update,
-constant hyper lrs) reduce-reduce learned less than expand-reduce (39 vs 64 of 90 degrees): the
-per-pixel mean over rotated copies shrinks faster than the mean over the whole image, which rotation
-barely changes (results/reduce_invariance.md); with the MC Fisher both flavours learn the range
-(results/marglik_vs_grid.md: three seeds). The log marglik values are each flavour's own estimate and
+What we see (the default job's protocol, issue #28: the mc-root Monte-Carlo GGN, one hyperstep per
+epoch, cosine hyper lrs, hyper.aug_lr=0.2): expand-expand (the ablation) learns little invariance (2 of
+90 degrees; 57 of 180). Reducing over the copies is what matters: reduce-reduce learns 72 of 90
+degrees and 185 of 180, expand-reduce 79 and 163, and both beat no augmentation (2-3 points of test
+accuracy at R = 90, 6-8 at R = 180). Under the protocol before (the type-2 GGN, two hypersteps per
+update, constant hyper lrs) reduce-reduce learned less than expand-reduce (39 vs 64 of 90 degrees):
+its pull on the range is weaker (results/reduce_invariance.md), but under the default protocol both
+flavours learn the range in every seed (results/marglik_vs_grid.md: six seeds, and the type-2 GGN
+learns the same there at twice the cost). The log marglik values are each flavour's own estimate and
 are not comparable across flavours (expand-expand's is the highest at R = 90 because its curvature
 is too small, not because its model is better). The cost ranking follows the work per step
 (in-process timing above, ratio of minima): reduce-reduce forms each layer's input and gradient sums

@@ -18,11 +18,32 @@ DEFAULTS: Dict[str, Any] = {
     "marglik_batch_size": 64, "selection_size": 512, "wandb": "disabled",
 }
 
-#: (augmentation, approx, copies_approx, number of seeds)
+#: (augmentation, approx, copies_approx, number of seeds or a tuple of seeds)
 ARMS: List[Tuple[bool, str, str, int]] = [
     (True, "expand", "reduce", 3), (True, "reduce", "reduce", 3), (True, "expand", "expand", 1),
     (False, "expand", "reduce", 1), (False, "reduce", "reduce", 1),
 ]
+
+#: ``curvature.approx`` labels of per-layer assignments: label -> (base flavour, ``approx_layers``)
+MIXED: Dict[str, Tuple[str, Dict[str, str]]] = {"reduce[block2=expand]": ("reduce", {"block2": "expand"})}
+#: ablation labels: label -> (flavour, overrides of the protocol's config): one change of the lean
+#: protocol each, to attribute what it learns (not flavours: not in the hyperstep timing)
+ABLATIONS: Dict[str, Tuple[str, Dict[str, Dict[str, Any]]]] = {
+    "reduce[type-2]": ("reduce", {"curvature": {"fisher_type": "type-2"}}),
+    "reduce[train-S]": ("reduce", {"hyper": {"train_samples": None}}),
+}
+
+#: the run protocols: ``study`` (the committed study, type-2 fits, training on the S copies) and
+#: ``lean`` (issue #28's default protocol applied to the study: mc-root fits, MAP steps on one
+#: copy, one hyperstep every epoch; everything else as the study), with their arms
+PROTOCOLS: Dict[str, Dict[str, Any]] = {
+    "study": {"fisher_type": "type-2", "train_samples": None, "frequency": 2, "steps": 3, "arms": ARMS},
+    "lean": {"fisher_type": "mc-root", "train_samples": 1, "frequency": 1, "steps": 1,
+             "arms": [(True, "expand", "reduce", 3), (True, "reduce", "reduce", 3),
+                      (True, "reduce[block2=expand]", "reduce", 3),
+                      # ablations on seed 1 (where the study's reduce-reduce learned 2.5 degrees)
+                      (True, "reduce[type-2]", "reduce", (1,)), (True, "reduce[train-S]", "reduce", (1,))]},
+}
 PROTOCOL_NOTES = """
 Why this protocol. *Task*: the digits are the only image data that ship with a package; rotating
 each image by a fixed angle in [-90, 90] degrees makes rotation invariance a hyperparameter with a
@@ -52,21 +73,55 @@ images (`hyper.selection=subset`: the whole set costs ~3x more per update).
 
 
 
+LEAN_NOTES = """
+The lean protocol (`--protocol lean`, issue #28's default run protocol on this study): Monte-Carlo
+GGN fits (`curvature.fisher_type=mc-root`: one backward pass of the loss Hessian's root times random
+signs per hyperstep instead of type-2's C - 1 = 9), MAP steps on one augmented copy (`hyper.train_samples=1`; the fits and the test predictions
+keep S = 4), one hyperstep every epoch after the burn-in (26 hypersteps instead of 39); batches,
+learning rates, schedule and selection as the study. Third arm: reduce-reduce with stage 2 expanded
+(`curvature.approx=reduce +curvature.approx_layers={block2:expand}`), the per-layer assignment of
+`results/reduce_invariance.md` that keeps 66% of expand's log-det reward at 1.05x reduce-reduce's
+hyperstep cost. Ablations of reduce-reduce on seed 1 (where the study's reduce-reduce learned 2.5
+degrees), one change back towards the study each: `reduce[type-2]` (the type-2 GGN) and
+`reduce[train-S]` (MAP steps on the S = 4 copies).
+""".strip()
+
+
 def default_args() -> argparse.Namespace:
     """The protocol options at their defaults (the committed study's)."""
-    return argparse.Namespace(**DEFAULTS)
+    return argparse.Namespace(**DEFAULTS, protocol="study")
+
+
+def protocol_of(args) -> Dict[str, Any]:
+    """The run protocol named by ``args.protocol`` (``study`` where absent)."""
+    return PROTOCOLS[getattr(args, "protocol", "study")]
 
 
 def job_config(args, aug: bool, approx: str, copies: str, seed: int) -> Dict[str, Any]:
-    """The tuning config of one run (see :data:`PROTOCOL_NOTES`)."""
+    """The tuning config of one run (see :data:`PROTOCOL_NOTES`). ``approx`` is a flavour, a label
+    of :data:`MIXED` (a per-layer assignment) or of :data:`ABLATIONS`."""
+    proto = protocol_of(args)
+    approx, extra = ABLATIONS.get(approx, (approx, {}))
+    approx, layers = MIXED.get(approx, (approx, {}))
+    curvature = {"approx": approx, "copies_approx": copies, "fisher_type": proto["fisher_type"]}
+    if layers:
+        curvature["approx_layers"] = dict(layers)
+    cfg = _job_config(args, proto, curvature, aug, seed)
+    for section, values in extra.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def _job_config(args, proto: Dict[str, Any], curvature: Dict[str, Any], aug: bool, seed: int) -> Dict[str, Any]:
     return dict(
         data={"name": "digits", "rotation": float(args.rotation), "train_size": args.train_size, "seed": 0},
         model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
-        curvature={"approx": approx, "copies_approx": copies, "fisher_type": "type-2"},
+        curvature=curvature,
         hyper={"prior_structure": "layerwise", "prior_prec_init": args.prior_prec_init, "lr": args.hyper_lr,
                "aug_lr": args.aug_lr, "steps": args.steps, "frequency": args.frequency, "burn_in": args.burn_in,
                "schedule": "cosine", "augmentation": aug, "generators": ["rotation"],
                "n_samples": args.n_samples, "n_samples_test": args.n_samples,
+               "train_samples": proto["train_samples"],
                "marglik_batches": args.marglik_batches, "marglik_batch_size": args.marglik_batch_size,
                "selection": "subset", "selection_size": args.selection_size},
         trainer={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_min": 1e-6,

@@ -96,4 +96,4 @@ def test_the_published_recipe_is_pinned_and_the_lean_one_uses_the_default_protoc
     for key in ("train_samples", "steps", "frequency", "schedule", "selection", "selection_every", "n_samples",
                 "aug_lr"):
         assert getattr(lean.hyper, key) == getattr(default.hyper, key), key
-    assert lean.curvature.fisher_type == default.curvature.fisher_type == "mc" and not lean.hyper.batchwise
+    assert lean.curvature.fisher_type == default.curvature.fisher_type == "mc-root" and not lean.hyper.batchwise

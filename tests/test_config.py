@@ -29,7 +29,7 @@ def test_cli_defaults_are_the_dataclass_defaults():
 def test_enums_compare_as_strings_and_serialise_plainly():
     cfg = Config.from_dict(curvature={"approx": "expand", "fisher_type": "type-2"})
     assert cfg.curvature.approx == "expand" and f"{cfg.curvature.approx}" == "expand"
-    assert cfg.curvature.fisher_type == "type-2" and Config().curvature.fisher_type == "mc"
+    assert cfg.curvature.fisher_type == "type-2" and Config().curvature.fisher_type == "mc-root"
     d = cfg.to_dict()
     assert d["curvature"] == {"approx": "expand", "approx_layers": {}, "fisher_type": "type-2", "mc_samples": 1,
                               "copies_approx": "reduce",
@@ -116,7 +116,7 @@ def test_every_yaml_variant_composes_and_validates():
 def test_compose_errors_name_key_value_and_allowed():
     cases = {
         "trainer.epochs=abc": "trainer.epochs=abc: wrong type; allowed: an integer",
-        "curvature.fisher_type=type2": "curvature.fisher_type=type2: not a valid choice; allowed: one of type-2, mc, empirical",
+        "curvature.fisher_type=type2": "curvature.fisher_type=type2: not a valid choice; allowed: one of type-2, mc, mc-root, empirical",
         "hyper.generators=[rotation,foo]": "hyper.generators=[rotation, foo]: wrong type; allowed: a list of values from",
         "trainer.epoch=3": "trainer.epoch=3: unknown key (did you mean trainer.epochs?)",
         "+trainer.foo=1": "trainer.foo=1: unknown key",

@@ -199,4 +199,4 @@ def test_the_default_protocol_is_the_documented_one():
     assert (h.train_samples, h.n_samples, h.steps, h.prior_steps, h.frequency, h.burn_in) == (1, 8, 1, 0, 1, 5)
     assert (h.marglik_batches, h.marglik_batch_size, h.schedule, h.lr, h.aug_lr) == (2, 128, "cosine", 0.1, 0.2)
     assert (h.selection, h.selection_size, h.selection_every) == ("subset", 512, 5)
-    assert (c.curvature.fisher_type, c.curvature.approx, c.curvature.copies_approx) == ("mc", "reduce", "reduce")
+    assert (c.curvature.fisher_type, c.curvature.approx, c.curvature.copies_approx) == ("mc-root", "reduce", "reduce")

@@ -120,8 +120,11 @@ class KFAC:
             (expand on convolutions, reduce elsewhere), or ``{module name | type | type name | "*":
             flavour}`` per layer (:func:`~marglik.curvature.flavours.assign_flavours`; :attr:`flavours`).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (sampled labels),
-            ``"empirical"`` (true labels).
-        mc_samples: number of sampled labels per output position for ``"mc"`` (>= 1).
+            ``"mc-root"`` (the roots times random signs: like ``"mc"`` one backward column per
+            sample, and unbiased for the derivative of the GGN too, see
+            :mod:`marglik.curvature.likelihoods`), ``"empirical"`` (true labels).
+        mc_samples: number of sampled labels (``"mc"``) or sign vectors (``"mc-root"``) per output
+            position (>= 1).
         differentiable: keep the autograd graph from the factors to the inputs and parameters
             (e.g. to learn augmentation parameters by marginal likelihood). Default ``False`` runs
             the factor arithmetic under ``no_grad``.

@@ -43,10 +43,22 @@ class Likelihood(StrOption):
 
 
 class FisherType(StrOption):
-    """Which curvature: the GGN with exact loss-Hessian square roots, or a Fisher estimate."""
+    """Which curvature: the GGN with exact loss-Hessian square roots, or a Fisher estimate.
+
+    * ``type-2``: the exact GGN (``C - 1`` or ``C`` backward columns);
+    * ``mc``: gradients at labels sampled from the model (one column per sample), the MC Fisher of
+      laplace-torch, curvlinops and ASDL;
+    * ``mc-root``: the loss Hessian's square root times a random sign vector, ``sqrt(Lambda) z``
+      with ``z`` Rademacher (one column per sample): unbiased for the GGN like ``mc`` at the same
+      cost, and also unbiased for the GGN's *derivative* with respect to what the outputs depend
+      on (augmentation ranges), which ``mc``'s sampled labels are not (see
+      :mod:`marglik.curvature.likelihoods`);
+    * ``empirical``: gradients at the true labels.
+    """
 
     TYPE2 = "type-2"
     MC = "mc"
+    MC_ROOT = "mc-root"
     EMPIRICAL = "empirical"
 
 

@@ -124,8 +124,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         damping: Tikhonov damping ``lambda`` added to the per-example curvature (> 0).
         approx: ``"expand"`` or ``"reduce"``: how weight-sharing axes (tokens, nodes, pixels)
             enter the factors.
-        fisher_type: ``"mc"`` (labels sampled from the model; default), ``"type-2"`` (exact GGN,
-            ``C`` backward columns) or ``"empirical"`` (true labels).
+        fisher_type: ``"mc"`` (labels sampled from the model; default), ``"mc-root"`` (the loss
+            Hessian's root times random signs; one column too), ``"type-2"`` (exact GGN, ``C``
+            backward columns) or ``"empirical"`` (true labels).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"`` (see
             :class:`marglik.KFAC`).
         factor_update_every: recompute factors on steps ``0, k, 2k, ...``.

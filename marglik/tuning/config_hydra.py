@@ -16,6 +16,14 @@ from .choices import DataName
 from .config import MODEL_SCHEMAS, CurvatureConfig, DataConfig, HyperConfig, LoggerConfig, TrainerConfig
 
 
+def _curvature_unresolved() -> CurvatureConfig:
+    """The ``curvature`` defaults with ``fisher_type`` left ``null``: it resolves from the composed
+    ``curvature.backend`` (:class:`~marglik.tuning.config.CurvatureConfig`), not from the default one."""
+    c = CurvatureConfig()
+    c.fisher_type = None
+    return c
+
+
 @dataclass
 class HydraSchema:
     """The root node the CLI composes (``marglik_schema`` in the ConfigStore); ``model`` is filled
@@ -23,7 +31,7 @@ class HydraSchema:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = None
-    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    curvature: CurvatureConfig = field(default_factory=_curvature_unresolved)
     hyper: HyperConfig = field(default_factory=HyperConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
