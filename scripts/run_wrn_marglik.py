@@ -265,13 +265,16 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     runs = sorted([r for r in data["runs"] if "error" not in r], key=lambda r: (_ORDER.get(flavour_label(r), 9), r["seed"]))
     arms = arm_table(runs)
     colors = {a["label"]: f"C{i}" for i, a in enumerate(arms)}
+    first: Dict[str, Dict[str, Any]] = {}
+    for r in runs:  # the first run of an arm carries its legend entry (an arm may lack seed 0)
+        first.setdefault(r["arm"], r)
     fig, axes = plt.subplots(1, 5, figsize=(23, 4))
     ax = axes[0]
     for r in runs:
         if r["augmentation"]:
             rot = r["history"].get("aug_rotation") or []
             ax.plot(range(1, len(rot) + 1), rot, color=colors[flavour_label(r)], alpha=0.8,
-                    label=flavour_label(r) if r["seed"] == 0 else None)
+                    label=flavour_label(r) if r is first[r["arm"]] else None)
     ax.axhline(data["setup"]["rotation"], color="k", ls="--", lw=1, label="true range")
     ax.set(xlabel="epoch", ylabel="learned rotation (deg)", title="learned rotation range")
     ax.legend(fontsize=7)
@@ -279,14 +282,14 @@ def plot(data: Dict[str, Any], path: Path) -> None:
     for r in runs:
         acc = r["history"].get("train_acc") or []
         ax.plot(range(1, len(acc) + 1), acc, color=colors[flavour_label(r)], ls="-" if r["augmentation"] else ":",
-                alpha=0.8, label=flavour_label(r) if r["seed"] == 0 else None)
+                alpha=0.8, label=flavour_label(r) if r is first[r["arm"]] else None)
     ax.set(xlabel="epoch", title="training accuracy")
     ax.legend(fontsize=7)
     ax = axes[2]
     for r in runs:
         prec = [math.log(v) for v in (r["history"].get("prior_prec_mean") or []) if v]
         ax.plot(range(1, len(prec) + 1), prec, color=colors[flavour_label(r)], ls="-" if r["augmentation"] else ":",
-                alpha=0.8, label=flavour_label(r) if r["seed"] == 0 else None)
+                alpha=0.8, label=flavour_label(r) if r is first[r["arm"]] else None)
     ax.set(xlabel="epoch", title="log of the mean prior precision")
     ax.legend(fontsize=7)
     for ax, key, title in ((axes[3], "test_accuracy", "test accuracy (± s.e.)"),
@@ -295,7 +298,8 @@ def plot(data: Dict[str, Any], path: Path) -> None:
         errs = [a[key + "_se"] or 0.0 for a in arms]
         ax.bar(range(len(arms)), vals, yerr=errs, color=[colors[a["label"]] for a in arms], capsize=3)
         ax.set_xticks(range(len(arms)))
-        ax.set_xticklabels([("aug\n" if a["augmentation"] else "none\n") + a["label"] for a in arms], fontsize=7)
+        ax.set_xticklabels([("aug\n" if a["augmentation"] else "none\n") + a["label"].replace("[", "\n[")
+                            for a in arms], fontsize=6)
         ax.set_title(title)
         finite = [v for v in vals if v == v]
         if finite and key == "test_accuracy":

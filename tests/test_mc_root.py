@@ -1,6 +1,7 @@
 """``fisher_type="mc-root"``: the loss Hessian's root times Rademacher signs
 (:func:`marglik.curvature.likelihoods.root_times`). Checked exactly in float64 by enumerating every
-sign vector: its columns' outer products average to the type-2 Hessian, and so do their derivatives
+sign vector: its columns' outer products average to the type-2 Hessian (the K-FAC factors' convergence
+for every likelihood: ``tests/test_kfac_features.py::test_mc_converges_to_type2``), and so do their derivatives
 with respect to what the outputs depend on, which the sampled-label ``mc`` columns' derivatives do not
 (the negative control, and the reason the tuning default is ``mc-root``)."""
 
@@ -79,35 +80,6 @@ def test_derivative_is_unbiased_and_sampled_labels_miss_the_prediction_term(floa
     assert torch.allclose(sampled, (hessian(lik, f) * M).sum(), rtol=1e-10)
     # ... the derivative does not: the sampled-label one is zero in expectation through p
     assert abs(grad(sampled)) < 1e-12 and abs(exact) > 0.1
-
-
-@pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_kfac_mc_root_converges_to_the_type2_factors(approx, float64):
-    """Many sign vectors reproduce the exact GGN's K-FAC (positions that do not mix before the loss in
-    expand, averaged in reduce); two are noticeably noisy."""
-    torch.manual_seed(5)
-    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-
-    class PerPosition(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = mlp
-
-        def forward(self, x):
-            out = self.mlp(x)
-            return out.mean(1) if approx == "reduce" else out
-
-    model = PerPosition()
-    X = torch.randn(8, 2, 4)
-    y = torch.randint(0, 3, model(X).shape[:-1])
-    exact = marglik.KFAC(model, "classification", approx=approx).fit((X, y)).to_dense()
-    gen = torch.Generator().manual_seed(0)
-    many = marglik.KFAC(model, "classification", approx=approx, fisher_type="mc-root", mc_samples=4000,
-                        generator=gen).fit((X, y)).to_dense()
-    few = marglik.KFAC(model, "classification", approx=approx, fisher_type="mc-root", mc_samples=2,
-                       generator=gen).fit((X, y)).to_dense()
-    err = lambda a: float((a - exact).norm() / exact.norm())  # noqa: E731
-    assert err(many) < 0.05 and err(few) > 0.02
 
 
 def test_augmentation_gradient_matches_type2_in_expectation(float64):

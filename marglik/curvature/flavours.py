@@ -57,6 +57,13 @@ Rule ``"auto"``: expand on the Kronecker blocks of convolutions (their shared ax
 positions, which a spatial augmentation permutes), reduce on every other block (linear layers,
 attention, leaf parameters; norm-layer blocks are exact either way). Reduce's savings are kept where
 the shared axis is not spatial (tokens of a transformer's linear layers).
+
+A smaller reward is not no reward. Trained under the default run protocol (the ``mc-root`` estimate,
+MAP steps on one copy, one hyperstep per epoch), reduce-reduce learns the range on the digits CNN
+and on WRN-16-4 in every seed, at expand-reduce's test accuracy
+(``results/marglik_vs_grid.md``, ``results/wrn_marglik_lean.md``). ``"auto"`` therefore stays a
+choice, not the default: it is for protocols where reduce's range comes out too small (WRN-16-4 under
+the type-2 GGN with MAP steps on all copies learned 0.3-59 degrees of 90 with reduce).
 """
 
 from __future__ import annotations
