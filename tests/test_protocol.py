@@ -63,7 +63,7 @@ def test_map_steps_see_train_samples_copies_and_fits_see_n_samples():
 
 def test_selection_every_scores_the_due_updates_and_resumes_bit_exact(tmp_path):
     cfg = tiny(hyper={"selection_every": 2, "train_samples": 1, "n_samples": 2},
-               curvature={"fisher_type": "mc"}, trainer={"epochs": 5})
+               curvature={"fisher_type": "mc-root"}, trainer={"epochs": 5})
     ref = MarglikTuner(cfg, tmp_path / "ref")
     summary = ref.fit()
     hist = read_history(tmp_path / "ref" / "history.csv")

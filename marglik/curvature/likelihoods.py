@@ -28,7 +28,7 @@ the column is ``R z`` with ``R R^T = Lambda`` and ``z`` independent of ``f``, so
 a wider augmentation range makes predictions less confident, which raises ``Lambda`` and with it
 the log-determinant's Occam penalty; without it ``mc`` rewards ranges the data do not support
 (on upright digits the default job learned up to 5.4 degrees of rotation under ``mc``, at most
-1.0 under ``mc-root``, and ``type-2`` agrees with ``mc-root``: ``results/marglik_vs_grid.md``).
+1.2 under ``mc-root``, and ``type-2`` agrees with ``mc-root``: ``results/marglik_vs_grid.md``).
 
 Outputs with positions ``(N, *R, C)``: column ``k`` holds the ``k``-th square-root column of
 *every* position at once, so ``K = C`` (not ``R * C``) backward columns suffice -- the convention
