@@ -22,9 +22,12 @@ rows concatenated in order) gets its gradient w.r.t. the rows; batch ``b``'s row
 offset, and ``<G_R, R_b>`` has the same derivative w.r.t. ``eta`` as ``L`` through those rows. A dense sum
 takes ``<G, S_b>`` with ``S_b`` dense (``R_b^T R_b`` for a batch that came as rows). Both passes must see
 the same inputs: the caller replays the same augmentation noise (and the engine's forward is
-deterministic for a given input on a given device). ``fisher_type="mc"`` draws labels per batch and
-is not supported here; neither is ``torch.distributed`` (the all-reduced sums are not leaves of the
-local batches).
+deterministic for a given input on a given device). A Monte-Carlo estimate (``fisher_type="mc"`` or
+``"mc-root"``) draws its labels or signs per batch: the random state the first pass started from
+(``KFAC.generator``, else the global generators of the CPU and of the fit's CUDA device) is restored
+before the second pass, which then draws the same numbers batch by batch (:class:`_ReplayRandom`), and
+is left where the first pass left it. ``torch.distributed`` is not supported (the all-reduced sums are
+not leaves of the local batches).
 """
 
 from __future__ import annotations
@@ -139,10 +142,12 @@ def batchwise_gradients(la: Any, raw: Sequence[Any], make_batch: Callable[[Any],
         ``(log marglik (detached), its gradients w.r.t. wrt (None where unused), w.r.t. through)``;
         ``la`` is left fitted on the leaves.
     """
+    replay = _ReplayRandom(la.kfac)
     with torch.no_grad():
         first = [make_batch(r) for r in raw]
     leaves = la.fit_leaves(first, num_data=num_data)
     del first
+    replay.rewind()
     lml = log_marglik(la)
     g = torch.autograd.grad(lml, list(wrt) + [leaf.tensor for leaf in leaves], allow_unused=True)
     direct, leaf_grads = list(g[:len(wrt)]), list(g[len(wrt):])
@@ -155,4 +160,42 @@ def batchwise_gradients(la: Any, raw: Sequence[Any], make_batch: Callable[[Any],
                 if gi is not None:
                     acc[i] = acc[i] + gi
     check_consumed(leaves, offsets)
+    replay.finish()
     return lml.detach(), direct, acc
+
+
+class _ReplayRandom:
+    """The random state a Monte-Carlo fit draws from, saved before the first pass, restored before the
+    second (so that both draw the same labels or signs batch by batch), and set after the second pass
+    to where the first pass had left it. No-op for ``type-2`` and ``empirical``."""
+
+    def __init__(self, kfac: Any) -> None:
+        self.active = getattr(kfac, "fisher_type", None) in ("mc", "mc-root")
+        self.generator = getattr(kfac, "generator", None)
+        device = next((p.device for p in kfac.model.parameters()), torch.device("cpu")) if self.active else None
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
+        self.start = self._get() if self.active else None
+        self.after_first = None
+
+    def _get(self) -> Any:
+        if self.generator is not None:
+            return self.generator.get_state()
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None)
+
+    def _set(self, state: Any) -> None:
+        if self.generator is not None:
+            self.generator.set_state(state)
+            return
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def rewind(self) -> None:
+        if self.active:
+            self.after_first = self._get()
+            self._set(self.start)
+
+    def finish(self) -> None:
+        if self.active:
+            self._set(self.after_first)

@@ -73,9 +73,6 @@ def validate_config(cfg: "Config") -> None:
     check(h.selection_size >= 1, "hyper.selection_size", "an integer >= 1")
     check(not h.batchwise or c.backend == "marglik", "hyper.batchwise",
           "false with a laplace-torch backend (its fit keeps no factor sums to take the gradient through)")
-    check(not h.batchwise or c.fisher_type not in ("mc", "mc-root"), "hyper.batchwise",
-          f"false with curvature.fisher_type={c.fisher_type} (the two passes would draw different samples), or "
-          "curvature.fisher_type=type-2 with it")
     check(c.backend == "marglik" or c.fisher_type != "mc-root", "curvature.fisher_type",
           "type-2, mc or empirical with a laplace-torch backend (mc-root: curvature.backend=marglik)")
     check(t.epochs >= 0, "trainer.epochs", "an integer >= 0")
