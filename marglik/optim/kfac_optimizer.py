@@ -138,7 +138,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         kl_clip: KL clipping threshold (``None``: off); stored in ``param_groups[0]["kl_clip"]``
             (schedulable like ``lr`` and ``damping``).
         max_grad_norm: clip the joint gradient norm of all parameters first (``None``: off).
-        mc_samples: sampled labels per output for ``fisher_type="mc"``.
+        mc_samples: sampled labels or sign vectors per output for ``fisher_type="mc"`` / ``"mc-root"``.
         ignore_modules: modules (names, types, instances) to update first-order.
         auto_fallback: send modules without an engine rule that are first-order by type
             (``FIRST_ORDER_TYPES``) or marker (``marglik_first_order = True``) to the fallback

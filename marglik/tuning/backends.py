@@ -433,7 +433,7 @@ def _trial_fit(curvature: Any, model: nn.Module, batch: Tuple[Tensor, Tensor]) -
     """Fit the peer on ``batch``; ``None`` if it gives a finite log marginal likelihood, else why not
     (a :class:`BackendUnsupportedError`, whose message is complete, propagates).
 
-    The model's mode and gradients are restored; the global RNGs are forked (an MC Fisher's
+    The model's mode and gradients are restored; the global RNGs are forked (a Monte-Carlo estimate's
     sampling must not shift the run's random stream)."""
     was_training = model.training
     device = batch[0].device

@@ -58,7 +58,7 @@ def run_generators(seed: int) -> Dict[str, torch.Generator]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global RNGs (model initialisation, MC Fisher samples).
+    """Seed Python's, NumPy's and torch's global RNGs (model initialisation, Monte-Carlo curvature samples).
 
     Args:
         seed: the run's seed (reduced modulo ``2**32`` for NumPy).

@@ -66,7 +66,7 @@ class Selection:
         """The selection value at the current weights and hyperparameters.
 
         No gradient is kept. The global RNGs are forked and seeded from the run's seed for the
-        fit, so an MC Fisher draws the same labels every time and the run's own random streams are
+        fit, so a Monte-Carlo estimate draws the same signs or labels every time and the run's own random streams are
         not advanced: the value changes only when the weights or the hyperparameters do. Under
         ``torchrun`` each rank fits its shard of every batch and the fit all-reduces the sums, so
         every rank holds the global value.
