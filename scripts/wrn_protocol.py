@@ -106,14 +106,7 @@ def job_config(args, aug: bool, approx: str, copies: str, seed: int) -> Dict[str
     curvature = {"approx": approx, "copies_approx": copies, "fisher_type": proto["fisher_type"]}
     if layers:
         curvature["approx_layers"] = dict(layers)
-    cfg = _job_config(args, proto, curvature, aug, seed)
-    for section, values in extra.items():
-        cfg[section].update(values)
-    return cfg
-
-
-def _job_config(args, proto: Dict[str, Any], curvature: Dict[str, Any], aug: bool, seed: int) -> Dict[str, Any]:
-    return dict(
+    cfg = dict(
         data={"name": "digits", "rotation": float(args.rotation), "train_size": args.train_size, "seed": 0},
         model={"name": "wrn16_4", "norm": "fixup", "dropout": 0.0},
         curvature=curvature,
@@ -130,3 +123,6 @@ def _job_config(args, proto: Dict[str, Any], curvature: Dict[str, Any], aug: boo
                  "final_model": "best", "resume": "auto", "max_rollbacks": 10, "rollback_lr_factor": 0.5},
         logger={"mode": args.wandb, "group": f"wrn16_4-digits-rot{args.rotation:g}"},
     )
+    for section, values in extra.items():
+        cfg[section].update(values)
+    return cfg

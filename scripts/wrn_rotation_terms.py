@@ -34,7 +34,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -80,9 +80,10 @@ def burn_in_state(epochs: int, device: str) -> Dict[str, Any]:
             "config": cfg.to_dict()}
 
 
-def terms_at(tuner: Any, rotation_deg: float) -> Dict[str, float]:
-    """The log marglik terms (divided by N) at the rotation range ``rotation_deg``, from the selection
-    value's own fit (:meth:`marglik.tuning.parts.selection.Selection.fit`: same seeded noise), without gradient."""
+def fitted_at(tuner: Any, rotation_deg: float) -> Tuple[Any, float, float]:
+    """The selection value's own fit (:meth:`marglik.tuning.parts.selection.Selection.fit`: same seeded
+    noise) at the rotation range ``rotation_deg``, without gradient: ``(la, log marglik, seconds)``; the
+    log marglik sets ``la``'s prior precision to the run's. ``reduce_invariance.py`` uses it too."""
     sel = tuner.parts.selection
     with torch.no_grad():
         sel.augmenter.eta.fill_(math.radians(rotation_deg))
@@ -90,11 +91,17 @@ def terms_at(tuner: Any, rotation_deg: float) -> Dict[str, float]:
     t0 = time.perf_counter()
     la = sel.fit()
     with torch.no_grad():
-        lml = float(sel.laplace.log_marglik(la))  # sets la's prior precision to the run's
-        ll, ldr, sc = float(la.log_likelihood), float(la.log_det_ratio), float(la.scatter)
+        lml = float(sel.laplace.log_marglik(la))
+    return la, lml, time.perf_counter() - t0
+
+
+def terms_at(tuner: Any, rotation_deg: float) -> Dict[str, float]:
+    """The log marglik terms (divided by N) at the rotation range ``rotation_deg`` (:func:`fitted_at`)."""
+    la, lml, seconds = fitted_at(tuner, rotation_deg)
+    ll, ldr, sc = float(la.log_likelihood), float(la.log_det_ratio), float(la.scatter)
     N = tuner.N
     return {"rotation_deg": rotation_deg, "log_marglik": lml / N, "log_lik": ll / N, "half_log_det_ratio": 0.5 * ldr / N,
-            "half_scatter": 0.5 * sc / N, "seconds": time.perf_counter() - t0}
+            "half_scatter": 0.5 * sc / N, "seconds": seconds}
 
 
 def model_lines(m: Dict[str, Any]) -> List[str]:
