@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from benchlib import RESULTS
+from benchlib import RESULTS, V0_PROTOCOL
 from runner import portable_argv, read_json, render_outputs, run_pool, write_outputs
 
 STEM = "marglik_vs_grid"
@@ -44,9 +44,6 @@ WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 ROTATIONS = (0.0, 30.0, 60.0, 90.0, 180.0)
 TEST_COPIES = 8
 STANDARD = {"weight_decay": 1e-3, "degrees": 30.0}
-_V0 = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
-                 "schedule": "constant", "selection": "full", "selection_every": 1},
-       "curvature": {"fisher_type": "type-2", "approx": "reduce", "copies_approx": "reduce"}}
 def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
     for k, v in b.items():
@@ -54,6 +51,7 @@ def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+_V0 = _merge(V0_PROTOCOL, {"curvature": {"approx": "reduce", "copies_approx": "reduce"}})
 #: the protocol the frontier's knobs were measured from: the shipped default but ``hyper.aug_lr=0.1`` and the
 #: sampled-label MC Fisher (``mc``, the default until ``mc-root`` replaced it)
 _MC = {"curvature": {"fisher_type": "mc"}}

@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 CPU = torch.device("cpu")
 
+#: the default job's run protocol before issue #28 (``v0`` in ``results/marglik_vs_grid.md``), as config
+#: overrides: MAP steps on all S = 8 copies, two type-2 hypersteps on 4 x 128 examples per epoch, constant hyper
+#: lrs (aug_lr 0.1, the default then), the whole-set selection value after every update. The studies made under
+#: it (selection_digits, the digits-CNN parts of reduce_invariance, marglik_vs_grid's v0 rows) pin it, so that
+#: they reproduce under today's defaults.
+V0_PROTOCOL: Dict[str, Dict[str, Any]] = {
+    "hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
+              "schedule": "constant", "aug_lr": 0.1, "selection": "full", "selection_every": 1},
+    "curvature": {"fisher_type": "type-2"},
+}
+
 
 def pick_device(name: str) -> torch.device:
     """``"auto"``: cuda when available, else cpu; otherwise the named device."""

@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 import torch
 from wrn_rotation_terms import fitted_at
 
-from benchlib import RESULTS, time_hypersteps, write_result
+from benchlib import RESULTS, V0_PROTOCOL, time_hypersteps, write_result
 from runner import read_json
 
 STEM = "reduce_invariance"
@@ -46,7 +46,7 @@ FLAVOURS = {"expand-reduce": ("expand", "reduce", {}), "reduce-reduce": ("reduce
 
 def job(model: str, rotation: float, flavour: str, epochs: int, seed: int = 0) -> Dict[str, Any]:
     """The config dict of a run: the WRN study's protocol (``wrn_protocol.job_config``) or the default job
-    with ``model=cnn``, ``epochs`` epochs (all burn-in when ``epochs`` is the burn-in); K-FAC ``flavour``."""
+    under :data:`benchlib.V0_PROTOCOL` with ``model=cnn``, ``epochs`` epochs (all burn-in when ``epochs`` is the burn-in); K-FAC ``flavour``."""
     approx, copies, layers = FLAVOURS[flavour]
     if model == "wrn":
         from wrn_protocol import default_args, job_config
@@ -57,9 +57,12 @@ def job(model: str, rotation: float, flavour: str, epochs: int, seed: int = 0) -
         cfg["curvature"]["approx_layers"] = dict(layers)
         cfg["logger"] = {"mode": "disabled"}
         return cfg
+    # the default job under the protocol its committed results were made with (benchlib.V0_PROTOCOL), not
+    # today's defaults
     return {"data": {"name": "digits", "rotation": rotation}, "model": {"name": "cnn"},
-            "curvature": {"approx": approx, "copies_approx": copies, "approx_layers": dict(layers)},
-            "hyper": {"selection": "subset"},
+            "curvature": {**V0_PROTOCOL["curvature"], "approx": approx, "copies_approx": copies,
+                          "approx_layers": dict(layers)},
+            "hyper": {**V0_PROTOCOL["hyper"], "selection": "subset"},
             "trainer": {"epochs": epochs, "seed": seed, "device": "cpu", "num_threads": 1, "progress": False,
                         "eval_every": 0},
             "logger": {"mode": "disabled"}}

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Selection on a fixed estimator, on the default job as it was before issue #28 (``marglik`` with the
-protocol :data:`V0_PROTOCOL`: digits, small CNN, K-FAC-reduce, layerwise prior, learned augmentation,
+protocol :data:`benchlib.V0_PROTOCOL`: digits, small CNN, K-FAC-reduce, layerwise prior, learned augmentation,
 50 epochs, 5 burn-in, 2 type-2 hypersteps on 4 random batches of 128, the whole-set selection value
 after every update; today's default scores a fixed 512-example subset every 5th update,
 ``results/marglik_vs_grid.md``).
@@ -62,6 +62,7 @@ from marglik.tuning import Config, MarglikTuner  # noqa: E402
 from marglik.tuning.seeds import Stream, stream_generator  # noqa: E402
 
 from benchlib import ROOT as REPO  # noqa: E402
+from benchlib import V0_PROTOCOL  # noqa: E402
 from runner import portable_argv, rerender, write_outputs  # noqa: E402
 
 STEM = "selection_digits"
@@ -100,14 +101,6 @@ def ours_lml(model: torch.nn.Module, X, y, prior_precision: torch.Tensor, separa
                      separate_bias=separate_bias)
     la.fit([(X[i:i + 256], y[i:i + 256]) for i in range(0, len(X), 256)])
     return la.log_marginal_likelihood().item()
-
-
-#: the default job's protocol before issue #28 (results/marglik_vs_grid.md's ``v0``), which this study
-#: is about: a selection value on the whole set after every update, next to two type-2 hypersteps on
-#: 4 x 128 examples; pinned so the study reproduces under today's cheaper defaults
-V0_PROTOCOL = {"hyper": {"n_samples": 8, "train_samples": None, "steps": 2, "frequency": 1, "marglik_batches": 4,
-                         "schedule": "constant", "selection": "full", "selection_every": 1},
-               "curvature": {"fisher_type": "type-2"}}
 
 
 def base_config(args, **sections) -> Config:
