@@ -8,6 +8,7 @@ The scripts import it as a sibling module (``python scripts/<name>.py`` puts ``s
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -161,8 +162,6 @@ def time_hypersteps(tuners: dict, repeats: int, rotation_deg: float) -> dict:
     tuner, tuners interleaved, ``repeats`` rounds; the learned rotation range is reset to
     ``rotation_deg`` before each step (distinct copies). Returns the raw times, medians, minima and
     both as ratios to the ``"reduce-reduce"`` tuner (``None`` without one)."""
-    import math
-
     times = {name: [] for name in tuners}
     for _ in range(repeats):
         for name, t in tuners.items():
@@ -219,3 +218,18 @@ def hyperstep_timing_rows(timing: Dict[str, Any], order: Mapping[str, int], digi
         lines.append(f"| {fl} | {v:.{digits}f} | {ratios.get(fl, nan):.2f} | "
                      f"{low.get(fl, nan):.{digits}f} | {low_ratios.get(fl, nan):.2f} |")
     return lines
+
+
+def fitted_at(tuner: Any, rotation_deg: float) -> Tuple[Any, float, float]:
+    """The selection value's own fit (:meth:`marglik.tuning.parts.selection.Selection.fit`: same seeded
+    noise) at the rotation range ``rotation_deg``, without gradient: ``(la, log marglik, seconds)``; the
+    log marglik sets ``la``'s prior precision to the run's. Used by ``wrn_rotation_terms.py`` and ``reduce_invariance.py``."""
+    sel = tuner.parts.selection
+    with torch.no_grad():
+        sel.augmenter.eta.fill_(math.radians(rotation_deg))
+    tuner.model.eval()
+    t0 = time.perf_counter()
+    la = sel.fit()
+    with torch.no_grad():
+        lml = float(sel.laplace.log_marglik(la))
+    return la, lml, time.perf_counter() - t0

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-from wrn_rotation_terms import fitted_at
 
-from benchlib import RESULTS, V0_PROTOCOL, time_hypersteps, write_result
+from benchlib import RESULTS, V0_PROTOCOL, fitted_at, time_hypersteps, write_result
 from runner import read_json
 
 STEM = "reduce_invariance"

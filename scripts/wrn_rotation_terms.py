@@ -32,13 +32,12 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 
-from benchlib import RESULTS, write_result
+from benchlib import RESULTS, fitted_at, write_result
 from runner import read_json, repo_path
 
 STEM = "wrn_rotation_terms"
@@ -80,23 +79,8 @@ def burn_in_state(epochs: int, device: str) -> Dict[str, Any]:
             "config": cfg.to_dict()}
 
 
-def fitted_at(tuner: Any, rotation_deg: float) -> Tuple[Any, float, float]:
-    """The selection value's own fit (:meth:`marglik.tuning.parts.selection.Selection.fit`: same seeded
-    noise) at the rotation range ``rotation_deg``, without gradient: ``(la, log marglik, seconds)``; the
-    log marglik sets ``la``'s prior precision to the run's. ``reduce_invariance.py`` uses it too."""
-    sel = tuner.parts.selection
-    with torch.no_grad():
-        sel.augmenter.eta.fill_(math.radians(rotation_deg))
-    tuner.model.eval()
-    t0 = time.perf_counter()
-    la = sel.fit()
-    with torch.no_grad():
-        lml = float(sel.laplace.log_marglik(la))
-    return la, lml, time.perf_counter() - t0
-
-
 def terms_at(tuner: Any, rotation_deg: float) -> Dict[str, float]:
-    """The log marglik terms (divided by N) at the rotation range ``rotation_deg`` (:func:`fitted_at`)."""
+    """The log marglik terms (divided by N) at the rotation range ``rotation_deg`` (:func:`benchlib.fitted_at`)."""
     la, lml, seconds = fitted_at(tuner, rotation_deg)
     ll, ldr, sc = float(la.log_likelihood), float(la.log_det_ratio), float(la.scatter)
     N = tuner.N

@@ -40,6 +40,7 @@ from .parts import (
     Selection,
     TensorData,
     TrainerSettings,
+    map_optimizer,
 )
 from .parts.hyperparams import sharing_eta
 from .schedules import hyper_lr_factor, map_lr, marglik_update_due, selection_due
@@ -219,10 +220,7 @@ def build_parts(
     aug_test = AffineAugmentation(h.n_samples_test or h.n_samples, generators=h.generators).to(device)
     prior = PriorPrecision(named, h.prior_structure, h.prior_prec_init, device)
 
-    if t.optimizer == "adam":
-        map_opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=t.lr)
-    else:
-        map_opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum)
+    map_opt = map_optimizer(params, t)
     groups = [{"params": [prior.log_prior], "lr": h.lr, "base_lr": h.lr}]
     if aug_on:
         groups.append({"params": [aug.eta], "lr": h.aug_lr, "base_lr": h.aug_lr})

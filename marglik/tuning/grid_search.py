@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..augment import AffineAugmentation
 from ..models import get_model
 from .distributed import DistContext
-from .parts import Augmenter, Evaluation, MapStep, PriorPrecision, TensorData
+from .parts import Augmenter, Evaluation, MapStep, PriorPrecision, TensorData, map_optimizer
 from .schedules import map_lr
 from .seeds import seed_everything
 
@@ -123,8 +123,7 @@ def train_fixed(data: TensorData, model_name: str, model_kwargs: Dict[str, Any],
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     prior = PriorPrecision(named, "scalar", delta, device)
     params = [p for _, p in named]
-    opt: torch.optim.Optimizer = (torch.optim.Adam(params, lr=trainer.lr) if trainer.optimizer == "adam"
-                                  else torch.optim.SGD(params, lr=trainer.lr, momentum=trainer.momentum))
+    opt = map_optimizer(params, trainer)
     gen = torch.Generator().manual_seed(int(seed))
     aug = rotation_augmentation(degrees).to(device)
     augmenter = Augmenter(aug, aug, degrees > 0, gen, DistContext())

@@ -23,7 +23,7 @@ from .evaluation import Evaluation
 from .hyper_step import HyperStep
 from .hyperparams import Augmenter, PriorPrecision
 from .laplace_fit import LaplaceFactory, LaplaceMarglik
-from .map_step import MapStep
+from .map_step import MapStep, map_optimizer
 from .nonfinite import NonFiniteValue
 from .selection import Selection
 
@@ -34,6 +34,7 @@ __all__ = [
     "LaplaceFactory",
     "LaplaceMarglik",
     "MapStep",
+    "map_optimizer",
     "NonFiniteValue",
     "Parts",
     "PriorPrecision",

@@ -16,6 +16,14 @@ from .hyperparams import Augmenter, PriorPrecision
 from .nonfinite import NonFiniteValue
 
 
+def map_optimizer(params: Any, trainer: Any) -> torch.optim.Optimizer:
+    """The optimizer of the MAP steps from the ``trainer`` section: Adam (``lr``) or SGD (``lr``,
+    ``momentum``). A tuning run's and a fixed-hyperparameter training's (:mod:`..grid_search`) alike."""
+    if trainer.optimizer == "adam":
+        return torch.optim.Adam(params, lr=trainer.lr)
+    return torch.optim.SGD(params, lr=trainer.lr, momentum=trainer.momentum)
+
+
 class MapStep:
     """The MAP steps of one epoch (Algorithm 1's inner loop).
 
